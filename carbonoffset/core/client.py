@@ -1,0 +1,193 @@
+"""A deadline-bounded, failure-classifying wrapper around the ``makeimpact`` SDK.
+
+The SDK has no timeout and folds every failure into ``OneClickImpactError``
+without the HTTP status. This module:
+
+* runs every SDK call on a daemon thread and gives up waiting after
+  ``request_timeout`` seconds (the stalled thread cannot block interpreter exit);
+* classifies failures into *definite* (the server refused: nothing happened)
+  and *ambiguous* (the request may or may not have been acted on), from the
+  error the SDK chained (``__context__``):
+
+  ==========================================  ==========  ==============
+  what happened                               ``status``  ``definite``
+  ==========================================  ==========  ==============
+  error body ``type = "key_error"``           401         yes (auth)
+  error body ``type = "invalid_request_error"`` 400       yes
+  error body ``type = "api_error"``           500         no
+  "Request failed with status N"              N           yes if 4xx
+  connection error, unreadable body           None        no
+  no answer before the deadline               None        no
+  2xx body missing a field (SDK ``KeyError``)  None       no
+  ==========================================  ==========  ==============
+
+* never lets the API key into a message (it is scrubbed defensively).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from carbonoffset.core.config import OffsetConfig
+from carbonoffset.core.errors import ConfigurationError, OffsetServiceError
+
+T = TypeVar("T")
+
+METADATA_ID_KEY = "carbonoffset_offset_id"
+"""Metadata key under which every capture carries its ledger offset id."""
+
+_STATUS_RE = re.compile(r"Request failed with status (\d{3})")
+_TYPE_STATUS = {"key_error": 401, "invalid_request_error": 400, "api_error": 500}
+_MAX_LOOKUP_PAGES = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Receipt:
+    """What the API returned for one capture.
+
+    Attributes:
+        user_id: the 1ClickImpact account id.
+        time_utc: capture time, ``YYYY-MM-DDTHH:MM:SS.mmmZ``.
+        carbon_captured: pounds captured (whole pounds).
+    """
+
+    user_id: str
+    time_utc: str
+    carbon_captured: int
+
+
+def _import_sdk() -> Any:
+    try:
+        import makeimpact
+    except ImportError:
+        raise ImportError(
+            "offsetting needs the 1ClickImpact SDK 'makeimpact'; install it with "
+            "`pip install carbonoffset` (it is a core dependency) or `pip install makeimpact>=2.0`"
+        ) from None
+    return makeimpact
+
+
+class OffsetClient:
+    """Calls the 1ClickImpact API through the real ``makeimpact`` SDK.
+
+    Args:
+        config: settings; needs ``offset_api_key``. ``offset_api_url``
+            points the SDK at another server (sets the SDK's ``base_url``).
+
+    Raises:
+        ConfigurationError: no ``offset_api_key`` is configured.
+        ImportError: ``makeimpact`` is not installed (message says what to install).
+    """
+
+    def __init__(self, config: OffsetConfig) -> None:
+        if config.offset_api_key is None:
+            raise ConfigurationError(
+                "offset_api_key is not set: set it (argument, CODECARBON_OFFSET_API_KEY or "
+                ".codecarbon.config) to offset emissions"
+            )
+        sdk = _import_sdk()
+        self._secret = config.offset_api_key.reveal()
+        self._timeout = config.offset_request_timeout
+        self._sdk = sdk.OneClickImpact(
+            api_key=self._secret, environment=sdk.Environment(config.offset_environment)
+        )
+        if config.offset_api_url:
+            self._sdk.base_url = config.offset_api_url
+        self.base_url: str = self._sdk.base_url
+
+    def __repr__(self) -> str:
+        return f"OffsetClient(base_url={self.base_url!r})"
+
+    # ------------------------------------------------------------------ calls
+    def capture(self, *, amount_lb: int, offset_id: str, metadata: dict[str, str] | None = None) -> Receipt:
+        """Buy ``amount_lb`` whole pounds of carbon capture, tagged with ``offset_id``.
+
+        Raises:
+            OffsetServiceError: refused (``definite``) or outcome unknown.
+            ValueError: ``amount_lb`` is not an int in 1..10,000,000.
+        """
+        if not isinstance(amount_lb, int) or not 1 <= amount_lb <= 10_000_000:
+            raise ValueError(f"amount_lb must be a whole number of pounds in 1..10000000 (got {amount_lb!r})")
+        tags = {**(metadata or {}), METADATA_ID_KEY: offset_id}
+        response = self._call(lambda: self._sdk.capture_carbon(amount=amount_lb, metadata=tags))
+        return Receipt(str(response.user_id), str(response.time_utc), int(response.carbon_captured))
+
+    def find_capture(self, offset_id: str, *, since: dt.date) -> Receipt | None:
+        """Look up the capture tagged ``offset_id`` made on or after ``since``.
+
+        Pages through ``get_records(filter_by="carbon_captured")``.
+
+        Returns:
+            The receipt, or ``None`` when the API has no such capture.
+
+        Raises:
+            OffsetServiceError: the look-up itself failed.
+        """
+        cursor: str | None = None
+        start = since.isoformat()
+        for _ in range(_MAX_LOOKUP_PAGES):
+            page = self._call(
+                lambda c=cursor: self._sdk.get_records(  # type: ignore[misc]
+                    filter_by="carbon_captured", start_date=start, cursor=c, limit=1000
+                )
+            )
+            for record in page.user_records:
+                meta = getattr(record, "metadata", None) or {}
+                if meta.get(METADATA_ID_KEY) == offset_id:
+                    return Receipt(str(record.user_id), str(record.time_utc), int(record.carbon_captured))
+            cursor = page.cursor
+            if not cursor:
+                return None
+        raise OffsetServiceError(f"looking up offset {offset_id} did not finish within {_MAX_LOOKUP_PAGES} pages")
+
+    def who_am_i(self) -> str:
+        """The account's ``user_id`` (checks the key). Raises :class:`OffsetServiceError`."""
+        return str(self._call(self._sdk.who_am_i).user_id)
+
+    # -------------------------------------------------------------- machinery
+    def _call(self, fn: Callable[[], T]) -> T:
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["value"] = fn()
+            except BaseException as exc:  # handed to the caller's thread below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=target, name="carbonoffset-sdk-call", daemon=True)
+        thread.start()
+        thread.join(self._timeout)
+        if thread.is_alive():
+            raise OffsetServiceError(
+                f"1ClickImpact did not answer within {self._timeout:g} s (offset_request_timeout)",
+                status=None,
+                definite=False,
+            )
+        if "error" in outcome:
+            raise self.classify(outcome["error"]) from None
+        return outcome["value"]  # type: ignore[no-any-return]
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the API key replaced by ``***``."""
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def classify(self, exc: BaseException) -> OffsetServiceError:
+        """Turn an SDK failure into an :class:`OffsetServiceError` (see the module table)."""
+        message = self.scrub(str(exc))
+        inner = exc.__context__
+        error_type = getattr(inner, "error_type", None)
+        if error_type in _TYPE_STATUS:
+            status = _TYPE_STATUS[error_type]
+            return OffsetServiceError(message, status=status, definite=status < 500)
+        match = _STATUS_RE.search(message)
+        if match:
+            status = int(match.group(1))
+            return OffsetServiceError(message, status=status, definite=400 <= status < 500)
+        if isinstance(exc, KeyError):
+            message = f"1ClickImpact answered without the field {message}"
+        return OffsetServiceError(message, status=None, definite=False)

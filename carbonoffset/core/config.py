@@ -1,0 +1,321 @@
+"""Settings shared by every front end (callbacks, CodeCarbon drop-in, CLI).
+
+Every setting is resolved in this order, first match wins:
+
+1. an explicit argument (``OffsetConfig.resolve(offset_threshold=1.0)``);
+2. a ``CODECARBON_<KEY>`` environment variable (``CODECARBON_OFFSET_THRESHOLD=1.0``);
+3. ``./.codecarbon.config`` (section ``[codecarbon]``);
+4. ``~/.codecarbon.config`` (section ``[codecarbon]``).
+
+Steps 2-4 are CodeCarbon's own hierarchical configuration, so one file
+configures both tools. The API key is held in a :class:`SecretKey` that never
+shows its value in ``repr``/``str``, logs, exceptions or files.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from carbonoffset.core.errors import ConfigurationError
+from carbonoffset.core.units import MIN_THRESHOLD_KG
+
+Environment = Literal["production", "sandbox"]
+ENVIRONMENTS: Final[tuple[str, ...]] = ("production", "sandbox")
+
+DEFAULT_THRESHOLD_KG: Final[float] = 0.5
+DEFAULT_OFFSET_TIMEOUT_S: Final[float] = 30.0
+DEFAULT_REQUEST_TIMEOUT_S: Final[float] = 10.0
+LEDGER_FILE_NAME: Final[str] = "ledger.sqlite3"
+
+#: Keys read from environment variables / ``.codecarbon.config``, in the
+#: ``[codecarbon]`` section (environment variable: ``CODECARBON_`` + upper case).
+CONFIG_KEYS: Final[tuple[str, ...]] = (
+    "offset_api_key",
+    "offset_environment",
+    "offset_threshold",
+    "auto_offset",
+    "offset_ledger",
+    "offset_timeout",
+    "offset_request_timeout",
+    "offset_round_up",
+    "offset_api_url",
+    "country_iso_code",
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class SecretKey:
+    """An API key that does not reveal itself.
+
+    ``repr``/``str`` print ``SecretKey('********')``; pickling keeps the value
+    (needed by spawned training workers) but no file written by carbonoffset
+    ever contains it. Use :meth:`reveal` only to hand the key to the SDK.
+
+    Args:
+        value: the raw key, non-empty.
+
+    Raises:
+        ConfigurationError: the key is empty or only whitespace.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        value = value.strip()
+        if not value:
+            raise ConfigurationError(
+                "offset_api_key is empty; set it to your 1ClickImpact key or leave it unset"
+            )
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the raw key (only for the SDK's ``OneClickImpact(api_key=...)``)."""
+        return self._value
+
+    @property
+    def fingerprint(self) -> str:
+        """First 16 hex digits of SHA-256 of the key: identifies the account, cannot be reversed."""
+        return hashlib.sha256(self._value.encode("utf-8")).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return "SecretKey('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretKey) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __getstate__(self) -> str:
+        return self._value
+
+    def __setstate__(self, state: str) -> None:
+        self._value = state
+
+
+def default_ledger_path() -> Path:
+    """The ledger used when ``offset_ledger`` is not set.
+
+    ``<user data dir>/carbonoffset/ledger.sqlite3`` as given by
+    :func:`platformdirs.user_data_path` (``~/.local/share/carbonoffset`` on Linux).
+    """
+    import platformdirs
+
+    return platformdirs.user_data_path("carbonoffset", appauthor=False) / LEDGER_FILE_NAME
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigurationError(f"{name} must be true or false (got {value!r}); fix it where it is set")
+
+
+def _parse_float(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name} must be a number (got {value!r}); fix it where it is set") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigurationError(f"{name} must be a finite number (got {value!r})")
+    return number
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetConfig:
+    """Typed, validated settings for tracking and offsetting.
+
+    Args:
+        offset_api_key: 1ClickImpact API key (``test_...`` for sandbox,
+            ``live_...`` for production). ``None`` records emissions in the
+            ledger without offsetting them; they stay pending until a key is set.
+        offset_environment: ``"production"`` (default) or ``"sandbox"``; any
+            other value raises (the SDK itself would silently use production).
+        offset_threshold: pending emissions in kg CO2eq that trigger an
+            automatic offset; at least 0.5 (one pound is 0.4536 kg). Default 0.5.
+        auto_offset: offset automatically when pending >= threshold. Default True.
+        offset_ledger: path of the SQLite ledger; default :func:`default_ledger_path`.
+        offset_timeout: seconds a run waits at its end for offsets in flight
+            (> 0, default 30). What is not done by then stays in the ledger
+            and is finished by a later run or ``carbonoffset reconcile``.
+        offset_request_timeout: deadline in seconds for one call to the
+            1ClickImpact API (> 0, default 10); the SDK itself has none.
+        offset_round_up: at the end of a run, buy the next whole pound even
+            below the threshold; the overshoot is kept as a credit. Default False.
+        offset_api_url: base URL of the API, only to point the SDK at a
+            compatible server (e.g. :class:`carbonoffset.testing.FakeOneClickImpact`).
+        country_iso_code: ISO 3166-1 alpha-3 code (e.g. ``"FRA"``); when set,
+            CodeCarbon's offline tracker is used (no network look-up).
+
+    Raises:
+        ValueError: (:class:`ConfigurationError`) for any invalid value; the
+            message names the setting and the fix.
+    """
+
+    offset_api_key: SecretKey | None = None
+    offset_environment: Environment = "production"
+    offset_threshold: float = DEFAULT_THRESHOLD_KG
+    auto_offset: bool = True
+    offset_ledger: Path | None = None
+    offset_timeout: float = DEFAULT_OFFSET_TIMEOUT_S
+    offset_request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
+    offset_round_up: bool = False
+    offset_api_url: str | None = None
+    country_iso_code: str | None = None
+
+    def __post_init__(self) -> None:
+        key = self.offset_api_key
+        if isinstance(key, str):
+            object.__setattr__(self, "offset_api_key", SecretKey(key) if key.strip() else None)
+        elif key is not None and not isinstance(key, SecretKey):
+            raise ConfigurationError("offset_api_key must be a string")
+        env = self.offset_environment
+        if env not in ENVIRONMENTS:
+            raise ConfigurationError(
+                f"offset_environment must be 'production' or 'sandbox' (got {env!r}); "
+                "values are case-sensitive and nothing else is accepted"
+            )
+        threshold = _parse_float("offset_threshold", self.offset_threshold)
+        if threshold < MIN_THRESHOLD_KG:
+            raise ConfigurationError(
+                f"offset_threshold must be at least {MIN_THRESHOLD_KG} kg (got {threshold:g} kg): "
+                "the smallest offset is 1 lb = 0.45359237 kg. Set offset_threshold >= 0.5"
+            )
+        object.__setattr__(self, "offset_threshold", threshold)
+        object.__setattr__(self, "auto_offset", _parse_bool("auto_offset", self.auto_offset))
+        object.__setattr__(self, "offset_round_up", _parse_bool("offset_round_up", self.offset_round_up))
+        for name in ("offset_timeout", "offset_request_timeout"):
+            value = _parse_float(name, getattr(self, name))
+            if value <= 0:
+                raise ConfigurationError(f"{name} must be > 0 seconds (got {value:g})")
+            object.__setattr__(self, name, value)
+        if self.offset_ledger is not None:
+            object.__setattr__(self, "offset_ledger", Path(self.offset_ledger).expanduser())
+        if self.offset_api_url is not None:
+            url = str(self.offset_api_url).strip().rstrip("/")
+            if not url.startswith(("http://", "https://")):
+                raise ConfigurationError(f"offset_api_url must start with http:// or https:// (got {url!r})")
+            object.__setattr__(self, "offset_api_url", url)
+        if self.country_iso_code is not None:
+            code = str(self.country_iso_code).strip().upper()
+            if len(code) != 3 or not code.isalpha():
+                raise ConfigurationError(
+                    f"country_iso_code must be an ISO 3166-1 alpha-3 code such as 'FRA' (got {code!r})"
+                )
+            object.__setattr__(self, "country_iso_code", code)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={'********' if f.name == 'offset_api_key' and self.offset_api_key else getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"OffsetConfig({fields})"
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def ledger_path(self) -> Path:
+        """The ledger file in use: ``offset_ledger`` or :func:`default_ledger_path`."""
+        return self.offset_ledger if self.offset_ledger is not None else default_ledger_path()
+
+    @property
+    def account(self) -> str:
+        """Ledger account: ``"<environment>:<key fingerprint>"`` (``"<environment>:no-key"`` without a key).
+
+        Sandbox and production never share an account, and neither do two keys.
+        """
+        fingerprint = self.offset_api_key.fingerprint if self.offset_api_key else "no-key"
+        return f"{self.offset_environment}:{fingerprint}"
+
+    @property
+    def can_offset(self) -> bool:
+        """``True`` when a key is configured, i.e. offsets can be bought."""
+        return self.offset_api_key is not None
+
+    def replace(self, **changes: Any) -> OffsetConfig:
+        """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # --------------------------------------------------------------- resolution
+    @classmethod
+    def resolve(cls, **explicit: Any) -> OffsetConfig:
+        """Build the settings from arguments, environment and config files.
+
+        Args:
+            **explicit: any field of :class:`OffsetConfig`; ``None`` means
+                "not given" and falls through to the environment and files.
+
+        Returns:
+            A validated :class:`OffsetConfig`.
+
+        Raises:
+            ValueError: (:class:`ConfigurationError`) for an unknown argument,
+                an invalid value, or an unreadable ``.codecarbon.config``.
+        """
+        unknown = set(explicit) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting(s) {sorted(unknown)}; valid settings are {sorted(CONFIG_KEYS)}"
+            )
+        values: dict[str, Any] = {
+            key: value for key, value in read_external_settings().items() if value not in (None, "")
+        }
+        values.update({key: value for key, value in explicit.items() if value is not None})
+        return cls(**values)
+
+
+def read_external_settings(
+    environ: Mapping[str, str] | None = None, cwd: Path | None = None, home: Path | None = None
+) -> dict[str, str]:
+    """Read carbonoffset's keys from env vars and ``.codecarbon.config`` files.
+
+    Precedence: ``CODECARBON_*`` environment variables > ``./.codecarbon.config``
+    > ``~/.codecarbon.config`` (the same order CodeCarbon uses).
+
+    Returns:
+        ``{key: raw string}`` for the keys in :data:`CONFIG_KEYS` that are set.
+
+    Raises:
+        ConfigurationError: a config file exists but cannot be parsed.
+    """
+    environ = os.environ if environ is None else environ
+    merged: dict[str, str] = {}
+    for path in (
+        (home or Path.home()) / ".codecarbon.config",
+        (cwd or Path.cwd()) / ".codecarbon.config",
+    ):
+        merged.update(_read_config_file(path))
+    for key in CONFIG_KEYS:
+        env_value = environ.get(f"CODECARBON_{key.upper()}")
+        if env_value is not None:
+            merged[key] = env_value
+    return {key: merged[key] for key in CONFIG_KEYS if key in merged}
+
+
+def _read_config_file(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigurationError(
+            f"{path} is not a valid INI file ({type(exc).__name__}); fix or remove it. "
+            "carbonoffset reads its [codecarbon] section"
+        ) from None
+    if not parser.has_section("codecarbon"):
+        return {}
+    return {key: value for key, value in parser.items("codecarbon") if key in CONFIG_KEYS}

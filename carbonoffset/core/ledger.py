@@ -1,0 +1,606 @@
+"""The durable ledger: runs, recorded emissions and offsets, in one SQLite file.
+
+Accounting model (all masses in kg CO2eq):
+
+* A **run** holds the *cumulative* emissions measured for one training run.
+  Recording a cumulative total keeps the maximum seen, so recording the same
+  total twice (or an older, smaller one) never double counts.
+* An **offset** is a purchase of ``amount_lb`` whole pounds
+  (``amount_kg = amount_lb * 0.45359237``) in one of four states:
+  ``intent`` (written before the API call), ``unknown`` (the call's outcome
+  is not known yet), ``confirmed`` (the API captured it) or ``failed``
+  (definitely refused; the amount returns to pending).
+* Per **account** (environment + key fingerprint):
+  ``balance = sum(run emissions) - sum(offsets not failed)``.
+  ``pending_kg = max(balance, 0)``; ``credit_kg = max(-balance, 0)`` (from
+  a rounded-up offset, used up by later emissions). Carried across runs and
+  processes.
+
+Concurrency: WAL mode, ``BEGIN IMMEDIATE`` for every write and a 60 s busy
+timeout, so several processes can share one file; deciding an offset amount
+and writing its intent happen in one transaction, so two processes never buy
+the same emissions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Final, Literal
+
+from carbonoffset.core.errors import LedgerError
+from carbonoffset.core.units import KG_PER_LB
+
+SCHEMA_VERSION: Final[int] = 1
+APPLICATION_ID: Final[int] = 0x434F4646  # "COFF", stored in the SQLite header
+OffsetState = Literal["intent", "unknown", "confirmed", "failed"]
+OPEN_STATES: Final[tuple[str, ...]] = ("intent", "unknown")
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    label TEXT,
+    started_utc TEXT NOT NULL,
+    ended_utc TEXT,
+    status TEXT NOT NULL DEFAULT 'running',
+    emissions_kg REAL NOT NULL DEFAULT 0,
+    energy_kwh REAL NOT NULL DEFAULT 0,
+    epochs INTEGER NOT NULL DEFAULT 0,
+    nodes INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX runs_by_account ON runs(account);
+CREATE TABLE records (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    epoch INTEGER,
+    emissions_kg REAL NOT NULL,
+    energy_kwh REAL NOT NULL,
+    recorded_utc TEXT NOT NULL
+);
+CREATE INDEX records_by_run ON records(run_id);
+CREATE TABLE offsets (
+    offset_id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    environment TEXT NOT NULL,
+    run_id TEXT,
+    amount_lb INTEGER NOT NULL CHECK (amount_lb >= 1),
+    amount_kg REAL NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('intent', 'unknown', 'confirmed', 'failed')),
+    created_utc TEXT NOT NULL,
+    updated_utc TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    lease_until REAL,
+    user_id TEXT,
+    time_utc TEXT,
+    carbon_captured INTEGER,
+    last_error TEXT
+);
+CREATE INDEX offsets_by_account ON offsets(account, state);
+"""
+
+
+def utc_now() -> str:
+    """Current UTC time as ISO 8601 with microseconds and ``Z``."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Balance:
+    """An account's position (kg CO2eq).
+
+    Attributes:
+        account: ``"<environment>:<key fingerprint>"``.
+        recorded_kg: emissions recorded by every run of the account.
+        offset_kg: offsets confirmed by the API.
+        in_flight_kg: offsets written as intent or of unknown outcome.
+        pending_kg: emissions not yet offset nor in flight (>= 0).
+        credit_kg: overshoot of rounded-up offsets not yet used (>= 0).
+    """
+
+    account: str
+    recorded_kg: float
+    offset_kg: float
+    in_flight_kg: float
+
+    @property
+    def balance_kg(self) -> float:
+        """``recorded_kg - offset_kg - in_flight_kg`` (negative means credit)."""
+        return self.recorded_kg - self.offset_kg - self.in_flight_kg
+
+    @property
+    def pending_kg(self) -> float:
+        return max(self.balance_kg, 0.0)
+
+    @property
+    def credit_kg(self) -> float:
+        return max(-self.balance_kg, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetRecord:
+    """One row of the ``offsets`` table (see the module docstring for states)."""
+
+    offset_id: str
+    account: str
+    environment: str
+    run_id: str | None
+    amount_lb: int
+    amount_kg: float
+    state: str
+    created_utc: str
+    updated_utc: str
+    attempts: int
+    owner: str | None
+    lease_until: float | None
+    user_id: str | None
+    time_utc: str | None
+    carbon_captured: int | None
+    last_error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One row of the ``runs`` table."""
+
+    run_id: str
+    account: str
+    environment: str
+    label: str | None
+    started_utc: str
+    ended_utc: str | None
+    status: str
+    emissions_kg: float
+    energy_kwh: float
+    epochs: int
+    nodes: int
+
+
+class Ledger:
+    """Durable record of runs, emissions and offsets in one SQLite file.
+
+    Thread-safe (one connection behind a lock) and process-safe (WAL, busy
+    timeout, ``BEGIN IMMEDIATE``). Open it with :meth:`open`.
+
+    Args:
+        path: the SQLite file; created (with its folder) when missing.
+
+    Raises:
+        LedgerError: the file is not a SQLite database, is corrupt, belongs
+            to another application, or was written by a newer carbonoffset.
+            The file is left untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+        self._lock = threading.RLock()
+        self._conn = self._connect()
+
+    # ------------------------------------------------------------------ opening
+    def _connect(self) -> sqlite3.Connection:
+        path = self.path
+        is_new = not path.exists() or path.stat().st_size == 0
+        if is_new:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open ledger {path}: {exc}. Check offset_ledger") from None
+        try:
+            conn.execute("PRAGMA busy_timeout = 60000")
+            if not is_new:
+                self._check_existing(conn)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if is_new:
+                self._create_schema(conn)
+        except LedgerError:
+            conn.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise LedgerError(
+                f"ledger {path} is unreadable ({exc}); it was not modified. Move it aside to start a "
+                "new ledger, or point offset_ledger (CODECARBON_OFFSET_LEDGER) at another file"
+            ) from None
+        return conn
+
+    def _check_existing(self, conn: sqlite3.Connection) -> None:
+        path = self.path
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError:
+            raise LedgerError(
+                f"ledger {path} is not a SQLite database or is corrupt; it was not modified. Move it "
+                "aside to start a new ledger, or point offset_ledger (CODECARBON_OFFSET_LEDGER) at "
+                "another file"
+            ) from None
+        if not tables:
+            # An empty database (e.g. created by another tool and left empty): adopt it.
+            self._create_schema(conn)
+            return
+        if app_id != APPLICATION_ID or "meta" not in tables:
+            raise LedgerError(
+                f"{path} is a SQLite database but not a carbonoffset ledger; it was not modified. "
+                "Point offset_ledger (CODECARBON_OFFSET_LEDGER) at another file"
+            )
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else -1
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"ledger {path} has schema version {version}, newer than this carbonoffset understands "
+                f"({SCHEMA_VERSION}); it was not modified. Upgrade carbonoffset (pip install -U carbonoffset)"
+            )
+        if version < 1:
+            raise LedgerError(f"ledger {path} has no valid schema version; it was not modified")
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            exists = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
+            if not exists:  # another process may have won the race
+                for statement in _SCHEMA.strip().split(";\n"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?), ('created_utc', ?)",
+                    (str(SCHEMA_VERSION), utc_now()),
+                )
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``); ``durable`` forces an fsync at commit."""
+        with self._lock:
+            conn = self._conn
+            if durable:
+                conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            finally:
+                if durable:
+                    conn.execute("PRAGMA synchronous = NORMAL")
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path)!r})"
+
+    # --------------------------------------------------------------------- runs
+    def start_run(
+        self,
+        *,
+        account: str,
+        environment: str,
+        run_id: str | None = None,
+        label: str | None = None,
+        nodes: int = 1,
+    ) -> str:
+        """Create a run (or reopen ``run_id`` when it exists, e.g. a resumed run).
+
+        Returns:
+            The run id (a new UUID4 hex when ``run_id`` is ``None``).
+        """
+        run_id = run_id or uuid.uuid4().hex
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO runs (run_id, account, environment, label, started_utc, nodes) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET status = 'running', "
+                "ended_utc = NULL, nodes = excluded.nodes",
+                (run_id, account, environment, label, utc_now(), nodes),
+            )
+        return run_id
+
+    def record(
+        self, run_id: str, *, emissions_kg: float, energy_kwh: float, epoch: int | None = None
+    ) -> float:
+        """Record the run's **cumulative** emissions and energy.
+
+        Args:
+            run_id: a run created by :meth:`start_run`.
+            emissions_kg: cumulative emissions of the run so far, kg CO2eq, >= 0.
+            energy_kwh: cumulative energy of the run so far, kWh, >= 0.
+            epoch: the epoch the figures belong to (0-based), if any.
+
+        Returns:
+            The increase in the run's emissions in kg (0.0 when the total
+            was already recorded).
+
+        Raises:
+            ValueError: a negative or non-finite value.
+            KeyError: unknown ``run_id``.
+        """
+        for name, value in (("emissions_kg", emissions_kg), ("energy_kwh", energy_kwh)):
+            if not (value >= 0 and value != float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT emissions_kg, energy_kwh, epochs FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"unknown run {run_id!r}")
+            old_kg, old_kwh, old_epochs = row
+            new_kg, new_kwh = max(old_kg, emissions_kg), max(old_kwh, energy_kwh)
+            epochs = max(old_epochs, epoch + 1) if epoch is not None else old_epochs
+            if new_kg == old_kg and new_kwh == old_kwh and epochs == old_epochs:
+                return 0.0
+            conn.execute(
+                "UPDATE runs SET emissions_kg = ?, energy_kwh = ?, epochs = ? WHERE run_id = ?",
+                (new_kg, new_kwh, epochs, run_id),
+            )
+            conn.execute(
+                "INSERT INTO records (run_id, epoch, emissions_kg, energy_kwh, recorded_utc) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (run_id, epoch, new_kg, new_kwh, utc_now()),
+            )
+        return new_kg - old_kg
+
+    def end_run(self, run_id: str, *, status: str = "finished") -> None:
+        """Mark a run ended (``status``: ``finished`` | ``failed`` | ``interrupted``)."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE runs SET status = ?, ended_utc = ? WHERE run_id = ?", (status, utc_now(), run_id)
+            )
+
+    def run(self, run_id: str) -> RunRecord | None:
+        """The run ``run_id``, or ``None``."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return RunRecord(*row) if row else None
+
+    def runs(self, account: str | None = None) -> list[RunRecord]:
+        """All runs (of one account when given), oldest first."""
+        query = "SELECT * FROM runs" + (" WHERE account = ?" if account else "") + " ORDER BY started_utc"
+        with self._lock:
+            rows = self._conn.execute(query, (account,) if account else ()).fetchall()
+        return [RunRecord(*row) for row in rows]
+
+    def history(self, account: str | None = None) -> list[tuple[str, float]]:
+        """``(recorded_utc, cumulative emissions_kg of the run)`` rows, oldest first (for plots)."""
+        query = (
+            "SELECT r.recorded_utc, r.emissions_kg, r.run_id FROM records r JOIN runs u USING (run_id)"
+            + (" WHERE u.account = ?" if account else "")
+            + " ORDER BY r.id"
+        )
+        with self._lock:
+            rows = self._conn.execute(query, (account,) if account else ()).fetchall()
+        # turn per-run cumulative values into an account-wide cumulative series
+        last: dict[str, float] = {}
+        total = 0.0
+        series: list[tuple[str, float]] = []
+        for when, kg, run_id in rows:
+            total += kg - last.get(run_id, 0.0)
+            last[run_id] = kg
+            series.append((when, total))
+        return series
+
+    # ----------------------------------------------------------------- balances
+    def balance(self, account: str) -> Balance:
+        """The account's recorded, offset, in-flight and pending kg."""
+        with self._lock:
+            return self._balance(self._conn, account)
+
+    @staticmethod
+    def _balance(conn: sqlite3.Connection, account: str) -> Balance:
+        recorded = conn.execute(
+            "SELECT COALESCE(SUM(emissions_kg), 0) FROM runs WHERE account = ?", (account,)
+        ).fetchone()[0]
+        confirmed, in_flight = conn.execute(
+            "SELECT COALESCE(SUM(CASE WHEN state = 'confirmed' THEN amount_kg END), 0), "
+            "COALESCE(SUM(CASE WHEN state IN ('intent', 'unknown') THEN amount_kg END), 0) "
+            "FROM offsets WHERE account = ?",
+            (account,),
+        ).fetchone()
+        return Balance(account, float(recorded), float(confirmed), float(in_flight))
+
+    def accounts(self) -> list[str]:
+        """Every account that has a run or an offset."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT account FROM runs UNION SELECT account FROM offsets ORDER BY 1"
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    # ------------------------------------------------------------------ offsets
+    def create_intent(
+        self,
+        *,
+        account: str,
+        environment: str,
+        run_id: str | None,
+        amount_lb_for: Callable[[float], int],
+        min_pending_kg: float,
+        lease_s: float,
+    ) -> OffsetRecord | None:
+        """Decide an amount and durably write its intent, atomically.
+
+        Args:
+            account: the account to offset.
+            environment: ``"production"`` or ``"sandbox"`` (stored for reports).
+            run_id: the run that triggered the offset, if any.
+            amount_lb_for: ``callable(pending_kg) -> int`` giving whole pounds
+                to buy for the current pending amount (floor or ceil).
+            min_pending_kg: do nothing unless pending >= this (kg).
+            lease_s: seconds this process owns the offset before another
+                process may take it over (renewed on each attempt).
+
+        Returns:
+            The new intent, or ``None`` when nothing is due.
+        """
+        with self._write(durable=True) as conn:
+            pending = self._balance(conn, account).pending_kg
+            if pending <= 0 or pending < min_pending_kg:
+                return None
+            amount_lb = int(amount_lb_for(pending))
+            if amount_lb < 1:
+                return None
+            now = utc_now()
+            record = OffsetRecord(
+                offset_id=uuid.uuid4().hex,
+                account=account,
+                environment=environment,
+                run_id=run_id,
+                amount_lb=amount_lb,
+                amount_kg=amount_lb * KG_PER_LB,
+                state="intent",
+                created_utc=now,
+                updated_utc=now,
+                attempts=0,
+                owner=_owner(),
+                lease_until=time.time() + lease_s,
+                user_id=None,
+                time_utc=None,
+                carbon_captured=None,
+                last_error=None,
+            )
+            conn.execute(
+                f"INSERT INTO offsets VALUES ({', '.join('?' * len(dataclasses.fields(record)))})",
+                dataclasses.astuple(record),
+            )
+        return record
+
+    def claim(self, offset_id: str, *, lease_s: float) -> OffsetRecord | None:
+        """Take (or renew) ownership of an open offset for ``lease_s`` seconds.
+
+        An offset can be claimed when this process already owns it, its lease
+        expired, or its owner process on this host is gone (e.g. ``kill -9``).
+
+        Returns:
+            The claimed offset, or ``None`` when it is closed or owned elsewhere.
+        """
+        me = _owner()
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM offsets WHERE offset_id = ?", (offset_id,)).fetchone()
+            if row is None:
+                return None
+            record = OffsetRecord(*row)
+            if record.state not in OPEN_STATES:
+                return None
+            if record.owner != me and not self._claimable(record):
+                return None
+            conn.execute(
+                "UPDATE offsets SET owner = ?, lease_until = ?, attempts = attempts + 1, updated_utc = ? "
+                "WHERE offset_id = ?",
+                (me, time.time() + lease_s, utc_now(), offset_id),
+            )
+            row = conn.execute("SELECT * FROM offsets WHERE offset_id = ?", (offset_id,)).fetchone()
+        return OffsetRecord(*row)
+
+    @staticmethod
+    def _claimable(record: OffsetRecord) -> bool:
+        if record.lease_until is None or record.lease_until < time.time():
+            return True
+        host, _, pid = (record.owner or "").rpartition(":")
+        return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+    def release(self, offset_id: str) -> None:
+        """Give up ownership of an open offset so another process may finish it at once."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE offsets SET lease_until = 0 WHERE offset_id = ? AND owner = ?",
+                (offset_id, _owner()),
+            )
+
+    def mark_unknown(self, offset_id: str, *, error: str) -> None:
+        """The outcome of the last call is unknown; the amount stays in flight."""
+        self._set_state(offset_id, "unknown", error=error)
+
+    def mark_failed(self, offset_id: str, *, error: str) -> None:
+        """The API definitely refused; the amount returns to pending."""
+        self._set_state(offset_id, "failed", error=error)
+
+    def mark_confirmed(self, offset_id: str, *, user_id: str, time_utc: str, carbon_captured: int) -> None:
+        """The API captured the offset; store its receipt."""
+        with self._write(durable=True) as conn:
+            conn.execute(
+                "UPDATE offsets SET state = 'confirmed', user_id = ?, time_utc = ?, carbon_captured = ?, "
+                "updated_utc = ?, last_error = NULL, lease_until = NULL WHERE offset_id = ?",
+                (user_id, time_utc, carbon_captured, utc_now(), offset_id),
+            )
+
+    def _set_state(self, offset_id: str, state: OffsetState, *, error: str) -> None:
+        with self._write(durable=True) as conn:
+            conn.execute(
+                "UPDATE offsets SET state = ?, last_error = ?, updated_utc = ? "
+                "WHERE offset_id = ? AND state IN ('intent', 'unknown')",
+                (state, error[:500], utc_now(), offset_id),
+            )
+
+    def offset(self, offset_id: str) -> OffsetRecord | None:
+        """The offset ``offset_id``, or ``None``."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM offsets WHERE offset_id = ?", (offset_id,)).fetchone()
+        return OffsetRecord(*row) if row else None
+
+    def offsets(
+        self, account: str | None = None, *, states: tuple[str, ...] | None = None, run_id: str | None = None
+    ) -> list[OffsetRecord]:
+        """Offsets, oldest first, filtered by account, states and/or run."""
+        clauses, params = [], []
+        if account is not None:
+            clauses.append("account = ?")
+            params.append(account)
+        if states:
+            clauses.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(states)
+        if run_id is not None:
+            clauses.append("run_id = ?")
+            params.append(run_id)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._lock:
+            rows = self._conn.execute(f"SELECT * FROM offsets{where} ORDER BY created_utc", params).fetchall()
+        return [OffsetRecord(*row) for row in rows]
+
+    def run_offset_kg(self, run_id: str) -> float:
+        """kg of offsets (confirmed or in flight) triggered by ``run_id``."""
+        with self._lock:
+            value = self._conn.execute(
+                "SELECT COALESCE(SUM(amount_kg), 0) FROM offsets WHERE run_id = ? AND state != 'failed'",
+                (run_id,),
+            ).fetchone()[0]
+        return float(value)

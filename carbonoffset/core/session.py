@@ -1,0 +1,581 @@
+"""The shared core: one run's tracker + offsetter + ledger.
+
+Every front end (Lightning, Hugging Face, Keras callbacks and the CodeCarbon
+drop-in) translates its events into the same four calls::
+
+    session = OffsetSession(offset_api_key="test_...", offset_environment="sandbox")
+    session.start()                      # fit begins: new tracker, new ledger run
+    report = session.record_epoch(epoch) # each epoch: cumulative figures, maybe offset
+    final = session.stop()               # fit ends: final record + offset, bounded wait
+
+Offsets run on a background worker thread: ``record_epoch`` never waits for
+the network. Failures of tracking or offsetting are logged once and never
+raised into the caller's training.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from carbonoffset.core.config import OffsetConfig
+from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.offsetter import OffsetOutcome, Offsetter
+from carbonoffset.core.sources import CodeCarbonSource, EmissionsSource, Measurement
+from carbonoffset.core.units import KG_PER_LB
+
+logger = logging.getLogger(__name__)
+
+METRIC_PREFIX = "carbon/"
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochReport:
+    """Figures after one epoch, cumulative for the run.
+
+    Attributes:
+        epoch: 0-based epoch index (``None`` when recorded outside an epoch).
+        energy_kwh: energy of the run so far, kWh.
+        emissions_kg: emissions of the run so far, kg CO2eq.
+        offset_kg: offsets this run bought or has in flight, kg CO2eq.
+        pending_kg: the account's emissions not yet offset, kg CO2eq (all runs).
+        credit_kg: the account's unused overshoot of rounded-up offsets, kg.
+        over_budget: ``emissions_kg`` passed ``max_emissions_kg``.
+    """
+
+    epoch: int | None
+    energy_kwh: float
+    emissions_kg: float
+    offset_kg: float
+    pending_kg: float
+    credit_kg: float = 0.0
+    over_budget: bool = False
+
+    def metrics(self) -> dict[str, float]:
+        """The four logged metrics: ``carbon/energy_kwh``, ``carbon/emissions_kg``,
+        ``carbon/offset_kg``, ``carbon/pending_kg``."""
+        return {
+            f"{METRIC_PREFIX}energy_kwh": self.energy_kwh,
+            f"{METRIC_PREFIX}emissions_kg": self.emissions_kg,
+            f"{METRIC_PREFIX}offset_kg": self.offset_kg,
+            f"{METRIC_PREFIX}pending_kg": self.pending_kg,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class RunReport:
+    """Figures of a whole run (see :class:`EpochReport` for units).
+
+    Attributes:
+        run_id: ledger id of the run.
+        account: ``"<environment>:<key fingerprint>"``.
+        environment: ``"production"`` or ``"sandbox"``.
+        epochs: epochs recorded.
+        energy_kwh, emissions_kg: run totals.
+        offset_kg, offset_lb: offsets the run bought or has in flight.
+        confirmed_lb: pounds the API confirmed for this run.
+        in_flight_lb: pounds still unconfirmed (settled by a later run or
+            ``carbonoffset reconcile``).
+        pending_kg, credit_kg: the account's position after the run.
+        ledger_path: the ledger file.
+    """
+
+    run_id: str | None
+    account: str
+    environment: str
+    epochs: int
+    energy_kwh: float
+    emissions_kg: float
+    offset_kg: float
+    offset_lb: int
+    confirmed_lb: int
+    in_flight_lb: int
+    pending_kg: float
+    credit_kg: float
+    ledger_path: Path | None
+
+    def metrics(self) -> dict[str, float]:
+        """The same four metrics as :meth:`EpochReport.metrics`, for the whole run."""
+        return EpochReport(None, self.energy_kwh, self.emissions_kg, self.offset_kg, self.pending_kg).metrics()
+
+
+class _Worker:
+    """One daemon thread running offset jobs in order; :meth:`wait` is bounded."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._idle = threading.Condition()
+        self._outstanding = 0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._idle:
+            self._outstanding += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="carbonoffset-worker", daemon=True)
+                self._thread.start()
+        self._queue.put(job)
+
+    @property
+    def busy(self) -> bool:
+        with self._idle:
+            return self._outstanding > 0
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until every submitted job is done; ``False`` if ``timeout`` s passed first."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._outstanding:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is not None:
+                    job()
+            except Exception:  # a job must never kill the worker  # noqa: BLE001
+                logger.warning("carbonoffset background job failed", exc_info=True)
+            finally:
+                with self._idle:
+                    self._outstanding -= 1
+                    self._idle.notify_all()
+
+
+class OffsetSession:
+    """Tracker + offsetter + ledger for one training run at a time.
+
+    Args:
+        config: ready settings; when omitted they are resolved from
+            ``**settings``, ``CODECARBON_*`` variables and ``.codecarbon.config``
+            (see :class:`~carbonoffset.core.config.OffsetConfig`).
+        source: emissions source; default :class:`CodeCarbonSource` with the
+            configured ``country_iso_code`` (a new CodeCarbon tracker per run).
+        ledger: an open :class:`Ledger`; default opens ``config.ledger_path``.
+        label: free text stored with each run (e.g. ``"lightning"``).
+        max_emissions_kg: optional carbon budget per run, kg CO2eq (> 0);
+            :attr:`EpochReport.over_budget` turns true once it is passed.
+        global_rank: rank of this process in the job; only rank 0 writes the
+            ledger and offsets.
+        local_rank: rank on this node; only local rank 0 runs a tracker.
+        offsetter_options: passed to :class:`Offsetter` (``max_attempts``,
+            ``wait_initial_s``, ``wait_max_s``).
+        **settings: any :class:`OffsetConfig` field, overriding ``config``.
+
+    Raises:
+        ValueError: invalid settings (:class:`ConfigurationError`).
+        LedgerError: the ledger is corrupt or from a newer version.
+    """
+
+    def __init__(
+        self,
+        config: OffsetConfig | None = None,
+        *,
+        source: EmissionsSource | None = None,
+        ledger: Ledger | None = None,
+        label: str | None = None,
+        max_emissions_kg: float | None = None,
+        global_rank: int = 0,
+        local_rank: int = 0,
+        offsetter_options: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> None:
+        if config is None:
+            config = OffsetConfig.resolve(**settings)
+        elif settings:
+            config = config.replace(**{k: v for k, v in settings.items() if v is not None})
+        if max_emissions_kg is not None and not max_emissions_kg > 0:
+            raise ValueError(f"max_emissions_kg must be > 0 kg CO2eq (got {max_emissions_kg!r}) or None")
+        self.config = config
+        self.label = label
+        self.max_emissions_kg = max_emissions_kg
+        self.global_rank = global_rank
+        self.local_rank = local_rank
+        self.source: EmissionsSource | None = source
+        self._offsetter_options = offsetter_options or {}
+        self._ledger = ledger
+        self._owns_ledger = ledger is None
+        if self.is_writer and self._ledger is None:
+            self._ledger = Ledger(config.ledger_path)
+        self._offsetter: Offsetter | None = None
+        self._worker = _Worker()
+        self._lock = threading.RLock()
+        self._warned: set[str] = set()
+        self._offset_queued = False
+        self._outcomes: list[OffsetOutcome] = []
+        self.run_id: str | None = None
+        self.running = False
+        self._base = Measurement()
+        self._last = Measurement()
+        self._epochs = 0
+        self._projection_checked = False
+        self._finalizer: Any = None
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def is_tracking(self) -> bool:
+        """This process runs a tracker (local rank 0)."""
+        return self.local_rank == 0
+
+    @property
+    def is_writer(self) -> bool:
+        """This process writes the ledger and offsets (global rank 0)."""
+        return self.global_rank == 0
+
+    @property
+    def ledger(self) -> Ledger | None:
+        """The ledger (``None`` on ranks other than global rank 0)."""
+        return self._ledger
+
+    @property
+    def outcomes(self) -> list[OffsetOutcome]:
+        """Offsets settled by this session so far (oldest first)."""
+        with self._lock:
+            return list(self._outcomes)
+
+    def _warn_once(self, cause: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
+        if cause not in self._warned:
+            self._warned.add(cause)
+            logger.log(level, message, *args)
+
+    def _get_offsetter(self) -> Offsetter | None:
+        if self._offsetter is None and self.is_writer and self.config.can_offset and self._ledger is not None:
+            try:
+                self._offsetter = Offsetter(self.config, self._ledger, **self._offsetter_options)
+            except Exception as exc:  # noqa: BLE001 -- e.g. makeimpact missing: say so loudly, keep training
+                self._warn_once("offsetter", "offsetting is disabled for this run: %s", exc, level=logging.ERROR)
+        return self._offsetter
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self, *, run_id: str | None = None, resume: Measurement | None = None, nodes: int = 1) -> str | None:
+        """Begin a run: a fresh tracker (local rank 0) and a ledger run (global rank 0).
+
+        Args:
+            run_id: continue this ledger run (e.g. resumed from a checkpoint).
+            resume: figures the run had already reached (from a checkpoint);
+                new measurements add to them. If the ledger already holds more
+                for ``run_id``, the ledger's figures are used, so nothing
+                measured is lost or counted twice.
+            nodes: number of nodes measuring this run (stored in the ledger).
+
+        Returns:
+            The ledger run id (``None`` on ranks that do not write).
+        """
+        with self._lock:
+            if self.running:
+                self.stop()
+            self._base = resume or Measurement()
+            self._epochs = 0
+            self._projection_checked = False
+            self._outcomes = []
+            self.run_id = run_id
+            if self.is_writer and self._ledger is not None:
+                try:
+                    if run_id is not None:
+                        existing = self._ledger.run(run_id)
+                        if existing is not None and existing.emissions_kg > self._base.emissions_kg:
+                            self._base = Measurement(existing.emissions_kg, existing.energy_kwh)
+                        if existing is not None:
+                            self._epochs = existing.epochs
+                    self.run_id = self._ledger.start_run(
+                        account=self.config.account,
+                        environment=self.config.offset_environment,
+                        run_id=run_id,
+                        label=self.label,
+                        nodes=nodes,
+                    )
+                except Exception as exc:  # noqa: BLE001
+                    self._warn_once("ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc)
+            self._last = self._base
+            if self.is_tracking:
+                try:
+                    if self.source is None:
+                        self.source = CodeCarbonSource(country_iso_code=self.config.country_iso_code)
+                    self.source.start()
+                except Exception as exc:  # noqa: BLE001
+                    self._warn_once("source", "emissions tracking failed to start (%s); training continues", exc)
+            self.running = True
+            self._finalizer = weakref.finalize(self, OffsetSession._stop_source_quietly, self.source)
+            atexit.register(self._finalizer)
+            if self.is_writer and self.config.auto_offset:
+                if not self.config.can_offset:
+                    self._warn_once(
+                        "no-key",
+                        "auto_offset is on but offset_api_key is not set: emissions are recorded in the "
+                        "ledger %s and stay pending until you set offset_api_key (or CODECARBON_OFFSET_API_KEY) "
+                        "and run `carbonoffset offset`",
+                        self.config.ledger_path,
+                    )
+                elif self._get_offsetter() is not None and self._ledger is not None:
+                    if self._ledger.offsets(self.config.account, states=("intent", "unknown")):
+                        self._worker.submit(self._reconcile_job)
+            return self.run_id
+
+    @staticmethod
+    def _stop_source_quietly(source: EmissionsSource | None) -> None:
+        """Safety net (atexit / garbage collection): never leave a tracker running."""
+        if source is None:
+            return
+        try:
+            source.stop()
+        except Exception:  # noqa: BLE001
+            logger.debug("stopping the emissions source failed", exc_info=True)
+
+    def measure(self) -> Measurement:
+        """This process's cumulative measurement for the run (base + tracker), without recording it."""
+        with self._lock:
+            if not (self.running and self.is_tracking and self.source is not None):
+                return self._last if self.is_tracking else Measurement()
+            try:
+                return self._base + self.source.read()
+            except Exception as exc:  # noqa: BLE001
+                self._warn_once("read", "reading emissions failed (%s); training continues", exc)
+                return self._last
+
+    def record_epoch(self, epoch: int | None = None, *, max_epochs: int | None = None) -> EpochReport:
+        """Measure, record and maybe trigger an offset (never waits for the network).
+
+        Args:
+            epoch: 0-based epoch just finished.
+            max_epochs: the run's planned epochs, if known: after the first
+                epoch a warning is logged when the projected total passes
+                ``max_emissions_kg``.
+
+        Returns:
+            The run's cumulative :class:`EpochReport`.
+        """
+        return self.record(self.measure(), epoch=epoch, max_epochs=max_epochs)
+
+    def record(
+        self, total: Measurement, *, epoch: int | None = None, max_epochs: int | None = None
+    ) -> EpochReport:
+        """Record ``total`` (cumulative figures of the whole run, all nodes summed).
+
+        Used directly by distributed integrations after summing node figures;
+        :meth:`record_epoch` is the single-process shortcut.
+        """
+        with self._lock:
+            self._last = total
+            if epoch is not None:
+                self._epochs = max(self._epochs, epoch + 1)
+            if self.is_writer and self._ledger is not None and self.run_id is not None:
+                try:
+                    self._ledger.record(
+                        self.run_id, emissions_kg=total.emissions_kg, energy_kwh=total.energy_kwh, epoch=epoch
+                    )
+                except Exception as exc:  # noqa: BLE001
+                    self._warn_once("ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc)
+                self._maybe_offset()
+            report = self._epoch_report(epoch, total)
+            if epoch is not None and max_epochs and not self._projection_checked:
+                self._projection_checked = True
+                self._check_projection(total, done=epoch + 1, max_epochs=max_epochs)
+            if report.over_budget:
+                self._warn_once(
+                    "budget",
+                    "the run's emissions %.6g kg CO2eq passed max_emissions_kg=%.6g kg; stopping training",
+                    total.emissions_kg,
+                    self.max_emissions_kg,
+                )
+            return report
+
+    def _check_projection(self, total: Measurement, *, done: int, max_epochs: int) -> None:
+        if self.max_emissions_kg is None or done <= 0 or max_epochs <= done:
+            return
+        projected = total.emissions_kg / done * max_epochs
+        if projected > self.max_emissions_kg:
+            self._warn_once(
+                "projection",
+                "projected emissions for %d epochs are %.6g kg CO2eq, above max_emissions_kg=%.6g kg: "
+                "training will stop early",
+                max_epochs,
+                projected,
+                self.max_emissions_kg,
+            )
+
+    def _epoch_report(self, epoch: int | None, total: Measurement) -> EpochReport:
+        offset_kg = pending_kg = credit_kg = 0.0
+        if self.is_writer and self._ledger is not None:
+            try:
+                balance = self._ledger.balance(self.config.account)
+                pending_kg, credit_kg = balance.pending_kg, balance.credit_kg
+                if self.run_id is not None:
+                    offset_kg = self._ledger.run_offset_kg(self.run_id)
+            except Exception as exc:  # noqa: BLE001
+                self._warn_once("ledger", "carbonoffset could not read its ledger (%s)", exc)
+        over = self.max_emissions_kg is not None and total.emissions_kg > self.max_emissions_kg
+        return EpochReport(epoch, total.energy_kwh, total.emissions_kg, offset_kg, pending_kg, credit_kg, over)
+
+    # ---------------------------------------------------------------- offsets
+    def _maybe_offset(self) -> None:
+        if not self.config.auto_offset or self._offset_queued or self._ledger is None:
+            return
+        offsetter = self._get_offsetter()
+        if offsetter is None or offsetter.auth_failed:
+            return
+        if self._ledger.balance(self.config.account).pending_kg >= self.config.offset_threshold:
+            self._offset_queued = True
+            self._worker.submit(lambda: self._offset_job(round_up=False, respect_threshold=True))
+
+    def _offset_job(self, *, round_up: bool, respect_threshold: bool) -> None:
+        offsetter = self._get_offsetter()
+        with self._lock:
+            self._offset_queued = False
+        if offsetter is None:
+            return
+        outcome = offsetter.offset_pending(
+            run_id=self.run_id, round_up=round_up, respect_threshold=respect_threshold
+        )
+        if outcome is not None:
+            with self._lock:
+                self._outcomes.append(outcome)
+
+    def _reconcile_job(self) -> None:
+        offsetter = self._get_offsetter()
+        if offsetter is not None:
+            outcomes = offsetter.reconcile()
+            with self._lock:
+                self._outcomes.extend(outcomes)
+
+    def offset_now(self, *, round_up: bool = False, wait: float | None = None) -> None:
+        """Queue an offset of what is pending now, even mid-run.
+
+        Args:
+            round_up: buy the next whole pound (the overshoot becomes credit);
+                otherwise round down and respect ``offset_threshold``.
+            wait: seconds to wait for it (``None``: do not wait).
+        """
+        if self._get_offsetter() is None:
+            self._warn_once("no-key-now", "cannot offset: offset_api_key is not set")
+            return
+        self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=not round_up))
+        if wait is not None:
+            self._worker.wait(wait)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for background offsets, at most ``timeout`` s (default ``offset_timeout``).
+
+        Returns:
+            ``True`` when nothing is left in flight.
+        """
+        return self._worker.wait(self.config.offset_timeout if timeout is None else timeout)
+
+    def stop(self, *, final_offset: bool = True, status: str = "finished") -> RunReport:
+        """End the run: stop the tracker, record the final figures, offset, wait.
+
+        Idempotent: a second call returns the same report without side effects.
+
+        Args:
+            final_offset: offset what is pending (respecting ``offset_threshold``,
+                or rounding up when ``offset_round_up`` is set). Pass ``False``
+                when the run failed: what was measured stays pending.
+            status: stored in the ledger (``finished``, ``failed``, ``interrupted``).
+
+        Returns:
+            The :class:`RunReport`. Offsets still unconfirmed after
+            ``offset_timeout`` seconds stay in the ledger for the next run.
+        """
+        with self._lock:
+            if not self.running:
+                return self.report()
+            self.running = False
+            total = self._last
+            if self.is_tracking and self.source is not None:
+                try:
+                    total = self._base + self.source.stop()
+                except Exception as exc:  # noqa: BLE001
+                    self._warn_once("stop", "stopping the tracker failed (%s)", exc)
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                atexit.unregister(self._finalizer)
+                self._finalizer = None
+        self.record(total, epoch=None)
+        if final_offset and self.is_writer and self.config.auto_offset and self._get_offsetter() is not None:
+            round_up = self.config.offset_round_up
+            self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=not round_up))
+        if self.is_writer and not self._worker.wait(self.config.offset_timeout):
+            logger.warning(
+                "offsets still in flight after offset_timeout=%gs; they stay in the ledger and the next "
+                "run (or `carbonoffset reconcile`) settles them",
+                self.config.offset_timeout,
+            )
+        if self.is_writer and self._ledger is not None and self.run_id is not None:
+            try:
+                self._ledger.end_run(self.run_id, status=status)
+            except Exception as exc:  # noqa: BLE001
+                self._warn_once("ledger", "carbonoffset could not write its ledger (%s)", exc)
+        return self.report()
+
+    def report(self) -> RunReport:
+        """The current :class:`RunReport` (cheap; reads the ledger)."""
+        total = self._last
+        offset_kg = pending_kg = credit_kg = 0.0
+        confirmed_lb = in_flight_lb = 0
+        if self.is_writer and self._ledger is not None:
+            try:
+                balance = self._ledger.balance(self.config.account)
+                pending_kg, credit_kg = balance.pending_kg, balance.credit_kg
+                if self.run_id is not None:
+                    for offset in self._ledger.offsets(run_id=self.run_id):
+                        if offset.state == "confirmed":
+                            confirmed_lb += offset.amount_lb
+                        elif offset.state in ("intent", "unknown"):
+                            in_flight_lb += offset.amount_lb
+                    offset_kg = (confirmed_lb + in_flight_lb) * KG_PER_LB
+            except Exception as exc:  # noqa: BLE001
+                self._warn_once("ledger", "carbonoffset could not read its ledger (%s)", exc)
+        return RunReport(
+            run_id=self.run_id,
+            account=self.config.account,
+            environment=self.config.offset_environment,
+            epochs=self._epochs,
+            energy_kwh=total.energy_kwh,
+            emissions_kg=total.emissions_kg,
+            offset_kg=offset_kg,
+            offset_lb=confirmed_lb + in_flight_lb,
+            confirmed_lb=confirmed_lb,
+            in_flight_lb=in_flight_lb,
+            pending_kg=pending_kg,
+            credit_kg=credit_kg,
+            ledger_path=self._ledger.path if self._ledger is not None else None,
+        )
+
+    def close(self) -> None:
+        """Stop the run if needed (without a final offset) and close the ledger if this session opened it."""
+        if self.running:
+            self.stop(final_offset=False, status="interrupted")
+        if self._owns_ledger and self._ledger is not None:
+            self._ledger.close()
+
+    def __enter__(self) -> OffsetSession:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.stop()
+        else:
+            self.stop(final_offset=False, status="failed")
+
+    def __repr__(self) -> str:
+        return f"OffsetSession(run_id={self.run_id!r}, config={self.config!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(
+            "OffsetSession cannot be pickled (it holds a ledger connection and threads); pass settings "
+            "to the callback instead of a session when training in spawned processes"
+        )
+
+

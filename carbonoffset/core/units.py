@@ -1,0 +1,85 @@
+"""Unit conversions used by the offset accounting.
+
+Emissions are kept in kilograms of CO2-equivalent (kg CO2eq) everywhere; the
+1ClickImpact API sells carbon capture in **whole pounds** (integer ``amount``,
+1 to 10,000,000). This module is the one place that converts between them.
+
+Constants:
+    ``KG_PER_LB = 0.45359237`` -- 1 international avoirdupois pound is exactly
+    0.45359237 kg (International Yard and Pound Agreement, 1959; exact by
+    definition).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+KG_PER_LB: Final[float] = 0.45359237
+"""Kilograms in one pound, exact by definition (1959 international agreement)."""
+
+MIN_OFFSET_LB: Final[int] = 1
+"""Smallest amount the API accepts for ``capture_carbon`` (whole pounds)."""
+
+MAX_OFFSET_LB: Final[int] = 10_000_000
+"""Largest amount the API accepts for one ``capture_carbon`` call (whole pounds)."""
+
+MIN_THRESHOLD_KG: Final[float] = 0.5
+"""Smallest allowed ``offset_threshold`` in kg: just above one pound (0.4536 kg),
+so a threshold crossing always buys at least one whole pound."""
+
+_EPS_KG: Final[float] = 1e-12
+
+
+def lb_to_kg(amount_lb: float) -> float:
+    """Convert pounds to kilograms.
+
+    Args:
+        amount_lb: mass in pounds (any real number).
+
+    Returns:
+        The mass in kilograms (``amount_lb * 0.45359237``).
+    """
+    return amount_lb * KG_PER_LB
+
+
+def kg_to_lb(emissions_kg: float) -> float:
+    """Convert kilograms to (fractional) pounds: ``emissions_kg / 0.45359237``."""
+    return emissions_kg / KG_PER_LB
+
+
+def whole_lb_floor(emissions_kg: float) -> int:
+    """Whole pounds that ``emissions_kg`` fully covers (rounds **down**).
+
+    The remainder (``emissions_kg - whole_lb_floor(emissions_kg) * KG_PER_LB``)
+    is what stays pending; it is never rounded away. A tolerance of 1e-12 kg
+    absorbs float noise so that exactly ``n`` pounds in kg gives ``n``.
+
+    Args:
+        emissions_kg: pending emissions in kg CO2eq; values <= 0 give 0.
+
+    Returns:
+        An integer >= 0, capped at :data:`MAX_OFFSET_LB`.
+    """
+    if emissions_kg <= 0:
+        return 0
+    return min(MAX_OFFSET_LB, int(math.floor((emissions_kg + _EPS_KG) / KG_PER_LB)))
+
+
+def whole_lb_ceil(emissions_kg: float) -> int:
+    """Whole pounds needed to cover ``emissions_kg`` completely (rounds **up**).
+
+    Used only for an explicit round-up offset (e.g. the final offset of a run
+    when ``offset_round_up`` is set): the overshoot
+    ``whole_lb_ceil(x) * KG_PER_LB - x`` becomes a credit used by later
+    emissions.
+
+    Args:
+        emissions_kg: pending emissions in kg CO2eq; values <= 0 give 0.
+
+    Returns:
+        An integer >= 0, capped at :data:`MAX_OFFSET_LB`.
+    """
+    if emissions_kg <= _EPS_KG:
+        return 0
+    return min(MAX_OFFSET_LB, int(math.ceil((emissions_kg - _EPS_KG) / KG_PER_LB)))

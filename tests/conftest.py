@@ -1,0 +1,55 @@
+"""Shared fixtures: an isolated home/cwd/ledger for every test and a loopback 1ClickImpact server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from carbonoffset.testing import FakeOneClickImpact
+
+SANDBOX_KEY = "test_carbonoffset_SECRET_4f1d9c"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the user's config or writes the user's ledger."""
+    for name in list(os.environ):
+        if name.startswith("CODECARBON_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.chdir(work)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeOneClickImpact]:
+    with FakeOneClickImpact(environment="sandbox") as fake:
+        yield fake
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.sqlite3"
+
+
+@pytest.fixture
+def settings(server: FakeOneClickImpact, ledger_path: Path) -> dict[str, object]:
+    """Settings for a sandbox account on the local server."""
+    return {
+        "offset_api_key": SANDBOX_KEY,
+        "offset_environment": "sandbox",
+        "offset_api_url": server.url,
+        "offset_ledger": ledger_path,
+        "offset_request_timeout": 2.0,
+        "offset_timeout": 10.0,
+        "country_iso_code": "FRA",
+    }
