@@ -7,9 +7,7 @@ transformers or Keras). The CodeCarbon drop-in classes
 loaded on first access.
 """
 
-from __future__ import annotations
-
-from typing import Any
+import importlib as _importlib
 
 from carbonoffset.core import (
     KG_PER_LB,
@@ -54,11 +52,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'carbonoffset' has no attribute {name!r}")

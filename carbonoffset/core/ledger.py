@@ -378,7 +378,7 @@ class Ledger:
                 "VALUES (?, ?, ?, ?, ?)",
                 (run_id, epoch, new_kg, new_kwh, utc_now()),
             )
-        return new_kg - old_kg
+        return float(new_kg - old_kg)
 
     def end_run(self, run_id: str, *, status: str = "finished") -> None:
         """Mark a run ended (``status``: ``finished`` | ``failed`` | ``interrupted``)."""

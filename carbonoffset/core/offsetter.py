@@ -25,7 +25,6 @@ import logging
 import threading
 from collections.abc import Callable
 
-
 from carbonoffset.core.client import OffsetClient, Receipt
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.errors import OffsetServiceError

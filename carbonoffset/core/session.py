@@ -318,9 +318,12 @@ class OffsetSession:
                         "and run `carbonoffset offset`",
                         self.config.ledger_path,
                     )
-                elif self._get_offsetter() is not None and self._ledger is not None:
-                    if self._ledger.offsets(self.config.account, states=("intent", "unknown")):
-                        self._worker.submit(self._reconcile_job)
+                elif (
+                    self._get_offsetter() is not None
+                    and self._ledger is not None
+                    and self._ledger.offsets(self.config.account, states=("intent", "unknown"))
+                ):
+                    self._worker.submit(self._reconcile_job)
             return self.run_id
 
     @staticmethod

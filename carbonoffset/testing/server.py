@@ -12,6 +12,7 @@ dropped, malformed JSON).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -328,10 +329,8 @@ def _make_handler(fake: FakeOneClickImpact) -> type[BaseHTTPRequestHandler]:
                 time.sleep(delay)
             if fault is not None and fault.drop_after_capture:
                 self.close_connection = True
-                try:
+                with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 return
             if fault is not None and fault.malformed:
                 data = b"<html>502 Bad Gateway</html"
