@@ -1,31 +1,29 @@
 """carbonoffset: measure the carbon emissions of ML training and offset them, exactly once.
 
-Framework callbacks live in :mod:`carbonoffset.integrations` (imported on
-demand, so ``import carbonoffset`` never imports torch, Lightning,
-transformers or Keras). The CodeCarbon drop-in classes
-(``EmissionsTracker``, ``OfflineEmissionsTracker``, ``track_emissions``) are
-loaded on first access.
+Every public name is loaded on first access, so ``import carbonoffset`` costs
+almost nothing and never imports torch, Lightning, transformers, Keras or
+CodeCarbon. Framework callbacks live in :mod:`carbonoffset.integrations`; the
+CodeCarbon drop-in classes (``EmissionsTracker``, ``OfflineEmissionsTracker``,
+``track_emissions``) in :mod:`carbonoffset.codecarbon`.
 """
 
 import importlib as _importlib
-
-from carbonoffset.core import (
-    KG_PER_LB,
-    CarbonOffsetError,
-    ConfigurationError,
-    EpochReport,
-    Ledger,
-    LedgerError,
-    Measurement,
-    OffsetConfig,
-    OffsetServiceError,
-    OffsetSession,
-    RunReport,
-)
+import typing as _typing
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "KG_PER_LB": "carbonoffset.core.units",
+    "CarbonOffsetError": "carbonoffset.core.errors",
+    "ConfigurationError": "carbonoffset.core.errors",
+    "LedgerError": "carbonoffset.core.errors",
+    "OffsetServiceError": "carbonoffset.core.errors",
+    "OffsetConfig": "carbonoffset.core.config",
+    "Ledger": "carbonoffset.core.ledger",
+    "Measurement": "carbonoffset.core.sources",
+    "EpochReport": "carbonoffset.core.session",
+    "OffsetSession": "carbonoffset.core.session",
+    "RunReport": "carbonoffset.core.session",
     "EmissionsTracker": "carbonoffset.codecarbon",
     "OfflineEmissionsTracker": "carbonoffset.codecarbon",
     "OneClickImpactOutput": "carbonoffset.codecarbon",
@@ -51,13 +49,28 @@ __all__ = [
     "track_emissions",
 ]
 
+if _typing.TYPE_CHECKING:
+    from carbonoffset.codecarbon import (
+        EmissionsTracker,
+        OfflineEmissionsTracker,
+        OneClickImpactOutput,
+        track_emissions,
+    )
+    from carbonoffset.core.config import OffsetConfig
+    from carbonoffset.core.errors import CarbonOffsetError, ConfigurationError, LedgerError, OffsetServiceError
+    from carbonoffset.core.ledger import Ledger
+    from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
+    from carbonoffset.core.sources import Measurement
+    from carbonoffset.core.units import KG_PER_LB
+
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        value = getattr(_importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'carbonoffset' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'carbonoffset' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

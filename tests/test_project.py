@@ -45,14 +45,14 @@ def test_import_pulls_in_no_ml_framework() -> None:
 
 
 def test_all_lists_exactly_the_public_names() -> None:
-    public = {name for name in dir(carbonoffset) if not name.startswith("_")} - {
-        "core",
-        "integrations",
-        "testing",
-    }
-    assert set(carbonoffset.__all__) - {"__version__"} == public
     for name in carbonoffset.__all__:
-        getattr(carbonoffset, name)
+        assert getattr(carbonoffset, name) is not None, name
+    submodules = {"core", "integrations", "testing", "codecarbon", "demo", "cli"}
+    public = {name for name in vars(carbonoffset) if not name.startswith("_")} - submodules
+    assert public <= set(carbonoffset.__all__), public - set(carbonoffset.__all__)
+    assert set(carbonoffset.__all__) == set(carbonoffset._LAZY) | {"__version__"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        carbonoffset.nope  # noqa: B018
 
 
 def test_typed_package_marker() -> None:

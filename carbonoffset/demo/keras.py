@@ -1,0 +1,69 @@
+"""The Keras demo: a small dense network on scikit-learn's digits, trained with the callback."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from carbonoffset.demo import DemoResult
+from carbonoffset.demo.data import load_digits_split
+
+
+def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
+    """Train a 64-32-10 dense network on digits for ``epochs`` epochs with the Keras callback.
+
+    Uses the torch backend unless ``KERAS_BACKEND`` is already set (it must be
+    set before Keras is first imported). Trains silently (``verbose=0``).
+
+    Args:
+        callback_settings: keyword arguments for
+            :class:`carbonoffset.integrations.keras.CarbonOffsetCallback`.
+        epochs: epochs to train (>= 1).
+
+    Returns:
+        The epochs trained, the validation accuracy in [0, 1] and the callback's final report.
+
+    Raises:
+        ValueError: ``epochs < 1`` or invalid callback settings.
+        ModuleNotFoundError: Keras 3, its backend or scikit-learn is missing.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1 (got {epochs})")
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    from carbonoffset.integrations.keras import CarbonOffsetCallback
+
+    callback = CarbonOffsetCallback(**callback_settings)  # raises first if Keras is missing
+    import keras
+
+    data = load_digits_split()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(64,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=0.01),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    with callback.guard():
+        history = model.fit(
+            data.x_train,
+            data.y_train,
+            validation_data=(data.x_val, data.y_val),
+            epochs=epochs,
+            batch_size=64,
+            verbose=0,
+            callbacks=[callback],
+        )
+    report = callback.final_report
+    if report is None:  # on_train_end always runs after a fit that returns
+        raise RuntimeError("the Keras fit ended without a final report")
+    return DemoResult(
+        epochs=len(history.history["loss"]),
+        accuracy=float(history.history["val_accuracy"][-1]),
+        report=report,
+    )

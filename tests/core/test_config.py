@@ -1,0 +1,241 @@
+"""Settings: resolution order, validation, and the API key never showing itself."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from carbonoffset.core.config import OffsetConfig, SecretKey, default_ledger_path
+from carbonoffset.core.errors import ConfigurationError
+
+KEY = "test_cfg_SECRET_b7e21a"
+
+
+def write_config(folder: Path, **values: object) -> Path:
+    lines = ["[codecarbon]"] + [f"{key} = {value}" for key, value in values.items()]
+    path = folder / ".codecarbon.config"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_defaults() -> None:
+    config = OffsetConfig.resolve()
+    assert config.offset_api_key is None
+    assert config.offset_environment == "production"
+    assert config.offset_threshold == 0.5
+    assert config.auto_offset is True
+    assert config.offset_round_up is False
+    assert config.can_offset is False
+    assert config.account == "production:no-key"
+    # default ledger under the user data dir (XDG_DATA_HOME is isolated by conftest)
+    assert config.ledger_path == default_ledger_path()
+    assert Path(os.environ["XDG_DATA_HOME"]) in config.ledger_path.parents
+    assert config.ledger_path.name == "ledger.sqlite3"
+
+
+def test_resolution_order_explicit_env_cwd_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    home, cwd = Path.home(), Path.cwd()
+    assert home != cwd
+    write_config(
+        home,
+        offset_api_key="test_from_home",
+        offset_environment="sandbox",
+        offset_threshold=4.0,
+        auto_offset="false",
+        offset_timeout=44,
+    )
+    config = OffsetConfig.resolve()
+    assert config.offset_api_key == SecretKey("test_from_home")
+    assert (config.offset_environment, config.offset_threshold, config.auto_offset) == ("sandbox", 4.0, False)
+    assert config.offset_timeout == 44.0
+
+    write_config(cwd, offset_api_key="test_from_cwd", offset_threshold=3.0, auto_offset="true")
+    config = OffsetConfig.resolve()
+    assert config.offset_api_key == SecretKey("test_from_cwd")
+    assert config.offset_threshold == 3.0
+    assert config.auto_offset is True
+    assert config.offset_environment == "sandbox"  # still from ~/.codecarbon.config
+    assert config.offset_timeout == 44.0
+
+    monkeypatch.setenv("CODECARBON_OFFSET_API_KEY", "test_from_env")
+    monkeypatch.setenv("CODECARBON_OFFSET_THRESHOLD", "2.0")
+    config = OffsetConfig.resolve()
+    assert config.offset_api_key == SecretKey("test_from_env")
+    assert config.offset_threshold == 2.0
+    assert config.auto_offset is True  # from ./.codecarbon.config
+
+    config = OffsetConfig.resolve(offset_api_key="test_explicit", offset_threshold=1.0, auto_offset=False)
+    assert config.offset_api_key == SecretKey("test_explicit")
+    assert config.offset_threshold == 1.0
+    assert config.auto_offset is False
+    # None means "not given": falls through to the environment
+    assert OffsetConfig.resolve(offset_threshold=None).offset_threshold == 2.0
+
+
+def test_ledger_location_from_setting_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CODECARBON_OFFSET_LEDGER", str(tmp_path / "from_env.sqlite3"))
+    assert OffsetConfig.resolve().ledger_path == tmp_path / "from_env.sqlite3"
+    explicit = OffsetConfig.resolve(offset_ledger=tmp_path / "explicit.sqlite3")
+    assert explicit.ledger_path == tmp_path / "explicit.sqlite3"
+    assert OffsetConfig(offset_ledger="~/x.sqlite3").ledger_path == Path.home() / "x.sqlite3"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [0.0, 0.1, 0.45359237, 0.49999, -1.0])
+def test_threshold_below_minimum_names_the_minimum(value: float) -> None:
+    with pytest.raises(ValueError, match=r"offset_threshold.*0\.5"):
+        OffsetConfig(offset_threshold=value)
+
+
+def test_threshold_from_env_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODECARBON_OFFSET_THRESHOLD", "0.4")
+    with pytest.raises(ValueError, match=r"at least 0\.5"):
+        OffsetConfig.resolve()
+    monkeypatch.setenv("CODECARBON_OFFSET_THRESHOLD", "half a kilo")
+    with pytest.raises(ValueError, match="offset_threshold must be a number"):
+        OffsetConfig.resolve()
+    monkeypatch.setenv("CODECARBON_OFFSET_THRESHOLD", "nan")
+    with pytest.raises(ValueError, match="offset_threshold"):
+        OffsetConfig.resolve()
+
+
+def test_threshold_at_minimum_and_above_is_accepted() -> None:
+    assert OffsetConfig(offset_threshold=0.5).offset_threshold == 0.5
+    assert OffsetConfig(offset_threshold="2.5").offset_threshold == 2.5  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("env", ["SANDBOX", "Production", "staging", "prod", "", "test"])
+def test_unknown_environment_lists_the_valid_ones(env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="offset_environment") as info:
+        OffsetConfig(offset_environment=env)  # type: ignore[arg-type]
+    assert "production" in str(info.value) and "sandbox" in str(info.value)
+    if env:
+        monkeypatch.setenv("CODECARBON_OFFSET_ENVIRONMENT", env)
+        with pytest.raises(ValueError, match="'production' or 'sandbox'"):
+            OffsetConfig.resolve()
+
+
+def test_valid_environments() -> None:
+    assert OffsetConfig(offset_environment="sandbox").offset_environment == "sandbox"
+    assert OffsetConfig(offset_environment="production").offset_environment == "production"
+
+
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("False", False), ("1", True), ("off", False)])
+def test_bool_parsing(text: str, expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODECARBON_AUTO_OFFSET", text)
+    assert OffsetConfig.resolve().auto_offset is expected
+
+
+@pytest.mark.parametrize("text", ["maybe", "2", "tru"])
+def test_bad_bool_is_an_error(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODECARBON_AUTO_OFFSET", text)
+    with pytest.raises(ValueError, match="auto_offset must be true or false"):
+        OffsetConfig.resolve()
+    with pytest.raises(ValueError, match="offset_round_up must be true or false"):
+        OffsetConfig(offset_round_up=text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"offset_timeout": 0}, "offset_timeout must be > 0"),
+        ({"offset_request_timeout": -1}, "offset_request_timeout must be > 0"),
+        ({"offset_api_url": "127.0.0.1:9"}, "offset_api_url must start with http"),
+        ({"country_iso_code": "France"}, "country_iso_code must be an ISO 3166-1 alpha-3"),
+    ],
+)
+def test_other_invalid_values(changes: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        OffsetConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_unknown_setting_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown setting") as info:
+        OffsetConfig.resolve(offset_treshold=1.0)
+    assert "offset_threshold" in str(info.value)  # lists the valid names
+
+
+def test_country_code_is_normalised_and_url_trailing_slash_dropped() -> None:
+    config = OffsetConfig(country_iso_code="fra", offset_api_url="http://127.0.0.1:9/")
+    assert config.country_iso_code == "FRA"
+    assert config.offset_api_url == "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        f"offset_api_key = {KEY}\n",  # no section header
+        f"[codecarbon]\noffset_api_key = {KEY}\n[broken\n",
+        f"[codecarbon]\noffset_api_key = {KEY}\noffset_api_key = {KEY}\n",  # duplicate option
+        f"[codecarbon]\noffset_api_key = {KEY}\n  continuation\n\x00\x01",
+    ],
+)
+@pytest.mark.parametrize("where", ["home", "cwd"])
+def test_corrupt_config_file_gives_clear_error_without_key(content: str, where: str) -> None:
+    folder = Path.home() if where == "home" else Path.cwd()
+    path = folder / ".codecarbon.config"
+    path.write_text(content, encoding="utf-8")
+    try:
+        OffsetConfig.resolve()
+    except ValueError as exc:
+        text = f"{exc!s} {exc!r} {exc.__cause__!r} {exc.__context__!r}"
+        assert ".codecarbon.config" in str(exc)
+        assert KEY not in text
+        assert isinstance(exc, ConfigurationError)
+    else:  # a file configparser accepts must at least not leak anything
+        pytest.fail("a corrupt config file was accepted")
+
+
+def test_config_file_with_binary_garbage() -> None:
+    (Path.cwd() / ".codecarbon.config").write_bytes(b"\xff\xfe\x00garbage" + KEY.encode())
+    with pytest.raises(ConfigurationError) as info:
+        OffsetConfig.resolve()
+    assert KEY not in str(info.value)
+
+
+def test_config_file_without_codecarbon_section_is_ignored() -> None:
+    (Path.cwd() / ".codecarbon.config").write_text("[other]\noffset_threshold = 0.1\n")
+    assert OffsetConfig.resolve().offset_threshold == 0.5
+
+
+def test_key_is_never_shown() -> None:
+    config = OffsetConfig(offset_api_key=KEY, offset_environment="sandbox")
+    assert isinstance(config.offset_api_key, SecretKey)
+    assert config.offset_api_key.reveal() == KEY
+    for text in (repr(config), str(config), repr(config.offset_api_key), str(config.offset_api_key), f"{config}"):
+        assert KEY not in text
+    assert "********" in repr(config)
+    # the account id is a non-reversible fingerprint
+    assert config.account.startswith("sandbox:")
+    assert KEY not in config.account
+    assert len(config.account.split(":", 1)[1]) == 16
+    # copies keep the key hidden and the account stable
+    copy = config.replace(offset_threshold=2.0)
+    assert copy.account == config.account and KEY not in repr(copy)
+    # pickling (spawned workers) keeps the value but not in any text form
+    restored = pickle.loads(pickle.dumps(config))
+    assert restored.offset_api_key == config.offset_api_key
+    assert KEY not in repr(restored)
+
+
+def test_accounts_separate_environments_and_keys() -> None:
+    sandbox = OffsetConfig(offset_api_key=KEY, offset_environment="sandbox")
+    production = OffsetConfig(offset_api_key=KEY, offset_environment="production")
+    other_key = OffsetConfig(offset_api_key=KEY + "x", offset_environment="sandbox")
+    assert len({sandbox.account, production.account, other_key.account}) == 3
+
+
+def test_empty_key_means_no_key_and_blank_secret_is_refused() -> None:
+    assert OffsetConfig(offset_api_key="   ").offset_api_key is None
+    with pytest.raises(ValueError, match="offset_api_key is empty"):
+        SecretKey("  ")
+
+
+def test_key_from_env_is_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODECARBON_OFFSET_API_KEY", KEY)
+    monkeypatch.setenv("CODECARBON_OFFSET_ENVIRONMENT", "staging")
+    with pytest.raises(ValueError) as info:
+        OffsetConfig.resolve()
+    assert KEY not in str(info.value)
