@@ -56,208 +56,204 @@ def _import_keras() -> tuple[Any, str | None]:
 _keras, _IMPORT_PROBLEM = _import_keras()
 
 
-if _keras is None:
+#: The base class: Keras' ``Callback`` when Keras 3 imports, else ``object`` (construction then raises).
+_CallbackBase: Any = _keras.callbacks.Callback if _keras is not None else object
 
-    class CarbonOffsetCallback:  # type: ignore[no-redef]
-        """Placeholder: Keras 3 is not importable here (constructing raises ModuleNotFoundError)."""
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+class CarbonOffsetCallback(_CallbackBase):  # type: ignore[misc]
+    """Measure the emissions of ``model.fit`` and offset them, exactly once.
+
+    At ``on_train_begin`` a fresh tracker and a new ledger run start (every
+    ``fit`` call is its own run). At each ``on_epoch_end`` the cumulative
+    figures are recorded in the ledger; once the account's pending
+    emissions reach ``offset_threshold`` an offset is bought on a
+    background thread (the epoch never waits for the network); the
+    metrics ``carbon/energy_kwh`` (kWh), ``carbon/emissions_kg``,
+    ``carbon/offset_kg`` and ``carbon/pending_kg`` (kg CO2eq, cumulative
+    for the run; pending is the account's) are added to ``logs``, so they
+    reach the progress bar, ``History`` and every callback placed after
+    this one. At ``on_train_end`` the final figures are recorded, the
+    final offset is made (respecting the threshold, or rounding up to a
+    whole pound when ``offset_round_up`` is set) and the callback waits at
+    most ``offset_timeout`` seconds for offsets in flight; whatever is not
+    settled by then stays in the ledger for the next run or
+    ``carbonoffset reconcile``.
+
+    An "epoch" is one Keras epoch of ``fit`` (``epoch`` is Keras' 0-based
+    index, ``initial_epoch`` included).
+
+    Args:
+        session: a ready :class:`~carbonoffset.core.session.OffsetSession`
+            (its settings are used); or ``None`` (default) to build one
+            per ``fit`` from ``**settings``. Not both.
+        max_emissions_kg: carbon budget per ``fit`` in kg CO2eq (> 0), or
+            ``None`` (default, no budget). When the run's emissions pass
+            it, ``self.model.stop_training`` is set after that epoch and a
+            warning is logged; after the first epoch a warning is logged
+            when the emissions projected over ``epochs`` pass it.
+        log_metrics: add the four ``carbon/*`` metrics to the epoch
+            ``logs`` (default ``True``).
+        source: emissions source for the sessions built here (default:
+            CodeCarbon; tests inject
+            :class:`~carbonoffset.testing.ScriptedEmissions`).
+        offsetter_options: passed to the offsetter (``max_attempts``,
+            ``wait_initial_s``, ``wait_max_s``).
+        **settings: :class:`~carbonoffset.core.config.OffsetConfig` fields
+            (``offset_api_key``, ``offset_environment``,
+            ``offset_threshold`` (kg, >= 0.5), ``auto_offset``,
+            ``offset_ledger``, ``country_iso_code``, ``offset_timeout``
+            (s), ...). Unset ones come from ``CODECARBON_*`` environment
+            variables and ``.codecarbon.config``.
+
+    Raises:
+        ValueError: invalid settings, ``max_emissions_kg <= 0``, or both
+            ``session`` and settings given (raised here, before training).
+        ModuleNotFoundError: Keras 3 (or its backend) is not importable.
+
+    Example::
+
+        import os
+        os.environ.setdefault("KERAS_BACKEND", "torch")
+        from carbonoffset.integrations.keras import CarbonOffsetCallback
+
+        callback = CarbonOffsetCallback(offset_environment="sandbox", country_iso_code="FRA")
+        with callback.guard():  # stops the tracker and keeps the figures if fit raises
+            history = model.fit(x, y, epochs=5, callbacks=[callback])
+        history.history["carbon/emissions_kg"]  # kg CO2eq after each epoch
+        callback.final_report.offset_lb        # whole pounds bought for this fit
+    """
+
+    def __init__(
+        self,
+        session: OffsetSession | None = None,
+        *,
+        max_emissions_kg: float | None = None,
+        log_metrics: bool = True,
+        source: EmissionsSource | None = None,
+        offsetter_options: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> None:
+        if _IMPORT_PROBLEM is not None:
             raise ModuleNotFoundError(_IMPORT_PROBLEM)
+        super().__init__()
+        self._core = CallbackCore(
+            session,
+            max_emissions_kg=max_emissions_kg,
+            log_metrics=log_metrics,
+            label=_LABEL,
+            source=source,
+            offsetter_options=offsetter_options,
+            **settings,
+        )
 
-else:
+    # ------------------------------------------------------------ read-only
+    @property
+    def config(self) -> OffsetConfig:
+        """The resolved settings."""
+        return self._core.config
 
-    class CarbonOffsetCallback(_keras.callbacks.Callback):  # type: ignore[no-redef,misc]
-        """Measure the emissions of ``model.fit`` and offset them, exactly once.
+    @property
+    def max_emissions_kg(self) -> float | None:
+        """The carbon budget per ``fit`` in kg CO2eq, or ``None``."""
+        return self._core.max_emissions_kg
 
-        At ``on_train_begin`` a fresh tracker and a new ledger run start (every
-        ``fit`` call is its own run). At each ``on_epoch_end`` the cumulative
-        figures are recorded in the ledger; once the account's pending
-        emissions reach ``offset_threshold`` an offset is bought on a
-        background thread (the epoch never waits for the network); the
-        metrics ``carbon/energy_kwh`` (kWh), ``carbon/emissions_kg``,
-        ``carbon/offset_kg`` and ``carbon/pending_kg`` (kg CO2eq, cumulative
-        for the run; pending is the account's) are added to ``logs``, so they
-        reach the progress bar, ``History`` and every callback placed after
-        this one. At ``on_train_end`` the final figures are recorded, the
-        final offset is made (respecting the threshold, or rounding up to a
-        whole pound when ``offset_round_up`` is set) and the callback waits at
-        most ``offset_timeout`` seconds for offsets in flight; whatever is not
-        settled by then stays in the ledger for the next run or
-        ``carbonoffset reconcile``.
+    @property
+    def session(self) -> OffsetSession | None:
+        """The session of the current (or last) ``fit``; ``None`` before the first."""
+        return self._core.session
 
-        An "epoch" is one Keras epoch of ``fit`` (``epoch`` is Keras' 0-based
-        index, ``initial_epoch`` included).
+    @property
+    def last_report(self) -> EpochReport | None:
+        """Figures after the last epoch of the current (or last) ``fit``."""
+        return self._core.last_report
 
-        Args:
-            session: a ready :class:`~carbonoffset.core.session.OffsetSession`
-                (its settings are used); or ``None`` (default) to build one
-                per ``fit`` from ``**settings``. Not both.
-            max_emissions_kg: carbon budget per ``fit`` in kg CO2eq (> 0), or
-                ``None`` (default, no budget). When the run's emissions pass
-                it, ``self.model.stop_training`` is set after that epoch and a
-                warning is logged; after the first epoch a warning is logged
-                when the emissions projected over ``epochs`` pass it.
-            log_metrics: add the four ``carbon/*`` metrics to the epoch
-                ``logs`` (default ``True``).
-            source: emissions source for the sessions built here (default:
-                CodeCarbon; tests inject
-                :class:`~carbonoffset.testing.ScriptedEmissions`).
-            offsetter_options: passed to the offsetter (``max_attempts``,
-                ``wait_initial_s``, ``wait_max_s``).
-            **settings: :class:`~carbonoffset.core.config.OffsetConfig` fields
-                (``offset_api_key``, ``offset_environment``,
-                ``offset_threshold`` (kg, >= 0.5), ``auto_offset``,
-                ``offset_ledger``, ``country_iso_code``, ``offset_timeout``
-                (s), ...). Unset ones come from ``CODECARBON_*`` environment
-                variables and ``.codecarbon.config``.
+    @property
+    def final_report(self) -> RunReport | None:
+        """Figures of the last ``fit`` once it ended (normally, or through :meth:`guard`)."""
+        return self._core.final_report
 
-        Raises:
-            ValueError: invalid settings, ``max_emissions_kg <= 0``, or both
-                ``session`` and settings given (raised here, before training).
-            ModuleNotFoundError: Keras 3 (or its backend) is not importable.
+    # ---------------------------------------------------------- keras hooks
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._close_unfinished("interrupted")
+        self._core.begin()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        report = self._core.epoch_end(epoch, max_epochs=(self.params or {}).get("epochs"))
+        if report is None:
+            return
+        if self._core.log_metrics and logs is not None:
+            logs.update(report.metrics())
+        if self._core.stop_requested and self.model is not None:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        report = self._core.end()
+        if report is not None:
+            logger.info(
+                "fit ended: %.6g kg CO2eq (%.6g kWh) over %d epoch(s); %d lb offset for this run, "
+                "%.6g kg pending on the account",
+                report.emissions_kg,
+                report.energy_kwh,
+                report.epochs,
+                report.offset_lb,
+                report.pending_kg,
+            )
+
+    # ---------------------------------------------------------- safety net
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[CarbonOffsetCallback]:
+        """Context manager around ``model.fit`` for when it raises.
+
+        Keras calls no callback when ``fit`` raises (``on_train_end`` is
+        skipped), so on its own the tracker would keep running until the
+        next ``fit`` with this callback, garbage collection, or the end of
+        the process. Inside ``guard`` an exception (``KeyboardInterrupt``
+        included) stops the tracker at once, records what was measured in
+        the ledger (run status ``failed``, or ``interrupted`` for
+        ``KeyboardInterrupt``; those emissions stay pending and are offset
+        by a later run, no final offset is bought), then the exception
+        propagates unchanged.
+
+        Yields:
+            This callback.
 
         Example::
 
-            import os
-            os.environ.setdefault("KERAS_BACKEND", "torch")
-            from carbonoffset.integrations.keras import CarbonOffsetCallback
-
-            callback = CarbonOffsetCallback(offset_environment="sandbox", country_iso_code="FRA")
-            with callback.guard():  # stops the tracker and keeps the figures if fit raises
-                history = model.fit(x, y, epochs=5, callbacks=[callback])
-            history.history["carbon/emissions_kg"]  # kg CO2eq after each epoch
-            callback.final_report.offset_lb        # whole pounds bought for this fit
+            with callback.guard():
+                model.fit(x, y, epochs=10, callbacks=[callback])
         """
+        try:
+            yield self
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            self._close_unfinished(status)
+            raise
+        # fit returned but was cut short (its exception caught inside the block)
+        self._close_unfinished("failed")
 
-        def __init__(
-            self,
-            session: OffsetSession | None = None,
-            *,
-            max_emissions_kg: float | None = None,
-            log_metrics: bool = True,
-            source: EmissionsSource | None = None,
-            offsetter_options: dict[str, Any] | None = None,
-            **settings: Any,
-        ) -> None:
-            super().__init__()
-            self._core = CallbackCore(
-                session,
-                max_emissions_kg=max_emissions_kg,
-                log_metrics=log_metrics,
-                label=_LABEL,
-                source=source,
-                offsetter_options=offsetter_options,
-                **settings,
+    def _close_unfinished(self, status: str) -> None:
+        session = self._core.session
+        if session is not None and session.running:
+            logger.warning(
+                "a Keras fit ended without on_train_end (it raised); its run %s is closed as %r "
+                "with everything measured kept in the ledger",
+                session.run_id,
+                status,
             )
+            self._core.abort(status)
 
-        # ------------------------------------------------------------ read-only
-        @property
-        def config(self) -> OffsetConfig:
-            """The resolved settings."""
-            return self._core.config
+    # --------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Resume state (run id and cumulative figures; no key, no path), JSON-serialisable.
 
-        @property
-        def max_emissions_kg(self) -> float | None:
-            """The carbon budget per ``fit`` in kg CO2eq, or ``None``."""
-            return self._core.max_emissions_kg
+        Keras does not checkpoint callbacks: save this next to your model
+        checkpoints (e.g. with ``json.dump``) and pass it to
+        :meth:`load_state_dict` before the resumed ``fit``.
+        """
+        return self._core.state_dict()
 
-        @property
-        def session(self) -> OffsetSession | None:
-            """The session of the current (or last) ``fit``; ``None`` before the first."""
-            return self._core.session
-
-        @property
-        def last_report(self) -> EpochReport | None:
-            """Figures after the last epoch of the current (or last) ``fit``."""
-            return self._core.last_report
-
-        @property
-        def final_report(self) -> RunReport | None:
-            """Figures of the last ``fit`` once it ended (normally, or through :meth:`guard`)."""
-            return self._core.final_report
-
-        # ---------------------------------------------------------- keras hooks
-        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-            self._close_unfinished("interrupted")
-            self._core.begin()
-
-        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            report = self._core.epoch_end(epoch, max_epochs=(self.params or {}).get("epochs"))
-            if report is None:
-                return
-            if self._core.log_metrics and logs is not None:
-                logs.update(report.metrics())
-            if self._core.stop_requested and self.model is not None:
-                self.model.stop_training = True
-
-        def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-            report = self._core.end()
-            if report is not None:
-                logger.info(
-                    "fit ended: %.6g kg CO2eq (%.6g kWh) over %d epoch(s); %d lb offset for this run, "
-                    "%.6g kg pending on the account",
-                    report.emissions_kg,
-                    report.energy_kwh,
-                    report.epochs,
-                    report.offset_lb,
-                    report.pending_kg,
-                )
-
-        # ---------------------------------------------------------- safety net
-        @contextlib.contextmanager
-        def guard(self) -> Iterator[CarbonOffsetCallback]:
-            """Context manager around ``model.fit`` for when it raises.
-
-            Keras calls no callback when ``fit`` raises (``on_train_end`` is
-            skipped), so on its own the tracker would keep running until the
-            next ``fit`` with this callback, garbage collection, or the end of
-            the process. Inside ``guard`` an exception (``KeyboardInterrupt``
-            included) stops the tracker at once, records what was measured in
-            the ledger (run status ``failed``, or ``interrupted`` for
-            ``KeyboardInterrupt``; those emissions stay pending and are offset
-            by a later run, no final offset is bought), then the exception
-            propagates unchanged.
-
-            Yields:
-                This callback.
-
-            Example::
-
-                with callback.guard():
-                    model.fit(x, y, epochs=10, callbacks=[callback])
-            """
-            try:
-                yield self
-            except BaseException as exc:
-                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                self._close_unfinished(status)
-                raise
-            # fit returned but was cut short (its exception caught inside the block)
-            self._close_unfinished("failed")
-
-        def _close_unfinished(self, status: str) -> None:
-            session = self._core.session
-            if session is not None and session.running:
-                logger.warning(
-                    "a Keras fit ended without on_train_end (it raised); its run %s is closed as %r "
-                    "with everything measured kept in the ledger",
-                    session.run_id,
-                    status,
-                )
-                self._core.abort(status)
-
-        # --------------------------------------------------------------- resume
-        def state_dict(self) -> dict[str, Any]:
-            """Resume state (run id and cumulative figures; no key, no path), JSON-serialisable.
-
-            Keras does not checkpoint callbacks: save this next to your model
-            checkpoints (e.g. with ``json.dump``) and pass it to
-            :meth:`load_state_dict` before the resumed ``fit``.
-            """
-            return self._core.state_dict()
-
-        def load_state_dict(self, state: dict[str, Any]) -> None:
-            """Continue the run saved in ``state`` at the next ``fit``: its totals carry on
-            from the saved figures (or the ledger's, if larger) and what was already
-            offset is never offset again. Missing keys default."""
-            self._core.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the run saved in ``state`` at the next ``fit``: its totals carry on
+        from the saved figures (or the ledger's, if larger) and what was already
+        offset is never offset again. Missing keys default."""
+        self._core.load_state_dict(state)
