@@ -1,0 +1,736 @@
+"""The CodeCarbon drop-in: change one import to offset what CodeCarbon measures.
+
+::
+
+    from carbonoffset import EmissionsTracker, OfflineEmissionsTracker, track_emissions
+
+:class:`EmissionsTracker` and :class:`OfflineEmissionsTracker` are CodeCarbon's
+own trackers (subclasses) with four more arguments (``offset_api_key``,
+``offset_environment``, ``offset_threshold``, ``auto_offset``, plus the other
+:class:`~carbonoffset.core.config.OffsetConfig` fields). When a key is
+configured, a :class:`OneClickImpactOutput` output handler is added; it is the
+core offsetter (:class:`~carbonoffset.core.session.OffsetSession`, the ledger
+and its exactly-once protocol) seen through CodeCarbon's output-handler
+interface. Without a key the trackers are plain CodeCarbon.
+
+This module imports CodeCarbon; ``import carbonoffset`` does not (the names are
+loaded on first access).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import codecarbon as _cc
+from codecarbon.emissions_tracker import BaseEmissionsTracker as _BaseTracker
+from codecarbon.output_methods.base_output import BaseOutput
+
+from carbonoffset.core.client import _import_sdk
+from carbonoffset.core.config import OffsetConfig, read_external_settings
+from carbonoffset.core.errors import ConfigurationError
+from carbonoffset.core.session import OffsetSession, RunReport
+from carbonoffset.core.sources import Measurement
+from carbonoffset.core.units import KG_PER_LB, whole_lb_floor
+
+__all__ = ["EmissionsTracker", "OfflineEmissionsTracker", "OneClickImpactOutput", "track_emissions"]
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Offset settings the trackers and the decorator accept on top of CodeCarbon's arguments.
+OFFSET_ARGUMENTS: tuple[str, ...] = (
+    "offset_api_key",
+    "offset_environment",
+    "offset_threshold",
+    "auto_offset",
+    "offset_ledger",
+    "offset_api_url",
+    "offset_timeout",
+    "offset_request_timeout",
+    "offset_round_up",
+)
+
+#: CodeCarbon's arguments, in the positional order of its trackers' constructor.
+_TRACKER_ARGUMENTS: tuple[str, ...] = tuple(inspect.signature(_BaseTracker.__init__).parameters)[1:]
+
+#: Arguments only :class:`codecarbon.OfflineEmissionsTracker` accepts.
+_OFFLINE_ARGUMENTS: tuple[str, ...] = (
+    "country_iso_code",
+    "region",
+    "cloud_provider",
+    "cloud_region",
+    "country_2letter_iso_code",
+)
+
+
+# --------------------------------------------------------------------------- handler
+class _PushedTotals:
+    """An emissions source fed by CodeCarbon: it holds the largest cumulative total pushed to it.
+
+    :class:`OffsetSession` pulls from a source; CodeCarbon pushes totals to its
+    output handlers. This adapter lets the session read what CodeCarbon pushed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = Measurement()
+
+    def push(self, total: Measurement) -> Measurement:
+        with self._lock:
+            self._last = Measurement(
+                max(self._last.emissions_kg, total.emissions_kg), max(self._last.energy_kwh, total.energy_kwh)
+            )
+            return self._last
+
+    def start(self) -> None:
+        with self._lock:
+            self._last = Measurement()
+
+    def read(self) -> Measurement:
+        with self._lock:
+            return self._last
+
+    def stop(self) -> Measurement:
+        return self.read()
+
+
+class OneClickImpactOutput(BaseOutput):
+    """CodeCarbon output handler that offsets the emissions CodeCarbon reports, exactly once.
+
+    It is the core offsetter seen through CodeCarbon's ``BaseOutput`` interface:
+    every cumulative total CodeCarbon passes to :meth:`out` / :meth:`live_out`
+    is recorded in the ledger (keeping the largest total of the run, so the
+    same total given twice is never counted twice); when the account's
+    pending emissions reach ``offset_threshold`` (and ``auto_offset`` is on),
+    whole pounds are bought in the background and the remainder stays pending.
+    :meth:`exit` (the end of ``tracker.stop()``) records the final total, makes
+    the final offset and waits for it at most ``offset_timeout`` seconds.
+
+    The trackers of this module add one automatically when a key is configured
+    (``tracker.offset_handler``); a plain CodeCarbon tracker can use one too::
+
+        import codecarbon
+        handler = OneClickImpactOutput(offset_api_key="test_...", offset_environment="sandbox")
+        tracker = codecarbon.OfflineEmissionsTracker(country_iso_code="FRA", output_handlers=[handler])
+
+    No method CodeCarbon calls ever raises: CodeCarbon would swallow the error
+    and ``stop()`` would return ``None``.
+
+    Args:
+        config: ready settings; when omitted they are resolved from
+            ``**settings``, ``CODECARBON_*`` variables and ``.codecarbon.config``.
+        label: stored with each ledger run (default ``"codecarbon"``).
+        offsetter_options: passed to :class:`~carbonoffset.core.offsetter.Offsetter`
+            (``max_attempts``, ``wait_initial_s``, ``wait_max_s``).
+        **settings: any :class:`~carbonoffset.core.config.OffsetConfig` field
+            (``offset_api_key``, ``offset_environment``, ``offset_threshold`` in
+            kg CO2eq >= 0.5, ``auto_offset``, ``offset_ledger``, ...).
+
+    Raises:
+        ValueError: (:class:`~carbonoffset.ConfigurationError`) invalid settings,
+            or no ``offset_api_key`` configured.
+        ImportError: the ``makeimpact`` SDK is not installed (the message gives
+            the install command).
+        LedgerError: the ledger file is unusable.
+    """
+
+    def __init__(
+        self,
+        config: OffsetConfig | None = None,
+        *,
+        label: str | None = "codecarbon",
+        offsetter_options: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> None:
+        if config is None:
+            config = OffsetConfig.resolve(**settings)
+        elif settings:
+            config = config.replace(**{k: v for k, v in settings.items() if v is not None})
+        if not config.can_offset:
+            raise ConfigurationError(
+                "OneClickImpactOutput needs offset_api_key: set it as an argument, in "
+                "CODECARBON_OFFSET_API_KEY or in .codecarbon.config"
+            )
+        _import_sdk()  # fail now, with the install command, rather than at the first offset
+        self.config = config
+        self._source = _PushedTotals()
+        self._session = OffsetSession(
+            config, source=self._source, label=label, offsetter_options=offsetter_options
+        )
+        self._lock = threading.RLock()
+        self._run_ref: str | None = None
+        self._finished: set[str] = set()
+        self._warned: set[str] = set()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"OneClickImpactOutput(environment={c.offset_environment!r}, threshold={c.offset_threshold:g} kg, "
+            f"auto_offset={c.auto_offset}, ledger={str(c.ledger_path)!r})"
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def session(self) -> OffsetSession:
+        """The core :class:`~carbonoffset.core.session.OffsetSession` doing the accounting."""
+        return self._session
+
+    @property
+    def label(self) -> str | None:
+        """Text stored with each ledger run."""
+        return self._session.label
+
+    @label.setter
+    def label(self, value: str | None) -> None:
+        self._session.label = value
+
+    def _warn_once(self, cause: str, message: str, *args: Any, exc_info: bool = False) -> None:
+        if cause not in self._warned:
+            self._warned.add(cause)
+            logger.warning(message, *args, exc_info=exc_info)
+
+    # ------------------------------------------------------------- run control
+    def begin(self, run_ref: str | None = None) -> None:
+        """Start a ledger run for one CodeCarbon tracker run (idempotent).
+
+        Called by the trackers' ``start()``; with a plain CodeCarbon tracker the
+        run starts at the first :meth:`out`. Never raises.
+
+        Args:
+            run_ref: CodeCarbon's ``run_id`` of the tracker run; totals that
+                arrive for an already finished ``run_ref`` are ignored.
+        """
+        try:
+            with self._lock:
+                ref = run_ref or ""
+                if ref in self._finished:
+                    self._warn_once(
+                        "reused",
+                        "this CodeCarbon tracker was already stopped; trackers are single-use, build a new one "
+                        "for each run. Nothing more is recorded for it",
+                    )
+                    return
+                if self._session.running:
+                    if ref == self._run_ref:
+                        return
+                    self._finish_locked()
+                self._run_ref = ref
+                self._session.start()
+        except Exception:  # noqa: BLE001 -- never raise into CodeCarbon or the user's training
+            self._warn_once(
+                "begin", "carbonoffset could not start its run; tracking continues", exc_info=True
+            )
+
+    def _finish_locked(self) -> None:
+        self._finished.add(self._run_ref or "")
+        self._session.stop()
+
+    def finish(self) -> RunReport | None:
+        """End the run: record the final total, offset (if ``auto_offset``), wait at most ``offset_timeout`` s.
+
+        Idempotent and never raises. Called by :meth:`exit` and by the trackers' ``stop()``.
+
+        Returns:
+            The run's :class:`~carbonoffset.core.session.RunReport`, or ``None`` if it could not be read.
+        """
+        try:
+            with self._lock:
+                if not self._session.running:
+                    return self._session.report()
+                # Late totals of this run (CodeCarbon's timer thread is not joined) are ignored from now on.
+                self._finished.add(self._run_ref or "")
+            return self._session.stop()
+        except Exception:  # noqa: BLE001
+            self._warn_once(
+                "finish", "carbonoffset could not finish its run; tracking continues", exc_info=True
+            )
+            return None
+
+    # -------------------------------------------------------- CodeCarbon hooks
+    def out(self, total: Any, delta: Any) -> None:
+        """Record CodeCarbon's cumulative ``total`` (``flush()`` and ``stop()``); may trigger a background offset.
+
+        Only ``total.emissions`` (kg CO2eq, cumulative for the run) and
+        ``total.energy_consumed`` (kWh) are used; ``delta`` is ignored (its
+        cursor is shared by every caller in CodeCarbon). Never raises.
+        """
+        try:
+            self._record(total)
+        except Exception:  # noqa: BLE001
+            self._warn_once(
+                "out", "carbonoffset could not record CodeCarbon's totals; tracking continues", exc_info=True
+            )
+
+    def live_out(self, total: Any, delta: Any) -> None:
+        """Same as :meth:`out`, for CodeCarbon's periodic reports (its timer thread; never blocks on the network)."""
+        self.out(total, delta)
+
+    def task_out(self, data: Any, experiment_name: Any) -> None:
+        """Task figures are part of the run's total already: nothing to do."""
+
+    def exit(self) -> None:
+        """CodeCarbon's end of ``stop()``: :meth:`finish` the run."""
+        self.finish()
+
+    def _record(self, total: Any) -> None:
+        emissions_kg = float(getattr(total, "emissions", 0.0) or 0.0)
+        energy_kwh = float(getattr(total, "energy_consumed", 0.0) or 0.0)
+        if (
+            not (math.isfinite(emissions_kg) and math.isfinite(energy_kwh))
+            or emissions_kg < 0
+            or energy_kwh < 0
+        ):
+            self._warn_once(
+                "bad-total",
+                "ignoring a CodeCarbon total that is negative or not finite (%r kg)",
+                emissions_kg,
+            )
+            return
+        ref = str(getattr(total, "run_id", "") or "")
+        with self._lock:
+            if not self._session.running:
+                if ref in self._finished or (not ref and self._run_ref is not None):
+                    logger.debug("ignoring a CodeCarbon total that arrived after its run ended")
+                    return
+                self.begin(ref)
+                if not self._session.running:
+                    return
+            measured = self._source.push(Measurement(emissions_kg, energy_kwh))
+            self._session.record(measured)
+
+    # ------------------------------------------------------------ manual control
+    def get_accumulated_emissions(self) -> float:
+        """Emissions not offset yet, in kg CO2eq (>= 0).
+
+        Read from the ledger for this account (environment + key): it includes
+        the remainder below one pound carried from earlier offsets and runs,
+        and excludes offsets in flight.
+        """
+        return (
+            float(self._session.ledger.balance(self.config.account).pending_kg)
+            if self._session.ledger
+            else 0.0
+        )
+
+    def manual_offset(self, *, round_up: bool = False, timeout: float | None = None) -> bool:
+        """Offset what is pending now, whatever ``offset_threshold`` and ``auto_offset`` say.
+
+        Buys the whole pounds the pending emissions cover (1 lb = 0.45359237 kg);
+        the remainder stays pending. With ``round_up`` it buys the next whole
+        pound instead and keeps the overshoot as a credit. Never raises for
+        service failures: they are logged and ``False`` is returned.
+
+        Args:
+            round_up: buy ``ceil(pending / 0.45359237)`` pounds (at least 1 lb
+                when anything is pending).
+            timeout: seconds to wait for the purchase (> 0; default
+                ``offset_timeout``). An offset still unconfirmed by then stays
+                in the ledger and is settled later, never bought twice.
+
+        Returns:
+            ``True`` when an offset was bought (confirmed by the API) during
+            the call, ``False`` otherwise (the reason is logged).
+        """
+        try:
+            pending_kg = self.get_accumulated_emissions()
+            if pending_kg <= 0:
+                logger.warning("manual_offset: nothing to offset, no emissions are pending")
+                return False
+            if not round_up and whole_lb_floor(pending_kg) < 1:
+                logger.warning(
+                    "manual_offset: %.6g kg CO2eq pending is less than one whole pound (%.8g kg), the smallest "
+                    "offset; nothing was bought and it stays pending. Use manual_offset(round_up=True) to buy 1 lb now",
+                    pending_kg,
+                    KG_PER_LB,
+                )
+                return False
+            wait_s = self.config.offset_timeout if timeout is None else float(timeout)
+            before = len(self._session.outcomes)
+            self._session.offset_now(round_up=round_up, respect_threshold=False)
+            finished = self._session.wait(wait_s)
+            new = self._session.outcomes[before:]
+            if any(outcome.state == "confirmed" for outcome in new):
+                return True
+            if not finished:
+                logger.warning(
+                    "manual_offset: the offset did not finish within %g s; it continues in the background and "
+                    "stays in the ledger until settled (it is never bought twice)",
+                    wait_s,
+                )
+            elif new:
+                logger.warning(
+                    "manual_offset: nothing was bought (%s); the emissions stay pending",
+                    "; ".join(f"{o.amount_lb} lb {o.state}: {o.error}" for o in new),
+                )
+            else:
+                logger.warning(
+                    "manual_offset: nothing was bought; the emissions stay pending. See the earlier log messages "
+                    "(offset_api_key refused, or another process is offsetting this account)"
+                )
+            return False
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("manual_offset: nothing was bought (%s: %s)", type(exc).__name__, exc)
+            return False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for background offsets, at most ``timeout`` s (default ``offset_timeout``).
+
+        Returns:
+            ``True`` when none is left in flight.
+        """
+        return self._session.wait(timeout)
+
+    def report(self) -> RunReport:
+        """The current run's :class:`~carbonoffset.core.session.RunReport` (emissions, pounds bought, pending)."""
+        return self._session.report()
+
+    def close(self) -> None:
+        """Finish the run if needed and close the ledger (after any offset still in flight). Never raises."""
+        self.finish()
+        try:
+            self._session.close()
+        except Exception:  # noqa: BLE001
+            self._warn_once("close", "carbonoffset could not close its ledger", exc_info=True)
+
+
+# ------------------------------------------------------------------------ trackers
+def _explicit_settings(values: dict[str, Any]) -> dict[str, Any]:
+    return {name: values[name] for name in OFFSET_ARGUMENTS if values.get(name) is not None}
+
+
+def _positional_to_keywords(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    if len(args) > len(_TRACKER_ARGUMENTS):
+        raise TypeError(f"CodeCarbon's tracker takes at most {len(_TRACKER_ARGUMENTS)} positional arguments")
+    merged = dict(kwargs)
+    for name, value in zip(_TRACKER_ARGUMENTS, args, strict=False):
+        if name in merged:
+            raise TypeError(f"got multiple values for argument {name!r}")
+        merged[name] = value
+    return merged
+
+
+class _OffsetMixin:
+    """Adds the offset handler to a CodeCarbon tracker; no accounting here."""
+
+    offset_handler: OneClickImpactOutput | None
+    offset_config: OffsetConfig
+
+    def _setup_offsetting(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], settings: dict[str, Any]
+    ) -> dict[str, Any]:
+        kwargs = _positional_to_keywords(args, kwargs)
+        explicit = _explicit_settings(settings)
+        self.offset_config = OffsetConfig.resolve(**explicit)
+        self.offset_handler = None
+        user_handlers = kwargs.get("output_handlers")
+        if self.offset_config.can_offset:
+            self.offset_handler = OneClickImpactOutput(self.offset_config)
+        elif explicit or any(key.startswith(("offset_", "auto_offset")) for key in read_external_settings()):
+            logger.warning(
+                "offset settings were given but offset_api_key is not set: this tracker measures like plain "
+                "CodeCarbon and offsets nothing. Set offset_api_key (argument, CODECARBON_OFFSET_API_KEY or "
+                ".codecarbon.config) to offset"
+            )
+        # CodeCarbon appends its own handlers to the list it is given: always hand it a fresh one.
+        if user_handlers is not None or self.offset_handler is not None:
+            handlers = list(user_handlers or [])
+            if self.offset_handler is not None:
+                handlers.append(self.offset_handler)
+            kwargs["output_handlers"] = handlers
+        return kwargs
+
+    def _name_offset_runs(self) -> None:
+        handler = self.offset_handler
+        if handler is not None:
+            project = getattr(self, "_project_name", None)
+            handler.label = f"codecarbon:{project}" if project else "codecarbon"
+
+    def _begin_offset_run(self) -> None:
+        handler = self.offset_handler
+        if handler is not None:
+            handler.begin(str(getattr(self, "run_id", "") or ""))
+
+    def _finish_offset_run(self) -> None:
+        handler = self.offset_handler
+        if handler is not None:
+            handler.finish()  # a no-op when CodeCarbon already called exit()
+
+
+_TRACKER_DOC_ARGS = """
+    Args:
+        *args, **kwargs: every argument of CodeCarbon's tracker, unchanged
+            (``project_name``, ``measure_power_secs``, ``output_dir``,
+            ``output_handlers``, ...). A list given as ``output_handlers`` is
+            copied, never modified.
+        offset_api_key: 1ClickImpact key (``test_...`` sandbox, ``live_...``
+            production). Without a key (argument, ``CODECARBON_OFFSET_API_KEY``
+            or ``.codecarbon.config``) the tracker is plain CodeCarbon.
+        offset_environment: ``"production"`` (default) or ``"sandbox"``.
+        offset_threshold: pending emissions in kg CO2eq that trigger an
+            automatic offset; >= 0.5 (one pound is 0.4536 kg). Default 0.5.
+        auto_offset: offset when pending >= threshold and at ``stop()``.
+            Default True. With False, call ``tracker.offset_handler.manual_offset()``.
+        offset_ledger: the SQLite ledger file (default: the user data dir).
+        offset_api_url: base URL of a compatible API (tests, local fake server).
+        offset_timeout: seconds ``stop()`` waits for offsets in flight (> 0, default 30).
+        offset_request_timeout: deadline of one API call in seconds (> 0, default 10).
+        offset_round_up: at ``stop()``, buy the next whole pound even below the
+            threshold (the overshoot is kept as a credit). Default False.
+
+    Each offset setting may also come from a ``CODECARBON_<NAME>`` environment
+    variable or the ``[codecarbon]`` section of ``./.codecarbon.config`` /
+    ``~/.codecarbon.config``; arguments win.
+
+    Attributes:
+        offset_handler: the :class:`OneClickImpactOutput` added to the
+            tracker's output handlers, or ``None`` without a key.
+        offset_config: the resolved :class:`~carbonoffset.core.config.OffsetConfig`.
+
+    Raises:
+        ValueError: invalid offset settings (e.g. ``offset_threshold < 0.5`` or
+            an ``offset_environment`` other than "production"/"sandbox").
+        ImportError: a key is configured but ``makeimpact`` is not installed.
+"""
+
+
+class EmissionsTracker(_OffsetMixin, _cc.EmissionsTracker):
+    __doc__ = (
+        """CodeCarbon's ``EmissionsTracker`` (online location look-up) that also offsets what it measures.
+
+    ``start()``, ``flush()`` and ``stop()`` behave and return exactly as in
+    CodeCarbon (``stop()`` returns the run's emissions in kg CO2eq); with a key
+    configured, ``stop()`` also makes the final offset and waits for it at most
+    ``offset_timeout`` seconds.
+"""
+        + _TRACKER_DOC_ARGS
+        + """
+    Example::
+
+        tracker = EmissionsTracker(offset_api_key="test_...", offset_environment="sandbox")
+        tracker.start()
+        train()
+        emissions_kg = tracker.stop()
+"""
+    )
+
+    def __init__(
+        self,
+        *args: Any,
+        offset_api_key: str | None = None,
+        offset_environment: str | None = None,
+        offset_threshold: float | None = None,
+        auto_offset: bool | None = None,
+        offset_ledger: Any = None,
+        offset_api_url: str | None = None,
+        offset_timeout: float | None = None,
+        offset_request_timeout: float | None = None,
+        offset_round_up: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        settings = {name: value for name, value in locals().items() if name in OFFSET_ARGUMENTS}
+        kwargs = self._setup_offsetting(args, kwargs, settings)
+        super().__init__(**kwargs)
+        self._name_offset_runs()
+
+    def start(self) -> None:
+        self._begin_offset_run()
+        super().start()
+
+    def stop(self) -> float | None:
+        emissions_kg: float | None = super().stop()
+        self._finish_offset_run()
+        return emissions_kg
+
+
+class OfflineEmissionsTracker(_OffsetMixin, _cc.OfflineEmissionsTracker):
+    __doc__ = (
+        """CodeCarbon's ``OfflineEmissionsTracker`` (no network for the carbon intensity) that also offsets.
+
+    Takes CodeCarbon's offline arguments (``country_iso_code`` such as
+    ``"FRA"``, ``region``, ``cloud_provider``, ``cloud_region``) and behaves
+    like :class:`EmissionsTracker` otherwise.
+"""
+        + _TRACKER_DOC_ARGS
+        + """
+    Example::
+
+        tracker = OfflineEmissionsTracker(country_iso_code="FRA", offset_environment="sandbox")
+        with tracker:
+            train()
+"""
+    )
+
+    def __init__(
+        self,
+        *args: Any,
+        offset_api_key: str | None = None,
+        offset_environment: str | None = None,
+        offset_threshold: float | None = None,
+        auto_offset: bool | None = None,
+        offset_ledger: Any = None,
+        offset_api_url: str | None = None,
+        offset_timeout: float | None = None,
+        offset_request_timeout: float | None = None,
+        offset_round_up: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        settings = {name: value for name, value in locals().items() if name in OFFSET_ARGUMENTS}
+        kwargs = self._setup_offsetting(args, kwargs, settings)
+        super().__init__(**kwargs)
+        self._name_offset_runs()
+
+    def start(self) -> None:
+        self._begin_offset_run()
+        super().start()
+
+    def stop(self) -> float | None:
+        emissions_kg: float | None = super().stop()
+        self._finish_offset_run()
+        return emissions_kg
+
+
+# ----------------------------------------------------------------------- decorator
+def _choose_tracker(
+    offline: bool | None, codecarbon_kwargs: dict[str, Any]
+) -> tuple[type[_OffsetMixin], dict[str, Any]]:
+    """Pick the tracker class for one call of a decorated function.
+
+    Offline when ``offline=True``; with ``offline`` unset, offline as soon as a
+    ``country_iso_code`` is given or configured (``CODECARBON_COUNTRY_ISO_CODE``,
+    ``.codecarbon.config``), so no network look-up happens when the country is known.
+    """
+    country = codecarbon_kwargs.get("country_iso_code") or read_external_settings().get("country_iso_code")
+    located = bool(country) or codecarbon_kwargs.get("cloud_provider") is not None
+    if offline and not located:
+        raise ValueError(
+            "offline=True needs the location: pass country_iso_code (e.g. 'FRA'), set CODECARBON_COUNTRY_ISO_CODE, "
+            "or pass cloud_provider and cloud_region"
+        )
+    use_offline = bool(offline) if offline is not None else bool(country)
+    if use_offline:
+        return OfflineEmissionsTracker, dict(codecarbon_kwargs)
+    # CodeCarbon's online tracker has no location arguments; its decorator ignores them too.
+    return EmissionsTracker, {k: v for k, v in codecarbon_kwargs.items() if k not in _OFFLINE_ARGUMENTS}
+
+
+@overload
+def track_emissions(fn: F) -> F: ...
+
+
+@overload
+def track_emissions(
+    fn: None = None,
+    *,
+    offline: bool | None = None,
+    offset_api_key: str | None = None,
+    offset_environment: str | None = None,
+    offset_threshold: float | None = None,
+    auto_offset: bool | None = None,
+    offset_ledger: Any = None,
+    offset_api_url: str | None = None,
+    offset_timeout: float | None = None,
+    offset_request_timeout: float | None = None,
+    offset_round_up: bool | None = None,
+    **codecarbon_kwargs: Any,
+) -> Callable[[F], F]: ...
+
+
+def track_emissions(
+    fn: Callable[..., Any] | None = None,
+    *,
+    offline: bool | None = None,
+    offset_api_key: str | None = None,
+    offset_environment: str | None = None,
+    offset_threshold: float | None = None,
+    auto_offset: bool | None = None,
+    offset_ledger: Any = None,
+    offset_api_url: str | None = None,
+    offset_timeout: float | None = None,
+    offset_request_timeout: float | None = None,
+    offset_round_up: bool | None = None,
+    **codecarbon_kwargs: Any,
+) -> Any:
+    """Track (and offset) the emissions of every call of a function, like CodeCarbon's decorator.
+
+    Both forms work: ``@track_emissions`` and ``@track_emissions(...)``. Each
+    call builds a new tracker, starts it, runs the function and stops the
+    tracker in ``finally`` (final offset, bounded by ``offset_timeout``); the
+    function's return value is returned unchanged.
+
+    Args:
+        fn: the function (bare ``@track_emissions`` form only).
+        offline: ``True``: use :class:`OfflineEmissionsTracker` (needs a
+            ``country_iso_code`` or ``cloud_provider`` + ``cloud_region``);
+            ``False``: the online :class:`EmissionsTracker`. Unset (default):
+            offline as soon as ``country_iso_code`` is given or configured
+            (``CODECARBON_COUNTRY_ISO_CODE``, ``.codecarbon.config``), so no
+            network look-up is made when the country is known.
+        offset_api_key, offset_environment, offset_threshold, auto_offset,
+            offset_ledger, offset_api_url, offset_timeout,
+            offset_request_timeout, offset_round_up: as for :class:`EmissionsTracker`.
+        **codecarbon_kwargs: CodeCarbon's tracker arguments (``project_name``,
+            ``measure_power_secs``, ``output_dir``, ``country_iso_code``, ...).
+            ``region``/``cloud_*`` are ignored by the online tracker, as in CodeCarbon.
+
+    Returns:
+        The decorated function, or a decorator.
+
+    Raises:
+        TypeError: an argument CodeCarbon does not know, or a non-callable ``fn``.
+        ValueError: invalid offset settings, or ``offline=True`` without a location.
+
+    Example::
+
+        @track_emissions(country_iso_code="FRA", offset_environment="sandbox")
+        def train():
+            ...
+    """
+    settings = _explicit_settings(
+        {
+            "offset_api_key": offset_api_key,
+            "offset_environment": offset_environment,
+            "offset_threshold": offset_threshold,
+            "auto_offset": auto_offset,
+            "offset_ledger": offset_ledger,
+            "offset_api_url": offset_api_url,
+            "offset_timeout": offset_timeout,
+            "offset_request_timeout": offset_request_timeout,
+            "offset_round_up": offset_round_up,
+        }
+    )
+    unknown = set(codecarbon_kwargs) - set(_TRACKER_ARGUMENTS) - set(_OFFLINE_ARGUMENTS)
+    if unknown:
+        raise TypeError(f"track_emissions got unknown argument(s) {sorted(unknown)}")
+    OffsetConfig(**settings)  # validate the given values now, at decoration time
+    _choose_tracker(offline, codecarbon_kwargs)  # fail now for offline=True without a location
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            tracker_cls, tracker_kwargs = _choose_tracker(offline, codecarbon_kwargs)
+            tracker: Any = tracker_cls(**tracker_kwargs, **settings)
+            tracker.start()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                tracker.stop()
+                if tracker.offset_handler is not None:
+                    tracker.offset_handler.close()  # this tracker is not reachable afterwards
+
+        return wrapped
+
+    if fn is None:
+        return decorate
+    if not callable(fn):
+        raise TypeError(
+            "track_emissions takes the function to decorate or keyword arguments only, e.g. "
+            "@track_emissions(project_name='x')"
+        )
+    return decorate(fn)
