@@ -57,7 +57,12 @@ if _typing.TYPE_CHECKING:
         track_emissions,
     )
     from carbonoffset.core.config import OffsetConfig
-    from carbonoffset.core.errors import CarbonOffsetError, ConfigurationError, LedgerError, OffsetServiceError
+    from carbonoffset.core.errors import (
+        CarbonOffsetError,
+        ConfigurationError,
+        LedgerError,
+        OffsetServiceError,
+    )
     from carbonoffset.core.ledger import Ledger
     from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
     from carbonoffset.core.sources import Measurement

@@ -21,6 +21,10 @@ without the HTTP status. This module:
   2xx body missing a field (SDK ``KeyError``)  None       no
   ==========================================  ==========  ==============
 
+* never sends a second capture of one offset while an earlier request for it
+  (abandoned at its deadline, or sent by another session of this process) may
+  still be acted on: that attempt fails as *ambiguous* and is retried later,
+  after a look-up;
 * never lets the API key into a message (it is scrubbed defensively).
 """
 
@@ -42,6 +46,24 @@ METADATA_ID_KEY = "carbonoffset_offset_id"
 """Metadata key under which every capture carries its ledger offset id."""
 
 _STATUS_RE = re.compile(r"Request failed with status (\d{3})")
+
+# Capture requests by offset id. A request abandoned at its deadline may still reach the
+# server and be acted on; while its thread lives, no second capture of the same offset is
+# sent from this process (a look-up cannot see a request the server has not processed yet).
+_CAPTURES_IN_FLIGHT: dict[str, threading.Thread] = {}
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def capture_in_flight(offset_id: str) -> bool:
+    """``True`` while a capture request for ``offset_id`` sent by this process may still be acted on."""
+    with _IN_FLIGHT_LOCK:
+        thread = _CAPTURES_IN_FLIGHT.get(offset_id)
+        if thread is not None and not thread.is_alive():
+            del _CAPTURES_IN_FLIGHT[offset_id]
+            thread = None
+    return thread is not None
+
+
 _TYPE_STATUS = {"key_error": 401, "invalid_request_error": 400, "api_error": 500}
 _MAX_LOOKUP_PAGES = 200
 
@@ -114,7 +136,9 @@ class OffsetClient:
         if not isinstance(amount_lb, int) or not 1 <= amount_lb <= 10_000_000:
             raise ValueError(f"amount_lb must be a whole number of pounds in 1..10000000 (got {amount_lb!r})")
         tags = {**(metadata or {}), METADATA_ID_KEY: offset_id}
-        response = self._call(lambda: self._sdk.capture_carbon(amount=amount_lb, metadata=tags))
+        response = self._call(
+            lambda: self._sdk.capture_carbon(amount=amount_lb, metadata=tags), in_flight_id=offset_id
+        )
         return Receipt(str(response.user_id), str(response.time_utc), int(response.carbon_captured))
 
     def find_capture(self, offset_id: str, *, since: dt.date) -> Receipt | None:
@@ -143,14 +167,16 @@ class OffsetClient:
             cursor = page.cursor
             if not cursor:
                 return None
-        raise OffsetServiceError(f"looking up offset {offset_id} did not finish within {_MAX_LOOKUP_PAGES} pages")
+        raise OffsetServiceError(
+            f"looking up offset {offset_id} did not finish within {_MAX_LOOKUP_PAGES} pages"
+        )
 
     def who_am_i(self) -> str:
         """The account's ``user_id`` (checks the key). Raises :class:`OffsetServiceError`."""
         return str(self._call(self._sdk.who_am_i).user_id)
 
     # -------------------------------------------------------------- machinery
-    def _call(self, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[[], T], *, in_flight_id: str | None = None) -> T:
         outcome: dict[str, Any] = {}
 
         def target() -> None:
@@ -160,8 +186,23 @@ class OffsetClient:
                 outcome["error"] = exc
 
         thread = threading.Thread(target=target, name="carbonoffset-sdk-call", daemon=True)
+        if in_flight_id is not None:
+            with _IN_FLIGHT_LOCK:  # check and register atomically
+                previous = _CAPTURES_IN_FLIGHT.get(in_flight_id)
+                if previous is not None and previous.is_alive():
+                    raise OffsetServiceError(
+                        f"an earlier capture request for offset {in_flight_id} is still in flight; "
+                        "not sending another",
+                        status=None,
+                        definite=False,
+                    )
+                _CAPTURES_IN_FLIGHT[in_flight_id] = thread
         thread.start()
         thread.join(self._timeout)
+        if in_flight_id is not None and not thread.is_alive():
+            with _IN_FLIGHT_LOCK:
+                if _CAPTURES_IN_FLIGHT.get(in_flight_id) is thread:
+                    del _CAPTURES_IN_FLIGHT[in_flight_id]
         if thread.is_alive():
             raise OffsetServiceError(
                 f"1ClickImpact did not answer within {self._timeout:g} s (offset_request_timeout)",

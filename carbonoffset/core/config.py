@@ -309,13 +309,18 @@ def _read_config_file(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     parser = configparser.ConfigParser(interpolation=None)
+    problem: str | None = None
     try:
         parser.read(path, encoding="utf-8")
     except (configparser.Error, UnicodeDecodeError) as exc:
+        problem = type(exc).__name__
+    if problem is not None:
+        # raised outside the ``except`` block: the parser's error quotes the offending
+        # line (possibly the API key) and must not survive as ``__context__``
         raise ConfigurationError(
-            f"{path} is not a valid INI file ({type(exc).__name__}); fix or remove it. "
+            f"{path} is not a valid INI file ({problem}); fix or remove it. "
             "carbonoffset reads its [codecarbon] section"
-        ) from None
+        )
     if not parser.has_section("codecarbon"):
         return {}
     return {key: value for key, value in parser.items("codecarbon") if key in CONFIG_KEYS}

@@ -234,8 +234,10 @@ class Ledger:
     def _check_existing(self, conn: sqlite3.Connection) -> None:
         path = self.path
         try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            # tables first: the schema and the application id are committed together, so once
+            # the tables are visible the id is too (another process may be creating the file)
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         except sqlite3.DatabaseError:
             raise LedgerError(
                 f"ledger {path} is not a SQLite database or is corrupt; it was not modified. Move it "
@@ -260,6 +262,14 @@ class Ledger:
             )
         if version < 1:
             raise LedgerError(f"ledger {path} has no valid schema version; it was not modified")
+        # damage inside the file (not in its header) only shows when a page is read: check now,
+        # read-only, rather than fail later in the middle of a run
+        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise LedgerError(
+                f"ledger {path} is corrupt ({problems[0]}); it was not modified. Move it aside to start a "
+                "new ledger, or point offset_ledger (CODECARBON_OFFSET_LEDGER) at another file"
+            )
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")

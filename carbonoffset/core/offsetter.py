@@ -33,6 +33,12 @@ from carbonoffset.core.units import whole_lb_ceil, whole_lb_floor
 
 logger = logging.getLogger(__name__)
 
+# Offsets being settled in this process. The ledger's lease keeps other processes away, but
+# every session of one process has the same owner: this keeps a second session (e.g. the
+# next fit while the previous one's worker still runs) from settling the same offset at once.
+_SETTLING: set[str] = set()
+_SETTLING_LOCK = threading.Lock()
+
 
 @dataclasses.dataclass(frozen=True)
 class OffsetOutcome:
@@ -90,7 +96,9 @@ class Offsetter:
         self.wait_max_s = wait_max_s
         self.auth_failed = False
         self._lock = threading.Lock()  # one purchase at a time per Offsetter
-        self._lease_s = config.offset_request_timeout * (self.max_attempts + 1) * 2 + wait_max_s * self.max_attempts
+        self._lease_s = (
+            config.offset_request_timeout * (self.max_attempts + 1) * 2 + wait_max_s * self.max_attempts
+        )
 
     # --------------------------------------------------------------- public
     def offset_pending(
@@ -142,6 +150,9 @@ class Offsetter:
         for record in self.ledger.offsets(self.config.account, states=("intent", "unknown")):
             if self.auth_failed:
                 break
+            with _SETTLING_LOCK:
+                if record.offset_id in _SETTLING:
+                    continue
             with self._lock:
                 claimed = self.ledger.claim(record.offset_id, lease_s=self._lease_s)
                 if claimed is None:
@@ -151,7 +162,20 @@ class Offsetter:
 
     # ------------------------------------------------------------- protocol
     def _settle(self, record: OffsetRecord, *, claimed: bool = False) -> OffsetOutcome:
-        """Drive one open offset to an end state, or leave it ``unknown``."""
+        """Drive one open offset to an end state, or leave it ``unknown``; one settler per process."""
+        with _SETTLING_LOCK:
+            if record.offset_id in _SETTLING:
+                return OffsetOutcome(
+                    record.offset_id, record.amount_lb, "unknown", error="being settled by another session"
+                )
+            _SETTLING.add(record.offset_id)
+        try:
+            return self._settle_once(record, claimed=claimed)
+        finally:
+            with _SETTLING_LOCK:
+                _SETTLING.discard(record.offset_id)
+
+    def _settle_once(self, record: OffsetRecord, *, claimed: bool) -> OffsetOutcome:
         offset_id = record.offset_id
         # An intent found by reconcile may have been sent by a process that died
         # before writing the outcome: treat it exactly like ``unknown``.
@@ -243,7 +267,9 @@ class Offsetter:
             time_utc=receipt.time_utc,
             carbon_captured=receipt.carbon_captured,
         )
-        logger.info("offset %s confirmed: %d lb captured at %s", offset_id, receipt.carbon_captured, receipt.time_utc)
+        logger.info(
+            "offset %s confirmed: %d lb captured at %s", offset_id, receipt.carbon_captured, receipt.time_utc
+        )
         return OffsetOutcome(offset_id, record.amount_lb, "confirmed", receipt=receipt)
 
 

@@ -104,7 +104,9 @@ class RunReport:
 
     def metrics(self) -> dict[str, float]:
         """The same four metrics as :meth:`EpochReport.metrics`, for the whole run."""
-        return EpochReport(None, self.energy_kwh, self.emissions_kg, self.offset_kg, self.pending_kg).metrics()
+        return EpochReport(
+            None, self.energy_kwh, self.emissions_kg, self.offset_kg, self.pending_kg
+        ).metrics()
 
 
 class _Worker:
@@ -140,12 +142,21 @@ class _Worker:
                 self._idle.wait(remaining)
         return True
 
+    def shutdown(self) -> None:
+        """Let the thread end once the jobs already submitted are done (a later submit starts a new one)."""
+        self._queue.put(None)
+
     def _run(self) -> None:
         while True:
             job = self._queue.get()
+            if job is None:
+                with self._idle:
+                    if self._outstanding:  # submitted after the shutdown request: keep serving
+                        continue
+                    self._thread = None
+                    return
             try:
-                if job is not None:
-                    job()
+                job()
             except Exception:  # a job must never kill the worker  # noqa: BLE001
                 logger.warning("carbonoffset background job failed", exc_info=True)
             finally:
@@ -255,11 +266,15 @@ class OffsetSession:
             try:
                 self._offsetter = Offsetter(self.config, self._ledger, **self._offsetter_options)
             except Exception as exc:  # noqa: BLE001 -- e.g. makeimpact missing: say so loudly, keep training
-                self._warn_once("offsetter", "offsetting is disabled for this run: %s", exc, level=logging.ERROR)
+                self._warn_once(
+                    "offsetter", "offsetting is disabled for this run: %s", exc, level=logging.ERROR
+                )
         return self._offsetter
 
     # -------------------------------------------------------------- lifecycle
-    def start(self, *, run_id: str | None = None, resume: Measurement | None = None, nodes: int = 1) -> str | None:
+    def start(
+        self, *, run_id: str | None = None, resume: Measurement | None = None, nodes: int = 1
+    ) -> str | None:
         """Begin a run: a fresh tracker (local rank 0) and a ledger run (global rank 0).
 
         Args:
@@ -273,9 +288,10 @@ class OffsetSession:
         Returns:
             The ledger run id (``None`` on ranks that do not write).
         """
+        if self.running:
+            # outside the lock: stop() waits for the worker, whose jobs take the lock
+            self.stop()
         with self._lock:
-            if self.running:
-                self.stop()
             self._base = resume or Measurement()
             self._epochs = 0
             self._projection_checked = False
@@ -297,7 +313,9 @@ class OffsetSession:
                         nodes=nodes,
                     )
                 except Exception as exc:  # noqa: BLE001
-                    self._warn_once("ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc)
+                    self._warn_once(
+                        "ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc
+                    )
             self._last = self._base
             if self.is_tracking:
                 try:
@@ -305,7 +323,9 @@ class OffsetSession:
                         self.source = CodeCarbonSource(country_iso_code=self.config.country_iso_code)
                     self.source.start()
                 except Exception as exc:  # noqa: BLE001
-                    self._warn_once("source", "emissions tracking failed to start (%s); training continues", exc)
+                    self._warn_once(
+                        "source", "emissions tracking failed to start (%s); training continues", exc
+                    )
             self.running = True
             self._finalizer = weakref.finalize(self, OffsetSession._stop_source_quietly, self.source)
             atexit.register(self._finalizer)
@@ -321,10 +341,19 @@ class OffsetSession:
                 elif (
                     self._get_offsetter() is not None
                     and self._ledger is not None
-                    and self._ledger.offsets(self.config.account, states=("intent", "unknown"))
+                    and self._has_open_offsets()
                 ):
                     self._worker.submit(self._reconcile_job)
             return self.run_id
+
+    def _has_open_offsets(self) -> bool:
+        try:
+            return self._ledger is not None and bool(
+                self._ledger.offsets(self.config.account, states=("intent", "unknown"))
+            )
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once("ledger", "carbonoffset could not read its ledger (%s)", exc)
+            return False
 
     @staticmethod
     def _stop_source_quietly(source: EmissionsSource | None) -> None:
@@ -379,8 +408,15 @@ class OffsetSession:
                         self.run_id, emissions_kg=total.emissions_kg, energy_kwh=total.energy_kwh, epoch=epoch
                     )
                 except Exception as exc:  # noqa: BLE001
-                    self._warn_once("ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc)
-                self._maybe_offset()
+                    self._warn_once(
+                        "ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc
+                    )
+                try:
+                    self._maybe_offset()
+                except Exception as exc:  # noqa: BLE001 -- e.g. the ledger cannot be read
+                    self._warn_once(
+                        "offset", "carbonoffset could not decide an offset (%s); training continues", exc
+                    )
             report = self._epoch_report(epoch, total)
             if epoch is not None and max_epochs and not self._projection_checked:
                 self._projection_checked = True
@@ -419,7 +455,9 @@ class OffsetSession:
             except Exception as exc:  # noqa: BLE001
                 self._warn_once("ledger", "carbonoffset could not read its ledger (%s)", exc)
         over = self.max_emissions_kg is not None and total.emissions_kg > self.max_emissions_kg
-        return EpochReport(epoch, total.energy_kwh, total.emissions_kg, offset_kg, pending_kg, credit_kg, over)
+        return EpochReport(
+            epoch, total.energy_kwh, total.emissions_kg, offset_kg, pending_kg, credit_kg, over
+        )
 
     # ---------------------------------------------------------------- offsets
     def _maybe_offset(self) -> None:
@@ -452,18 +490,26 @@ class OffsetSession:
             with self._lock:
                 self._outcomes.extend(outcomes)
 
-    def offset_now(self, *, round_up: bool = False, wait: float | None = None) -> None:
+    def offset_now(
+        self, *, round_up: bool = False, wait: float | None = None, respect_threshold: bool | None = None
+    ) -> None:
         """Queue an offset of what is pending now, even mid-run.
 
         Args:
             round_up: buy the next whole pound (the overshoot becomes credit);
                 otherwise round down and respect ``offset_threshold``.
             wait: seconds to wait for it (``None``: do not wait).
+            respect_threshold: do nothing unless pending >= ``offset_threshold``;
+                ``None`` (default) means ``not round_up``. ``False`` with
+                rounding down buys every whole pound pending (manual offsets).
         """
+        if not self.is_writer:
+            return  # only global rank 0 offsets; other ranks have nothing to do
         if self._get_offsetter() is None:
             self._warn_once("no-key-now", "cannot offset: offset_api_key is not set")
             return
-        self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=not round_up))
+        respect = (not round_up) if respect_threshold is None else respect_threshold
+        self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=respect))
         if wait is not None:
             self._worker.wait(wait)
 
@@ -519,6 +565,7 @@ class OffsetSession:
                 self._ledger.end_run(self.run_id, status=status)
             except Exception as exc:  # noqa: BLE001
                 self._warn_once("ledger", "carbonoffset could not write its ledger (%s)", exc)
+        self._worker.shutdown()  # nothing left running after a run: the thread ends once idle
         return self.report()
 
     def report(self) -> RunReport:
@@ -556,11 +603,20 @@ class OffsetSession:
         )
 
     def close(self) -> None:
-        """Stop the run if needed (without a final offset) and close the ledger if this session opened it."""
+        """Stop the run if needed (without a final offset) and close the ledger if this session opened it.
+
+        Returns at once: an offset still in flight after :meth:`stop` finishes in the
+        background, then the ledger is closed and the worker thread ends.
+        """
         if self.running:
             self.stop(final_offset=False, status="interrupted")
         if self._owns_ledger and self._ledger is not None:
-            self._ledger.close()
+            if self._worker.busy:
+                # an offset still in flight after stop() finishes with the ledger open
+                self._worker.submit(self._ledger.close)
+            else:
+                self._ledger.close()
+        self._worker.shutdown()
 
     def __enter__(self) -> OffsetSession:
         self.start()
@@ -580,5 +636,3 @@ class OffsetSession:
             "OffsetSession cannot be pickled (it holds a ledger connection and threads); pass settings "
             "to the callback instead of a session when training in spawned processes"
         )
-
-

@@ -37,6 +37,8 @@ class Fault:
         status: answer with this HTTP status (``None``: answer normally).
         body: JSON body for ``status`` (default: a documented ``api_error`` body).
         delay_s: sleep this long before answering (after acting on the request).
+        stall_s: sleep this long before acting on the request (a slow server: the
+            client's deadline may pass while the request is still to be processed).
         drop_after_capture: act on the request, then close the connection without answering.
         malformed: answer 200 with a body that is not JSON (after acting).
         times: how many requests this fault applies to.
@@ -46,6 +48,7 @@ class Fault:
     status: int | None = None
     body: dict[str, Any] | str | None = None
     delay_s: float = 0.0
+    stall_s: float = 0.0
     drop_after_capture: bool = False
     malformed: bool = False
     times: int = 1
@@ -119,7 +122,13 @@ class FakeOneClickImpact:
             server.daemon_threads = True
             server.block_on_close = False
             self._server = server
-            self._thread = threading.Thread(target=server.serve_forever, name="fake-1clickimpact", daemon=True)
+            # a short poll interval: stop() waits for the serving loop to notice (default 0.5 s)
+            self._thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.02},
+                name="fake-1clickimpact",
+                daemon=True,
+            )
             self._thread.start()
         return self
 
@@ -176,7 +185,10 @@ class FakeOneClickImpact:
         with self._lock:
             ms = max(int(time.time() * 1000), self._last_ms + 1)
             self._last_ms = ms
-        return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+        return (
+            dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+            + f"{ms % 1000:03d}Z"
+        )
 
     def _key_ok(self, key: str | None) -> bool:
         if not key:
@@ -185,7 +197,9 @@ class FakeOneClickImpact:
             return key in self.api_keys
         return key.startswith(self._prefix) and len(key) > len(self._prefix)
 
-    def _handle(self, method: str, path: str, query: dict[str, str], key: str | None, body: Any) -> tuple[int, Any]:
+    def _handle(
+        self, method: str, path: str, query: dict[str, str], key: str | None, body: Any
+    ) -> tuple[int, Any]:
         """Return (status, JSON body) for one request (faults are applied by the caller)."""
         if not self._key_ok(key):
             return 401, {"type": "key_error", "message": "API Key does not exist"}
@@ -202,7 +216,11 @@ class FakeOneClickImpact:
             return self._cancel(fp, body)
         if method == "GET" and path == "/v1/impact":
             total = self.total_lb(key)
-            return 200, {"user_id": user_id, "carbon_captured": total, "user_impact": {"carbon_captured": total}}
+            return 200, {
+                "user_id": user_id,
+                "carbon_captured": total,
+                "user_impact": {"carbon_captured": total},
+            }
         return 404, {"type": "invalid_request_error", "message": f"Unknown endpoint {method} {path}"}
 
     def _capture(self, fp: str, user_id: str, body: Any) -> tuple[int, Any]:
@@ -226,7 +244,14 @@ class FakeOneClickImpact:
 
     def _list_records(self, fp: str, query: dict[str, str]) -> tuple[int, Any]:
         filter_by = query.get("filter_by")
-        if filter_by not in (None, "carbon_captured", "tree_planted", "waste_removed", "money_donated", "coral_restored"):
+        if filter_by not in (
+            None,
+            "carbon_captured",
+            "tree_planted",
+            "waste_removed",
+            "money_donated",
+            "coral_restored",
+        ):
             return 400, {"type": "invalid_request_error", "message": f"Invalid filter_by {filter_by}"}
         try:
             limit = int(query.get("limit", "10"))
@@ -319,8 +344,13 @@ def _make_handler(fake: FakeOneClickImpact) -> type[BaseHTTPRequestHandler]:
                 body = None
             endpoint = parts.path.rsplit("/", 1)[-1]
             fault = fake._take_fault(endpoint)
+            if fault is not None and fault.stall_s:
+                time.sleep(fault.stall_s)
             if fault is not None and fault.status is not None:
-                status, payload = fault.status, fault.body or {"type": "api_error", "message": "Internal error"}
+                status, payload = (
+                    fault.status,
+                    fault.body or {"type": "api_error", "message": "Internal error"},
+                )
             else:
                 status, payload = fake._handle(method, parts.path, query, self.headers.get("x-api-key"), body)
             fake.requests.append((method, parts.path, status))

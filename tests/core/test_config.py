@@ -122,7 +122,9 @@ def test_valid_environments() -> None:
     assert OffsetConfig(offset_environment="production").offset_environment == "production"
 
 
-@pytest.mark.parametrize(("text", "expected"), [("true", True), ("False", False), ("1", True), ("off", False)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("true", True), ("False", False), ("1", True), ("off", False)]
+)
 def test_bool_parsing(text: str, expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CODECARBON_AUTO_OFFSET", text)
     assert OffsetConfig.resolve().auto_offset is expected
@@ -204,7 +206,13 @@ def test_key_is_never_shown() -> None:
     config = OffsetConfig(offset_api_key=KEY, offset_environment="sandbox")
     assert isinstance(config.offset_api_key, SecretKey)
     assert config.offset_api_key.reveal() == KEY
-    for text in (repr(config), str(config), repr(config.offset_api_key), str(config.offset_api_key), f"{config}"):
+    for text in (
+        repr(config),
+        str(config),
+        repr(config.offset_api_key),
+        str(config.offset_api_key),
+        f"{config}",
+    ):
         assert KEY not in text
     assert "********" in repr(config)
     # the account id is a non-reversible fingerprint

@@ -1,0 +1,434 @@
+"""The SQLite ledger: cumulative recording, accounts, refusal of bad files, concurrent writers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from carbonoffset.core.errors import LedgerError
+from carbonoffset.core.ledger import APPLICATION_ID, SCHEMA_VERSION, Ledger
+from carbonoffset.core.units import KG_PER_LB, whole_lb_ceil, whole_lb_floor
+
+SANDBOX = "sandbox:aaaaaaaaaaaaaaaa"
+PRODUCTION = "production:aaaaaaaaaaaaaaaa"
+OTHER_KEY = "sandbox:bbbbbbbbbbbbbbbb"
+
+
+@pytest.fixture
+def ledger(ledger_path: Path) -> Ledger:
+    with Ledger(ledger_path) as opened:
+        yield opened  # type: ignore[misc]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_ledger_file(path: Path, *, recorded_kg: float = 0.3) -> None:
+    with Ledger(path) as ledger:
+        run = ledger.start_run(account=SANDBOX, environment="sandbox")
+        ledger.record(run, emissions_kg=recorded_kg, energy_kwh=1.0)
+
+
+# ----------------------------------------------------------------- recording
+def test_new_ledger_is_created_with_its_folder(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "ledger.sqlite3"
+    with Ledger(path) as ledger:
+        assert ledger.accounts() == []
+    assert path.is_file()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(
+            SCHEMA_VERSION
+        )
+    finally:
+        conn.close()
+
+
+def test_recording_is_cumulative_and_idempotent(ledger: Ledger) -> None:
+    run = ledger.start_run(account=SANDBOX, environment="sandbox", label="unit")
+    assert ledger.record(run, emissions_kg=0.3, energy_kwh=5.0, epoch=0) == pytest.approx(0.3)
+    assert ledger.record(run, emissions_kg=0.3, energy_kwh=5.0, epoch=0) == 0.0  # same total twice
+    assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.3)
+    assert ledger.record(run, emissions_kg=0.2, energy_kwh=4.0) == 0.0  # an older, smaller total
+    assert ledger.record(run, emissions_kg=0.5, energy_kwh=6.0, epoch=1) == pytest.approx(0.2)
+    balance = ledger.balance(SANDBOX)
+    assert balance.recorded_kg == pytest.approx(0.5)
+    assert balance.pending_kg == pytest.approx(0.5)
+    assert balance.offset_kg == balance.in_flight_kg == balance.credit_kg == 0.0
+    record = ledger.run(run)
+    assert record is not None
+    assert (record.emissions_kg, record.energy_kwh, record.epochs, record.label) == (0.5, 6.0, 2, "unit")
+    assert [kg for _, kg in ledger.history(SANDBOX)] == pytest.approx([0.3, 0.5])
+
+
+def test_runs_add_up_and_a_reopened_run_does_not_double_count(ledger: Ledger) -> None:
+    first = ledger.start_run(account=SANDBOX, environment="sandbox")
+    ledger.record(first, emissions_kg=0.2, energy_kwh=1.0)
+    ledger.end_run(first)
+    second = ledger.start_run(account=SANDBOX, environment="sandbox")
+    ledger.record(second, emissions_kg=0.25, energy_kwh=1.0)
+    assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.45)
+    # resume the first run: its cumulative total continues, not restarts
+    assert ledger.start_run(account=SANDBOX, environment="sandbox", run_id=first) == first
+    ledger.record(first, emissions_kg=0.2, energy_kwh=1.0)
+    assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.45)
+    ledger.record(first, emissions_kg=0.3, energy_kwh=1.5)
+    assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.55)
+    assert [r.run_id for r in ledger.runs(SANDBOX)] == [first, second]
+    assert ledger.run(first).status == "running"  # type: ignore[union-attr]
+    assert [kg for _, kg in ledger.history(SANDBOX)] == pytest.approx([0.2, 0.45, 0.55])
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_record_rejects_bad_values(ledger: Ledger, bad: float) -> None:
+    run = ledger.start_run(account=SANDBOX, environment="sandbox")
+    with pytest.raises(ValueError, match="emissions_kg"):
+        ledger.record(run, emissions_kg=bad, energy_kwh=0.0)
+    with pytest.raises(ValueError, match="energy_kwh"):
+        ledger.record(run, emissions_kg=0.1, energy_kwh=bad)
+    assert ledger.balance(SANDBOX).recorded_kg == 0.0
+
+
+def test_record_unknown_run(ledger: Ledger) -> None:
+    with pytest.raises(KeyError):
+        ledger.record("nope", emissions_kg=0.1, energy_kwh=0.0)
+
+
+def test_accounts_are_isolated(ledger: Ledger) -> None:
+    for account, environment, kg in (
+        (SANDBOX, "sandbox", 0.7),
+        (PRODUCTION, "production", 0.2),
+        (OTHER_KEY, "sandbox", 1.0),
+    ):
+        run = ledger.start_run(account=account, environment=environment)
+        ledger.record(run, emissions_kg=kg, energy_kwh=0.0)
+    assert ledger.accounts() == sorted([SANDBOX, PRODUCTION, OTHER_KEY])
+    intent = ledger.create_intent(
+        account=SANDBOX,
+        environment="sandbox",
+        run_id=None,
+        amount_lb_for=whole_lb_floor,
+        min_pending_kg=0.5,
+        lease_s=60,
+    )
+    assert intent is not None and intent.amount_lb == 1
+    assert ledger.balance(SANDBOX).pending_kg == pytest.approx(0.7 - KG_PER_LB, abs=1e-12)
+    assert ledger.balance(SANDBOX).in_flight_kg == pytest.approx(KG_PER_LB)
+    # the production account with the same key and another sandbox key are untouched
+    assert ledger.balance(PRODUCTION).pending_kg == pytest.approx(0.2)
+    assert ledger.balance(PRODUCTION).in_flight_kg == 0.0
+    assert ledger.balance(OTHER_KEY).pending_kg == pytest.approx(1.0)
+    assert ledger.offsets(PRODUCTION) == [] and ledger.offsets(OTHER_KEY) == []
+    # production below threshold: no intent; pending of another account never leaks in
+    assert (
+        ledger.create_intent(
+            account=PRODUCTION,
+            environment="production",
+            run_id=None,
+            amount_lb_for=whole_lb_floor,
+            min_pending_kg=0.5,
+            lease_s=60,
+        )
+        is None
+    )
+
+
+def test_offset_states_move_the_balance(ledger: Ledger) -> None:
+    run = ledger.start_run(account=SANDBOX, environment="sandbox")
+    ledger.record(run, emissions_kg=2.0, energy_kwh=0.0)
+
+    def intent(**kw: object):  # type: ignore[no-untyped-def]
+        options = {
+            "account": SANDBOX,
+            "environment": "sandbox",
+            "run_id": run,
+            "amount_lb_for": whole_lb_floor,
+        }
+        options.update({"min_pending_kg": 0.5, "lease_s": 60})
+        options.update(kw)
+        return ledger.create_intent(**options)  # type: ignore[arg-type]
+
+    first = intent()
+    assert first is not None and first.amount_lb == 4 and first.state == "intent"
+    assert ledger.balance(SANDBOX).pending_kg == pytest.approx(2.0 - 4 * KG_PER_LB, abs=1e-12)
+    assert intent() is None  # nothing left above the threshold
+    ledger.mark_unknown(first.offset_id, error="timeout")
+    assert ledger.offset(first.offset_id).state == "unknown"  # type: ignore[union-attr]
+    assert ledger.balance(SANDBOX).in_flight_kg == pytest.approx(4 * KG_PER_LB)
+    ledger.mark_failed(first.offset_id, error="400")
+    assert ledger.balance(SANDBOX).pending_kg == pytest.approx(2.0)  # refused: pending again
+    # closed offsets are not reopened by a late state change
+    ledger.mark_unknown(first.offset_id, error="late")
+    assert ledger.offset(first.offset_id).state == "failed"  # type: ignore[union-attr]
+
+    second = intent()
+    assert second is not None and second.amount_lb == 4
+    ledger.mark_confirmed(
+        second.offset_id, user_id="U1", time_utc="2024-01-01T00:00:00.000Z", carbon_captured=4
+    )
+    balance = ledger.balance(SANDBOX)
+    assert balance.offset_kg == pytest.approx(4 * KG_PER_LB)
+    assert balance.pending_kg + balance.offset_kg + balance.in_flight_kg == pytest.approx(2.0, abs=1e-9)
+    assert ledger.run_offset_kg(run) == pytest.approx(4 * KG_PER_LB)
+
+    # round-up below the threshold: the overshoot is a credit
+    third = intent(amount_lb_for=whole_lb_ceil, min_pending_kg=0.0)
+    assert third is not None and third.amount_lb == 1
+    balance = ledger.balance(SANDBOX)
+    assert balance.pending_kg == 0.0
+    assert balance.credit_kg == pytest.approx(5 * KG_PER_LB - 2.0, abs=1e-12)
+    assert intent(amount_lb_for=whole_lb_ceil, min_pending_kg=0.0) is None  # nothing pending: no purchase
+
+
+def test_claim_respects_live_owners_and_takes_over_dead_ones(ledger: Ledger, ledger_path: Path) -> None:
+    run = ledger.start_run(account=SANDBOX, environment="sandbox")
+    ledger.record(run, emissions_kg=1.0, energy_kwh=0.0)
+    intent = ledger.create_intent(
+        account=SANDBOX,
+        environment="sandbox",
+        run_id=run,
+        amount_lb_for=whole_lb_floor,
+        min_pending_kg=0.5,
+        lease_s=600,
+    )
+    assert intent is not None
+    assert ledger.claim(intent.offset_id, lease_s=600) is not None  # our own
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    raw = sqlite3.connect(ledger_path, timeout=30)
+    try:
+        # a live process (pid 1) on this host holds a valid lease: hands off
+        raw.execute("UPDATE offsets SET owner = ? WHERE offset_id = ?", (f"{host}:1", intent.offset_id))
+        raw.commit()
+        assert ledger.claim(intent.offset_id, lease_s=600) is None
+        # its owner died (kill -9): taken over although the lease has not expired
+        raw.execute(
+            "UPDATE offsets SET owner = ? WHERE offset_id = ?", (f"{host}:{dead.pid}", intent.offset_id)
+        )
+        raw.commit()
+        claimed = ledger.claim(intent.offset_id, lease_s=600)
+        assert claimed is not None and claimed.owner == f"{host}:{os.getpid()}"
+        # another host's offset with an expired lease can be taken over too
+        raw.execute(
+            "UPDATE offsets SET owner = 'elsewhere:1', lease_until = ? WHERE offset_id = ?",
+            (time.time() - 1, intent.offset_id),
+        )
+        raw.commit()
+        assert ledger.claim(intent.offset_id, lease_s=600) is not None
+    finally:
+        raw.close()
+    ledger.mark_confirmed(intent.offset_id, user_id="U", time_utc="t", carbon_captured=2)
+    assert ledger.claim(intent.offset_id, lease_s=600) is None  # closed
+
+
+# ---------------------------------------------------------- refusing bad files
+def assert_refused(path: Path, match: str) -> None:
+    before = digest(path)
+    size = path.stat().st_size
+    for _ in range(2):  # trying again changes nothing either
+        with pytest.raises(LedgerError, match=match) as info:
+            Ledger(path)
+        assert str(path) in str(info.value)
+        assert "not modified" in str(info.value)
+    assert digest(path) == before
+    assert path.stat().st_size == size
+
+
+@pytest.mark.parametrize("size", [100, 4096, 65536])
+def test_random_bytes_are_refused_and_kept(ledger_path: Path, size: int) -> None:
+    ledger_path.write_bytes(random.Random(size).randbytes(size))
+    assert_refused(ledger_path, "not a SQLite database or is corrupt")
+
+
+def test_damaged_ledger_pages_are_refused_and_kept(ledger_path: Path) -> None:
+    with Ledger(ledger_path) as ledger:
+        run = ledger.start_run(account=SANDBOX, environment="sandbox")
+        for i in range(1500):
+            ledger.record(run, emissions_kg=i * 0.001, energy_kwh=0.0, epoch=i)
+    data = bytearray(ledger_path.read_bytes())
+    page = 4096
+    assert len(data) > 8 * page
+    data[3 * page : 6 * page] = random.Random(7).randbytes(3 * page)  # header page intact
+    ledger_path.write_bytes(bytes(data))
+    assert_refused(ledger_path, "corrupt|unreadable")
+
+
+def test_truncated_ledger_is_refused(ledger_path: Path) -> None:
+    make_ledger_file(ledger_path)
+    data = ledger_path.read_bytes()
+    ledger_path.write_bytes(data[:150])
+    assert_refused(ledger_path, "corrupt|unreadable")
+
+
+def test_newer_schema_is_refused_and_kept(ledger_path: Path) -> None:
+    make_ledger_file(ledger_path)
+    raw = sqlite3.connect(ledger_path)
+    raw.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    raw.commit()
+    raw.close()
+    assert_refused(ledger_path, rf"schema version {SCHEMA_VERSION + 1}, newer.*pip install -U carbonoffset")
+
+
+def test_other_sqlite_database_is_refused_and_kept(ledger_path: Path) -> None:
+    raw = sqlite3.connect(ledger_path)
+    raw.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    raw.execute("INSERT INTO users (name) VALUES ('ada')")
+    raw.commit()
+    raw.close()
+    assert_refused(ledger_path, "not a carbonoffset ledger")
+    # even one that happens to have a table named like ours
+    raw = sqlite3.connect(ledger_path)
+    raw.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    raw.commit()
+    raw.close()
+    assert_refused(ledger_path, "not a carbonoffset ledger")
+
+
+def test_ledger_error_is_raised_by_a_session(ledger_path: Path) -> None:
+    from carbonoffset.core.session import OffsetSession
+
+    ledger_path.write_bytes(b"definitely not sqlite" * 100)
+    before = digest(ledger_path)
+    with pytest.raises(LedgerError):
+        OffsetSession(offset_ledger=ledger_path)
+    assert digest(ledger_path) == before
+
+
+# ----------------------------------------------------------------- concurrency
+_RECORDER = textwrap.dedent(
+    """
+    import sys, time
+    from carbonoffset.core.ledger import Ledger
+    path, account, go = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    while time.time() < go:
+        time.sleep(0.002)
+    ledger = Ledger(path)                      # every process opens the fresh file at once
+    run = ledger.start_run(account=account, environment="sandbox")
+    for i in range(1, 51):
+        ledger.record(run, emissions_kg=i * 0.01, energy_kwh=i * 0.1, epoch=i - 1)
+        ledger.record(run, emissions_kg=i * 0.01, energy_kwh=i * 0.1, epoch=i - 1)  # same total twice
+    ledger.close()
+    print(run)
+    """
+)
+
+_INTENDER = textwrap.dedent(
+    """
+    import sys, time
+    from carbonoffset.core.ledger import Ledger
+    from carbonoffset.core.units import whole_lb_floor
+    path, account, go, mode = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    ledger = Ledger(path)
+    run = ledger.start_run(account=account, environment="sandbox") if mode == "record" else None
+    while time.time() < go:
+        time.sleep(0.002)
+    made = []
+    for i in range(1, 51 if mode == "record" else 2):
+        if run is not None:
+            ledger.record(run, emissions_kg=i * 0.01, energy_kwh=0.0, epoch=i - 1)
+        intent = ledger.create_intent(
+            account=account, environment="sandbox", run_id=run, amount_lb_for=whole_lb_floor,
+            min_pending_kg=0.5, lease_s=60,
+        )
+        if intent is not None:
+            made.append(f"{intent.offset_id}:{intent.amount_lb}")
+    ledger.close()
+    print(" ".join(made))
+    """
+)
+
+
+def run_processes(script: str, args: list[list[str]], *, timeout: float = 120) -> list[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *a],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for a in args
+    ]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err
+        outputs.append(out.strip())
+    return outputs
+
+
+@pytest.mark.slow
+def test_eight_processes_record_fifty_times_on_one_fresh_file(ledger_path: Path) -> None:
+    go = str(time.time() + 1.5)
+    runs = run_processes(_RECORDER, [[str(ledger_path), SANDBOX, go] for _ in range(8)])
+    assert len(set(runs)) == 8
+    with Ledger(ledger_path) as ledger:
+        assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(8 * 0.5, abs=1e-9)
+        assert {r.run_id for r in ledger.runs(SANDBOX)} == set(runs)
+        for run in ledger.runs(SANDBOX):
+            assert (run.emissions_kg, run.epochs) == (pytest.approx(0.5), 50)
+            assert run.energy_kwh == pytest.approx(5.0)
+        assert len(ledger.history(SANDBOX)) == 8 * 50  # the repeated totals wrote nothing
+        assert ledger.history(SANDBOX)[-1][1] == pytest.approx(4.0, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_concurrent_intents_never_buy_the_same_emissions_twice(ledger_path: Path) -> None:
+    with Ledger(ledger_path) as ledger:
+        run = ledger.start_run(account=SANDBOX, environment="sandbox")
+        ledger.record(run, emissions_kg=10.0, energy_kwh=0.0)
+    # eight processes race for the same 10 kg: exactly one wins
+    go = str(time.time() + 1.5)
+    outputs = run_processes(_INTENDER, [[str(ledger_path), SANDBOX, go, "race"] for _ in range(8)])
+    made = [item for out in outputs for item in out.split()]
+    assert len(made) == 1
+    assert made[0].endswith(":22")  # floor(10 / 0.45359237)
+    with Ledger(ledger_path) as ledger:
+        balance = ledger.balance(SANDBOX)
+        assert balance.in_flight_kg == pytest.approx(22 * KG_PER_LB)
+        assert balance.pending_kg == pytest.approx(10.0 - 22 * KG_PER_LB, abs=1e-9)
+        assert balance.credit_kg == 0.0
+
+
+@pytest.mark.slow
+def test_concurrent_record_and_intent_from_eight_processes(ledger_path: Path) -> None:
+    Ledger(ledger_path).close()
+    go = str(time.time() + 1.5)
+    outputs = run_processes(_INTENDER, [[str(ledger_path), SANDBOX, go, "record"] for _ in range(8)])
+    made = [item.split(":") for out in outputs for item in out.split()]
+    with Ledger(ledger_path) as ledger:
+        balance = ledger.balance(SANDBOX)
+        offsets = ledger.offsets(SANDBOX)
+    assert balance.recorded_kg == pytest.approx(4.0, abs=1e-9)
+    assert sorted(o.offset_id for o in offsets) == sorted(offset_id for offset_id, _ in made)
+    total_lb = sum(o.amount_lb for o in offsets)
+    # never more than what was recorded (no credit: nothing bought twice) ...
+    assert balance.credit_kg == 0.0
+    assert total_lb * KG_PER_LB <= 4.0
+    # ... and everything above the threshold was taken: 4.0 kg -> 8 lb, 0.37 kg left pending
+    assert balance.pending_kg < 0.5
+    assert total_lb == whole_lb_floor(4.0) == 8
+    assert balance.pending_kg + balance.in_flight_kg == pytest.approx(4.0, abs=1e-9)
+
+
+def test_a_folder_in_place_of_the_file_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "ledger.sqlite3"
+    folder.mkdir()
+    with pytest.raises(LedgerError, match="ledger.sqlite3"):
+        Ledger(folder)
+    assert folder.is_dir() and list(folder.iterdir()) == []

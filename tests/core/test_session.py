@@ -1,0 +1,455 @@
+"""OffsetSession: lifecycle, background offsets, bounded stop, rank policy, round-up credit."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
+from carbonoffset.core.sources import CodeCarbonSource, Measurement
+from carbonoffset.core.units import KG_PER_LB
+from carbonoffset.testing import FakeOneClickImpact, Fault, ScriptedEmissions
+
+FAST = {"wait_initial_s": 0.01, "wait_max_s": 0.05}
+
+
+def new_session(settings: dict[str, Any], source: Any, **overrides: Any) -> OffsetSession:
+    return OffsetSession(source=source, offsetter_options=FAST, **{**settings, **overrides})
+
+
+def ledger_state(path: Path, account: str) -> tuple[Any, ...]:
+    with Ledger(path) as ledger:
+        return (
+            ledger.balance(account),
+            ledger.offsets(account),
+            ledger.runs(account),
+            ledger.history(account),
+        )
+
+
+def test_lifecycle_reports_and_idempotent_stop(server: FakeOneClickImpact, settings: dict[str, Any]) -> None:
+    source = ScriptedEmissions([0.1, 0.3, 0.6], advance_on_stop=False)
+    session = new_session(settings, source, label="unit")
+    assert not session.running and session.run_id is None
+    run_id = session.start()
+    assert run_id and session.running and source.starts == 1 and source.running
+    reports = [session.record_epoch(epoch) for epoch in range(3)]
+    assert all(isinstance(r, EpochReport) for r in reports)
+    assert [r.epoch for r in reports] == [0, 1, 2]
+    assert [r.emissions_kg for r in reports] == pytest.approx([0.1, 0.3, 0.6])
+    assert [r.energy_kwh for r in reports] == pytest.approx([0.1 / 0.056, 0.3 / 0.056, 0.6 / 0.056])
+    assert [r.pending_kg for r in reports[:2]] == pytest.approx([0.1, 0.3])
+    assert set(reports[0].metrics()) == {
+        "carbon/energy_kwh",
+        "carbon/emissions_kg",
+        "carbon/offset_kg",
+        "carbon/pending_kg",
+    }
+
+    report = session.stop()
+    assert isinstance(report, RunReport)
+    assert not session.running and not source.running
+    assert (report.run_id, report.epochs, report.environment) == (run_id, 3, "sandbox")
+    assert report.emissions_kg == pytest.approx(0.6)
+    assert report.confirmed_lb == 1 and report.in_flight_lb == 0
+    assert report.pending_kg == pytest.approx(0.6 - KG_PER_LB, abs=1e-9)
+    assert report.ledger_path == settings["offset_ledger"]
+    assert report.metrics()["carbon/offset_kg"] == pytest.approx(KG_PER_LB)
+
+    before = ledger_state(settings["offset_ledger"], report.account)
+    requests = list(server.requests)
+    again = session.stop()
+    assert again == report
+    assert session.stop(final_offset=False, status="failed") == report
+    assert ledger_state(settings["offset_ledger"], report.account) == before
+    assert server.requests == requests
+    assert source.starts == 1
+    (run,) = before[2]
+    assert (run.status, run.label, run.epochs) == ("finished", "unit", 3)
+    session.close()
+    session.close()  # idempotent too
+
+
+def test_context_manager_marks_a_failed_run_and_skips_the_final_offset(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    session = new_session(
+        settings, ScriptedEmissions([0.4, 0.45], advance_on_stop=True), offset_round_up=True
+    )
+    with pytest.raises(RuntimeError, match="boom"), session:
+        session.record_epoch(0)
+        raise RuntimeError("boom")
+    assert server.captures == []  # no final round-up offset after a failure
+    report = session.report()
+    assert report.pending_kg == pytest.approx(0.45)  # the stop reading was recorded
+    with Ledger(settings["offset_ledger"]) as ledger:
+        (run,) = ledger.runs()
+        assert run.status == "failed"
+    session.close()
+
+
+def test_a_second_start_is_a_new_run_with_a_fresh_source(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    source = ScriptedEmissions([0.2])
+    session = new_session(settings, source)
+    first = session.start()
+    session.record_epoch(0)
+    started = time.monotonic()
+    second = session.start()  # stops the first run (its stop must not wait for offset_timeout)
+    assert time.monotonic() - started < 2.0 < settings["offset_timeout"]
+    assert first != second and source.starts == 2
+    session.record_epoch(0)
+    report = session.stop()
+    session.close()
+    assert report.emissions_kg == pytest.approx(0.2)
+    assert report.pending_kg == pytest.approx(0.4)
+    assert server.captures == []
+
+
+def test_record_epoch_never_waits_for_the_network(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    server.delay_s = 2.0
+    session = new_session(
+        settings, ScriptedEmissions([0.6 * (n + 1) for n in range(12)]), offset_request_timeout=5.0
+    )
+    session.start()
+    session.record_epoch(0)  # triggers an offset in the background
+    deadline = time.monotonic() + 5
+    while not server.captures:  # the capture reached the server; its answer takes 2 s
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    durations = []
+    for epoch in range(1, 11):
+        started = time.perf_counter()
+        report = session.record_epoch(epoch)
+        durations.append(time.perf_counter() - started)
+        assert report.epoch == epoch
+    assert max(durations) < 0.05, durations
+    with Ledger(settings["offset_ledger"]) as ledger:
+        assert [o.state for o in ledger.offsets()][:1] == ["intent"]  # still in flight meanwhile
+    server.delay_s = 0.0
+    report = session.stop()
+    session.close()
+    assert report.in_flight_lb == 0
+    assert server.total_lb() == report.confirmed_lb == int(0.6 * 11 // KG_PER_LB)
+
+
+def test_stop_waits_at_most_offset_timeout_and_the_next_session_settles(
+    server: FakeOneClickImpact, settings: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    server.inject(Fault(delay_s=1.0, times=100))  # captured, answered after the deadline
+    server.inject(Fault(endpoint="records", status=503, body="down", times=100))
+    session = new_session(settings, ScriptedEmissions([0.7]), offset_timeout=0.3, offset_request_timeout=0.4)
+    session.start()
+    session.record_epoch(0)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        report = session.stop()
+    elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 0.3 + 0.5, elapsed
+    assert any("offset_timeout" in r.getMessage() for r in caplog.records)
+    assert report.confirmed_lb == 0 and report.in_flight_lb == 1
+    assert report.pending_kg == pytest.approx(0.7 - KG_PER_LB, abs=1e-9)
+    assert session.wait(10)  # the worker gives up on its own, leaving the offset unknown
+    with Ledger(settings["offset_ledger"]) as ledger:
+        (offset,) = ledger.offsets()
+        assert offset.state in ("intent", "unknown")
+    session.close()
+
+    server.clear_faults()
+    nxt = new_session(settings, ScriptedEmissions([0.0]))
+    nxt.start()
+    assert nxt.wait(5)
+    settled = nxt.outcomes
+    assert [(o.offset_id, o.state) for o in settled] == [(offset.offset_id, "confirmed")]
+    final = nxt.stop()
+    nxt.close()
+    assert len(server.captures) == 1 and server.total_lb() == 1
+    assert final.pending_kg == pytest.approx(0.7 - KG_PER_LB, abs=1e-9)
+    with Ledger(settings["offset_ledger"]) as ledger:
+        (offset,) = ledger.offsets()
+        assert offset.state == "confirmed" and offset.carbon_captured == 1
+
+
+def test_close_right_after_a_timed_out_stop_lets_the_offset_finish(
+    server: FakeOneClickImpact, settings: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a callback does on the next fit: close the old session at once, start a new one."""
+    before = set(threading.enumerate())
+    server.inject(Fault(stall_s=0.8))  # a slow answer: acted on after 0.8 s
+    first = new_session(settings, ScriptedEmissions([0.7]), offset_timeout=0.1, offset_request_timeout=3.0)
+    first.start()
+    first.record_epoch(0)
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        assert first.stop().in_flight_lb == 1
+        first.close()  # returns at once; the worker keeps the ledger open until its offset is settled
+        second = new_session(settings, ScriptedEmissions([0.0]), offset_timeout=0.1)
+        second.start()  # reconciles, but does not race the first session's worker
+        second.record_epoch(0)
+        second.stop()
+        second.close()
+        assert first.wait(5)
+    assert not any("background job failed" in r.getMessage() for r in caplog.records)
+    assert len(server.captures) == 1
+    with Ledger(settings["offset_ledger"]) as ledger:
+        (offset,) = ledger.offsets()
+        assert offset.state == "confirmed"
+        assert ledger.balance(offset.account).pending_kg == pytest.approx(0.7 - KG_PER_LB, abs=1e-9)
+    # both sessions' worker threads are gone once idle and closed
+    deadline = time.monotonic() + 2
+    while any(t.name == "carbonoffset-worker" for t in set(threading.enumerate()) - before):
+        assert time.monotonic() < deadline, "worker thread left behind"
+        time.sleep(0.02)
+
+
+def test_local_rank_other_than_zero_runs_no_tracker(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    source = ScriptedEmissions([0.9])
+    session = new_session(settings, source, local_rank=1, global_rank=0)
+    assert not session.is_tracking and session.is_writer
+    session.start()
+    assert source.starts == 0
+    assert session.measure() == Measurement()
+    # the writer still records figures summed across nodes by the integration
+    session.record(Measurement(0.3, 1.0), epoch=0)
+    report = session.stop()
+    session.close()
+    assert source.starts == 0 and source.reads == 0
+    assert report.emissions_kg == pytest.approx(0.3)
+    assert report.pending_kg == pytest.approx(0.3)
+
+
+def test_global_rank_other_than_zero_writes_nothing(
+    server: FakeOneClickImpact, settings: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = {p for p in tmp_path.rglob("*")}
+    source = ScriptedEmissions([5.0])
+    session = new_session(settings, source, global_rank=3, local_rank=0)
+    assert session.is_tracking and not session.is_writer
+    assert session.ledger is None
+    assert session.start() is None
+    report_epoch = session.record_epoch(0)
+    assert report_epoch.emissions_kg == pytest.approx(5.0)  # it measures (local rank 0) ...
+    assert (report_epoch.pending_kg, report_epoch.offset_kg) == (0.0, 0.0)
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        session.offset_now(wait=1)
+        report = session.stop()
+        session.close()
+    assert caplog.records == []  # nothing to warn about (the key is set; this rank just does not offset)
+    assert source.starts == 1
+    assert report.run_id is None and report.ledger_path is None
+    assert server.requests == []  # ... but never offsets
+    assert not Path(settings["offset_ledger"]).exists()
+    assert {p for p in tmp_path.rglob("*")} == before  # and writes no file at all
+
+
+def test_round_up_final_offset_leaves_a_credit_that_later_emissions_use(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    session = new_session(settings, ScriptedEmissions([0.1, 0.2]), offset_round_up=True)
+    session.start()
+    session.record_epoch(0)
+    session.record_epoch(1)
+    assert session.wait(5) and server.captures == []  # below the threshold during the run
+    report = session.stop()
+    session.close()
+    assert [c.carbon_captured for c in server.captures] == [1]  # ceil(0.2 / 0.45359237)
+    assert report.pending_kg == 0.0
+    assert report.credit_kg == pytest.approx(KG_PER_LB - 0.2, abs=1e-9)
+
+    # later emissions use the credit up before anything is pending again
+    later = new_session(settings, ScriptedEmissions([0.2]))
+    later.start()
+    epoch = later.record_epoch(0)
+    assert epoch.pending_kg == 0.0 and epoch.credit_kg == pytest.approx(KG_PER_LB - 0.4, abs=1e-9)
+    report = later.stop()
+    later.close()
+    assert report.credit_kg == pytest.approx(KG_PER_LB - 0.4, abs=1e-9)
+    assert len(server.captures) == 1
+
+    last = new_session(settings, ScriptedEmissions([0.6]))
+    last.start()
+    last.record_epoch(0)
+    report = last.stop()
+    last.close()
+    # 1.0 kg recorded in all: 1 lb (rounded up) + 1 lb (floor of what was pending), 0.093 kg pending
+    assert [c.carbon_captured for c in server.captures] == [1, 1]
+    assert report.credit_kg == 0.0
+    assert report.pending_kg == pytest.approx(1.0 - 2 * KG_PER_LB, abs=1e-9)
+
+
+def test_missing_key_warns_once_and_still_records(
+    settings: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = {k: v for k, v in settings.items() if k != "offset_api_key"}
+    session = new_session(settings, ScriptedEmissions([0.6, 1.2, 2.4]))
+    assert not session.config.can_offset and session.config.auto_offset
+    with caplog.at_level(logging.DEBUG, logger="carbonoffset"):
+        session.start()
+        for epoch in range(3):
+            session.record_epoch(epoch)
+        report = session.stop()
+        session.start()
+        session.record_epoch(0)
+        session.stop()
+        session.close()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "offset_api_key" in warnings[0].getMessage()
+    assert str(settings["offset_ledger"]) in warnings[0].getMessage()
+    assert report.pending_kg == pytest.approx(2.4)
+    assert report.account == "sandbox:no-key"
+    with Ledger(settings["offset_ledger"]) as ledger:
+        assert ledger.balance("sandbox:no-key").recorded_kg == pytest.approx(3.0)
+        assert ledger.offsets() == []
+
+
+class _BrokenSource:
+    def start(self) -> None:
+        raise OSError("no sensors here")
+
+    def read(self) -> Measurement:
+        raise OSError("no sensors here")
+
+    def stop(self) -> Measurement:
+        raise OSError("no sensors here")
+
+
+def test_a_failing_source_never_raises_into_training(
+    server: FakeOneClickImpact, settings: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    session = new_session(settings, _BrokenSource())
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        session.start()
+        reports = [session.record_epoch(epoch) for epoch in range(3)]
+        report = session.stop()
+        session.close()
+    assert all(r.emissions_kg == 0.0 for r in reports)
+    assert report.emissions_kg == 0.0
+    causes = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert len(causes) == len(set(causes)) == 3  # start, read, stop: each warned once
+
+
+def test_session_validates_its_arguments(settings: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="max_emissions_kg"):
+        OffsetSession(max_emissions_kg=0, **settings)
+    with pytest.raises(ValueError, match="offset_environment"):
+        OffsetSession(**{**settings, "offset_environment": "staging"})
+    session = OffsetSession(**settings)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        import pickle
+
+        pickle.dumps(session)
+    session.close()
+
+
+def test_budget_is_reported(
+    server: FakeOneClickImpact, settings: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    session = new_session(
+        settings, ScriptedEmissions([0.1, 0.2, 0.3]), max_emissions_kg=0.25, auto_offset=False
+    )
+    session.start()
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        reports = [session.record_epoch(epoch, max_epochs=10) for epoch in range(3)]
+    session.stop()
+    session.close()
+    assert [r.over_budget for r in reports] == [False, False, True]
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "projected" in messages and "max_emissions_kg" in messages
+
+
+# ---------------------------------------------------------------- CodeCarbon
+@pytest.mark.slow
+def test_codecarbon_source_measures_and_leaves_no_thread(
+    server: FakeOneClickImpact, settings: dict[str, Any], tmp_path: Path
+) -> None:
+    before = set(threading.enumerate())
+    session = OffsetSession(offsetter_options=FAST, **settings)  # default source: CodeCarbon, offline (FRA)
+    session.start()
+    assert isinstance(session.source, CodeCarbonSource)
+    assert type(session.source.tracker).__name__ == "OfflineEmissionsTracker"
+    during = set(threading.enumerate()) - before
+    assert during, "the tracker samples on a thread while running"
+    busy_until = time.monotonic() + 0.5
+    x = 0
+    while time.monotonic() < busy_until:
+        x += 1
+    epoch = session.record_epoch(0)
+    report = session.stop()
+    session.close()
+    assert epoch.emissions_kg > 0 and epoch.energy_kwh > 0
+    assert report.emissions_kg >= epoch.emissions_kg
+    assert report.energy_kwh >= epoch.energy_kwh
+    assert report.emissions_kg < 1e-3  # half a second of CPU is micrograms, not kilograms
+    assert server.captures == []
+    # no CodeCarbon thread (nor our worker, after close) is left running
+    deadline = time.monotonic() + 2
+    while (set(threading.enumerate()) - before) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    left = [t for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == [], [(t.name, t) for t in left]
+    # CodeCarbon wrote no CSV into the working folder
+    assert not list(Path.cwd().glob("*.csv"))
+    with Ledger(settings["offset_ledger"]) as ledger:
+        (run,) = ledger.runs()
+        assert run.emissions_kg == pytest.approx(report.emissions_kg)
+
+    # a second run gets a new tracker (trackers are single-use) and measures again
+    again = OffsetSession(offsetter_options=FAST, **settings)
+    again.start()
+    first_tracker = again.source.tracker  # type: ignore[union-attr]
+    again.record_epoch(0)
+    again.start()
+    assert again.source.tracker is not first_tracker  # type: ignore[union-attr]
+    again.stop()
+    again.close()
+    assert dataclasses.is_dataclass(report)
+
+
+def test_a_broken_ledger_never_raises_into_training(
+    server: FakeOneClickImpact, settings: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger(settings["offset_ledger"])
+    session = new_session(settings, ScriptedEmissions([0.6, 1.2, 1.8]), ledger=ledger)
+    ledger.close()  # every ledger call now fails (as with an I/O error mid-run)
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        session.start()
+        reports = [session.record_epoch(epoch) for epoch in range(3)]
+        report = session.stop()
+        session.close()
+    assert [r.emissions_kg for r in reports] == pytest.approx([0.6, 1.2, 1.8])
+    assert report.emissions_kg == pytest.approx(1.8)
+    assert server.captures == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages and len(messages) == len(set(messages)), messages  # warned, not once per epoch
+
+
+def test_resumed_run_continues_its_totals(server: FakeOneClickImpact, settings: dict[str, Any]) -> None:
+    first = new_session(settings, ScriptedEmissions([0.3]), auto_offset=False)
+    run_id = first.start()
+    first.record_epoch(0)
+    first.stop(final_offset=False, status="interrupted")
+    first.close()
+    # resumed from a checkpoint that saw 0.2 kg: the ledger's 0.3 kg wins, new measurements add to it
+    resumed = new_session(settings, ScriptedEmissions([0.1]), auto_offset=False)
+    assert resumed.start(run_id=run_id, resume=Measurement(0.2, 1.0)) == run_id
+    epoch = resumed.record_epoch(1)
+    report = resumed.stop()
+    resumed.close()
+    assert epoch.emissions_kg == pytest.approx(0.4)
+    assert report.emissions_kg == pytest.approx(0.4)
+    assert report.pending_kg == pytest.approx(0.4)  # not 0.3 + 0.4
+    with Ledger(settings["offset_ledger"]) as ledger:
+        (run,) = ledger.runs()
+        assert (run.run_id, run.status, run.epochs) == (run_id, "finished", 2)
