@@ -21,7 +21,6 @@ import logging
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -232,7 +231,6 @@ class OffsetSession:
         self._last = Measurement()
         self._epochs = 0
         self._projection_checked = False
-        self._finalizer: Any = None
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -327,8 +325,7 @@ class OffsetSession:
                         "source", "emissions tracking failed to start (%s); training continues", exc
                     )
             self.running = True
-            self._finalizer = weakref.finalize(self, OffsetSession._stop_source_quietly, self.source)
-            atexit.register(self._finalizer)
+            atexit.register(self._stop_at_exit)
             if self.is_writer and self.config.auto_offset:
                 if not self.config.can_offset:
                     self._warn_once(
@@ -355,15 +352,18 @@ class OffsetSession:
             self._warn_once("ledger", "carbonoffset could not read its ledger (%s)", exc)
             return False
 
-    @staticmethod
-    def _stop_source_quietly(source: EmissionsSource | None) -> None:
-        """Safety net (atexit / garbage collection): never leave a tracker running."""
-        if source is None:
-            return
+    def _stop_at_exit(self) -> None:
+        """Safety net at interpreter exit for a run nobody stopped (e.g. ``fit`` raised and the
+        framework has no exception hook): stop the tracker and record what it measured, as an
+        ``interrupted`` run without a final offset (the emissions stay pending)."""
         try:
-            source.stop()
-        except Exception:  # noqa: BLE001
-            logger.debug("stopping the emissions source failed", exc_info=True)
+            if self.running:
+                logger.warning(
+                    "carbonoffset: run %s was still running at exit; recording it as interrupted", self.run_id
+                )
+                self.stop(final_offset=False, status="interrupted")
+        except Exception:  # noqa: BLE001 -- never fail interpreter shutdown
+            logger.debug("stopping the run at exit failed", exc_info=True)
 
     def measure(self) -> Measurement:
         """This process's cumulative measurement for the run (base + tracker), without recording it."""
@@ -546,10 +546,7 @@ class OffsetSession:
                     total = self._base + self.source.stop()
                 except Exception as exc:  # noqa: BLE001
                     self._warn_once("stop", "stopping the tracker failed (%s)", exc)
-            if self._finalizer is not None:
-                self._finalizer.detach()
-                atexit.unregister(self._finalizer)
-                self._finalizer = None
+            atexit.unregister(self._stop_at_exit)
         self.record(total, epoch=None)
         if final_offset and self.is_writer and self.config.auto_offset and self._get_offsetter() is not None:
             round_up = self.config.offset_round_up

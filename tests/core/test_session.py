@@ -453,3 +453,28 @@ def test_resumed_run_continues_its_totals(server: FakeOneClickImpact, settings: 
     with Ledger(settings["offset_ledger"]) as ledger:
         (run,) = ledger.runs()
         assert (run.run_id, run.status, run.epochs) == (run_id, "finished", 2)
+
+
+def test_a_run_left_open_is_recorded_as_interrupted_at_exit(tmp_path: Path, ledger_path: Path) -> None:
+    """A process that exits with a run still open (a framework without an exception hook) keeps
+    everything the tracker measured: the atexit safety net records it as interrupted."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave_open.py"
+    script.write_text(
+        "from carbonoffset.core.session import OffsetSession\n"
+        "from carbonoffset.testing import ScriptedEmissions\n"
+        f"session = OffsetSession(offset_ledger={str(ledger_path)!r}, auto_offset=False,\n"
+        "                         source=ScriptedEmissions([0.1, 0.25], advance_on_stop=True))\n"
+        "session.start()\n"
+        "session.record_epoch(0)\n"
+        "raise SystemExit(3)  # like a fit that raised: nobody calls stop()\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert "still running at exit" in result.stderr
+    with Ledger(ledger_path) as ledger:
+        (run,) = ledger.runs()
+    assert run.status == "interrupted"
+    assert run.emissions_kg == pytest.approx(0.25)  # the figure measured after the last epoch is kept
