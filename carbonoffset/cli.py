@@ -136,7 +136,10 @@ def report(
         "pending kg",
         "credit kg",
     ):
-        table.add_column(column, justify="left" if column == "account" else "right")
+        if column == "account":
+            table.add_column(column, overflow="fold", min_width=12)
+        else:
+            table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
             row["account"],
@@ -258,6 +261,36 @@ def reconcile(
         console.print(f"{outcome.offset_id}: {outcome.amount_lb} lb -> {outcome.state}")
     if any(o.state != "confirmed" and o.state != "failed" for o in outcomes):
         raise typer.Exit(EXIT_UNCONFIRMED)
+
+
+@app.command()
+def adopt(
+    account: Annotated[
+        str, typer.Argument(help="Account to take runs from, as `carbonoffset report` shows it.")
+    ],
+    ledger: LedgerOption = None,
+    environment: EnvironmentOption = None,
+) -> None:
+    """Move the runs of another account (recorded without a key, or with a refused key) to the configured one.
+
+    Their emissions become pending there and are offset by the next run or `carbonoffset offset`.
+    """
+    config = _config(offset_ledger=ledger, offset_environment=environment)
+    if not config.can_offset:
+        raise _fail(EXIT_CONFIG, "offset_api_key is not set: set CODECARBON_OFFSET_API_KEY to adopt runs")
+    with _open_ledger(config.ledger_path) as book:
+        if account not in book.accounts():
+            raise _fail(
+                EXIT_CONFIG, f"no account {account!r} in {config.ledger_path}; see `carbonoffset report`"
+            )
+        try:
+            moved = book.move_runs(from_account=account, to_account=config.account)
+        except ValueError as exc:
+            raise _fail(EXIT_CONFIG, str(exc)) from None
+        balance = book.balance(config.account)
+    console.print(
+        f"Moved {moved} run(s) from {account} to {config.account}; pending there now {balance.pending_kg:.6g} kg."
+    )
 
 
 # ------------------------------------------------------------------ fake-server

@@ -614,3 +614,34 @@ class Ledger:
                 (run_id,),
             ).fetchone()[0]
         return float(value)
+
+    def move_runs(self, *, from_account: str, to_account: str) -> int:
+        """Move every run of ``from_account`` to ``to_account`` (e.g. runs recorded without a key,
+        or under a mistyped key, adopted by the account that will offset them).
+
+        Allowed only while ``from_account`` has no offset other than ``failed`` ones: its runs
+        are then wholly pending, and moving them neither loses nor double counts anything.
+
+        Returns:
+            The number of runs moved.
+
+        Raises:
+            ValueError: the accounts are equal, or ``from_account`` has open or confirmed offsets.
+        """
+        if from_account == to_account:
+            raise ValueError("from_account and to_account are the same account")
+        with self._write(durable=True) as conn:
+            busy = conn.execute(
+                "SELECT COUNT(*) FROM offsets WHERE account = ? AND state != 'failed'", (from_account,)
+            ).fetchone()[0]
+            if busy:
+                raise ValueError(
+                    f"account {from_account} has {busy} offset(s) bought or in flight; only an account whose "
+                    "offsets all failed (or that has none) can hand its runs over"
+                )
+            environment = to_account.split(":", 1)[0]
+            cursor = conn.execute(
+                "UPDATE runs SET account = ?, environment = ? WHERE account = ?",
+                (to_account, environment, from_account),
+            )
+            return int(cursor.rowcount)

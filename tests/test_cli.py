@@ -1,0 +1,193 @@
+"""The ``carbonoffset`` command line, against a real ledger and the loopback server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from carbonoffset.cli import EXIT_CONFIG, EXIT_LEDGER, EXIT_UNCONFIRMED, app
+from carbonoffset.core.config import OffsetConfig
+from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.units import KG_PER_LB
+from carbonoffset.testing import FakeOneClickImpact, Fault
+
+SECRET = "test_cli_SECRET_9b7e"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def env(server: FakeOneClickImpact, ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = {
+        "CODECARBON_OFFSET_API_KEY": SECRET,
+        "CODECARBON_OFFSET_ENVIRONMENT": "sandbox",
+        "CODECARBON_OFFSET_API_URL": server.url,
+        "CODECARBON_OFFSET_LEDGER": str(ledger_path),
+        "CODECARBON_OFFSET_REQUEST_TIMEOUT": "2",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+def _record(ledger_path: Path, account: str, emissions_kg: float) -> str:
+    with Ledger(ledger_path) as ledger:
+        run_id = ledger.start_run(account=account, environment=account.split(":")[0])
+        ledger.record(run_id, emissions_kg=emissions_kg, energy_kwh=emissions_kg * 10, epoch=0)
+        ledger.end_run(run_id)
+    return run_id
+
+
+def _account(**overrides: Any) -> str:
+    return OffsetConfig.resolve(**overrides).account
+
+
+def test_report_json_table_and_plot(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path, tmp_path: Path
+) -> None:
+    account = _account()
+    _record(ledger_path, account, 0.3)
+    _record(ledger_path, account, 0.2)
+    result = runner.invoke(app, ["report", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    (row,) = data["accounts"]
+    assert row["account"] == account and row["runs"] == 2
+    assert row["emissions_kg"] == pytest.approx(0.5)
+    assert row["pending_kg"] == pytest.approx(0.5) and row["offset_lb"] == 0
+    plot = tmp_path / "emissions.png"
+    result = runner.invoke(app, ["report", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert "sandbox" in result.output and "0.5" in result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert SECRET not in result.output
+
+
+def test_offset_buys_whole_pounds_and_round_up_leaves_credit(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path, server: FakeOneClickImpact
+) -> None:
+    account = _account()
+    _record(ledger_path, account, 1.0)
+    result = runner.invoke(app, ["offset"])
+    assert result.exit_code == 0, result.output
+    assert server.total_lb() == 2  # floor(1.0 / 0.45359237)
+    result = runner.invoke(app, ["offset"])
+    assert result.exit_code == 0 and "Nothing to offset" in result.output
+    result = runner.invoke(app, ["offset", "--round-up"])
+    assert result.exit_code == 0, result.output
+    assert server.total_lb() == 3
+    with Ledger(ledger_path) as ledger:
+        balance = ledger.balance(account)
+    assert balance.credit_kg == pytest.approx(3 * KG_PER_LB - 1.0)
+    assert SECRET not in result.output
+
+
+def test_offset_that_stays_unconfirmed_exits_1_and_reconcile_settles_it(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path, server: FakeOneClickImpact
+) -> None:
+    account = _account()
+    _record(ledger_path, account, 0.5)
+    server.inject(Fault(status=503, body="<html>busy</html>", times=50))
+    result = runner.invoke(app, ["offset"])
+    assert result.exit_code == EXIT_UNCONFIRMED, result.output
+    assert server.total_lb() == 0
+    server.clear_faults()
+    result = runner.invoke(app, ["reconcile"])
+    assert result.exit_code == 0, result.output
+    assert "confirmed" in result.output
+    assert server.total_lb() == 1
+    result = runner.invoke(app, ["reconcile"])
+    assert result.exit_code == 0 and "No open offsets" in result.output
+    assert server.total_lb() == 1
+
+
+def test_missing_key_and_unknown_environment_exit_2(
+    runner: CliRunner, ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CODECARBON_OFFSET_LEDGER", str(ledger_path))
+    result = runner.invoke(app, ["offset"])
+    assert result.exit_code == EXIT_CONFIG
+    assert "offset_api_key is not set" in result.output
+    result = runner.invoke(app, ["reconcile", "--environment", "staging"])
+    assert result.exit_code == EXIT_CONFIG
+    assert "'production' or 'sandbox'" in result.output
+
+
+def test_bad_ledger_exits_3_and_is_left_untouched(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = tmp_path / "bad.sqlite3"
+    bad.write_bytes(b"this is not a database" * 100)
+    before = bad.read_bytes()
+    result = runner.invoke(app, ["report", "--ledger", str(bad)])
+    assert result.exit_code == EXIT_LEDGER
+    assert "not modified" in result.output.replace("\n", " ")
+    assert bad.read_bytes() == before
+    result = runner.invoke(app, ["report", "--ledger", str(tmp_path / "missing.sqlite3")])
+    assert result.exit_code == EXIT_LEDGER
+
+
+def test_adopt_moves_runs_recorded_without_a_key(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path, server: FakeOneClickImpact
+) -> None:
+    orphan = OffsetConfig(offset_environment="sandbox").account  # recorded with no key configured
+    _record(ledger_path, orphan, 0.6)
+    result = runner.invoke(app, ["adopt", orphan])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["offset"])
+    assert result.exit_code == 0, result.output
+    assert server.total_lb() == 1
+    with Ledger(ledger_path) as ledger:
+        assert ledger.balance(orphan).recorded_kg == 0
+        assert ledger.balance(_account()).pending_kg == pytest.approx(0.6 - KG_PER_LB)
+    # an account that has bought something cannot hand its runs over (that would double count)
+    result = runner.invoke(app, ["adopt", _account(), "--environment", "sandbox"])
+    assert result.exit_code == EXIT_CONFIG
+
+
+def test_key_is_never_a_command_line_option(runner: CliRunner) -> None:
+    for command in ("offset", "reconcile", "report", "adopt", "demo"):
+        result = runner.invoke(app, [command, "--help"])
+        assert "api-key" not in result.output and "api_key" not in result.output.replace("offset_api_key", "")
+
+
+@pytest.mark.slow
+def test_demo_main_job_end_to_end(tmp_path: Path) -> None:
+    """The README's main job: `carbonoffset demo` trains Lightning on digits and exits 0."""
+    pytest.importorskip("lightning")
+    ledger = tmp_path / "demo.sqlite3"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "carbonoffset"), "demo", "--epochs", "3", "--ledger", str(ledger)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_clean_env(), "COLUMNS": "200"},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "local 1ClickImpact-compatible server" in out
+    assert "local sandbox captures" in out and "1 (1 lb)" in out
+    assert "validation accuracy" in out
+    with Ledger(ledger) as book:
+        (run,) = book.runs()
+        (offset,) = book.offsets()
+        balance = book.balance(run.account)
+    assert run.status == "finished" and run.epochs == 3 and run.emissions_kg > 0
+    assert offset.state == "confirmed" and offset.amount_lb == 1
+    assert balance.credit_kg == pytest.approx(KG_PER_LB - run.emissions_kg)
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("CODECARBON_")}
