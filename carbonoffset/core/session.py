@@ -331,9 +331,11 @@ class OffsetSession:
                     self._warn_once(
                         "no-key",
                         "auto_offset is on but offset_api_key is not set: emissions are recorded in the "
-                        "ledger %s and stay pending until you set offset_api_key (or CODECARBON_OFFSET_API_KEY) "
-                        "and run `carbonoffset offset`",
+                        "ledger %s under account %s and stay pending. Set offset_api_key (or "
+                        "CODECARBON_OFFSET_API_KEY), then run `carbonoffset adopt %s` and `carbonoffset offset`",
                         self.config.ledger_path,
+                        self.config.account,
+                        self.config.account,
                     )
                 elif (
                     self._get_offsetter() is not None
