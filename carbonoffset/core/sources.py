@@ -98,6 +98,10 @@ class CodeCarbonSource:
 
         kwargs: dict[str, Any] = {"output_methods": [], "log_level": "error", **self.tracker_kwargs}
         kwargs["output_handlers"] = [self._handler, *kwargs.get("output_handlers", [])]
+        # CodeCarbon applies ``log_level`` only after its constructor has logged "offline tracker
+        # init" and "Multiple instances ... allowed": set its logger's level first, as it would.
+        level = kwargs["log_level"]
+        logging.getLogger("codecarbon").setLevel(level.upper() if isinstance(level, str) else level)
         if self.country_iso_code:
             return OfflineEmissionsTracker(country_iso_code=self.country_iso_code, **kwargs)
         return EmissionsTracker(**kwargs)
