@@ -1,0 +1,469 @@
+"""Hugging Face ``Trainer`` callback: measure training with CodeCarbon and offset it through 1ClickImpact.
+
+All accounting lives in :class:`carbonoffset.integrations._base.CallbackCore`;
+this module only translates ``Trainer`` events into calls on it.
+
+Importing this module never fails: without transformers, constructing
+:class:`CarbonOffsetCallback` raises :class:`ModuleNotFoundError` naming the
+extra to install. With transformers, importing it also registers the name
+``"carbonoffset"`` for ``TrainingArguments(report_to=[...])``, so the Trainer
+can build the callback itself from configuration (``CODECARBON_*``
+environment variables and ``.codecarbon.config``). transformers' own
+``"codecarbon"`` integration is left untouched.
+
+The Trainer has no exception hook: when ``train()`` raises, ``on_train_end``
+never runs. Wrap ``train()`` in :meth:`CarbonOffsetCallback.guard` so that the
+tracker stops at once and what was measured is kept in the ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from carbonoffset.core.config import OffsetConfig, SecretKey
+from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
+from carbonoffset.core.sources import EmissionsSource
+from carbonoffset.integrations._base import CallbackCore, missing_framework
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["REPORT_TO_NAME", "CarbonOffsetCallback"]
+
+#: The name to use in ``TrainingArguments(report_to=[...])``.
+REPORT_TO_NAME = "carbonoffset"
+
+_LABEL = "huggingface"
+_STATE_ATTRIBUTE = "resume_state"
+
+
+try:
+    from transformers.trainer_callback import ExportableState as _ExportableState
+    from transformers.trainer_callback import TrainerCallback as _TrainerCallback
+except ImportError:  # transformers not installed: constructing the callback says what to install
+    _TrainerCallback = None  # type: ignore[assignment,misc]
+    _ExportableState = None  # type: ignore[assignment,misc]
+
+# id(TrainingArguments) -> (weakref to it, weakref to the callback the Trainer was built with); see
+# CarbonOffsetCallback._adopt_original.
+_OWNERS: dict[int, tuple[Any, Any]] = {}
+
+
+def _rebuild_settings(config: OffsetConfig, explicit: dict[str, Any] | None) -> dict[str, Any]:
+    """Non-secret settings to store in a checkpoint so the Trainer can rebuild the callback.
+
+    ``explicit``: the settings the user passed (``None`` when a ready session
+    was given: then the session's non-default settings are used). The API key
+    is never included; paths become strings so the state stays JSON.
+    """
+    if explicit is None:
+        defaults = OffsetConfig()
+        explicit = {
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(defaults, f.name)
+        }
+    out: dict[str, Any] = {}
+    for name, value in explicit.items():
+        if name == "offset_api_key" or value is None or isinstance(value, SecretKey):
+            continue
+        if isinstance(value, Path) or not isinstance(value, (str, int, float, bool)):
+            value = str(value)
+        out[name] = value
+    return out
+
+
+def _nodes(args: Any) -> int:
+    """Number of nodes of the job (stored in the ledger): world size / processes per node."""
+    world = int(getattr(args, "world_size", 1) or 1)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    return max(1, world // max(1, per_node))
+
+
+def _any_process(flag: bool, args: Any) -> bool:
+    """``flag`` OR-ed over every process of a distributed job (``flag`` itself in a single process).
+
+    Only local process zero of each node measures, so only some processes see
+    the budget passed; the others must stop at the same epoch or they would
+    wait forever in the next collective operation.
+    """
+    if int(getattr(args, "world_size", 1) or 1) <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    decision = torch.tensor([1.0 if flag else 0.0], device=args.device)
+    dist.all_reduce(decision, op=dist.ReduceOp.MAX)
+    return bool(decision.item() > 0)
+
+
+if _TrainerCallback is not None:
+
+    class CarbonOffsetCallback(_TrainerCallback, _ExportableState):
+        """Measure the emissions of ``Trainer.train()`` and offset them, exactly once.
+
+        At ``on_train_begin`` a fresh tracker and a new ledger run start
+        (every ``train()`` call is its own run, unless it resumes one, see
+        below). At each ``on_epoch_end`` the cumulative figures are recorded in
+        the ledger; once the account's pending emissions reach
+        ``offset_threshold`` an offset is bought on a background thread (the
+        epoch never waits for the network). At ``on_train_end`` the final
+        figures are recorded, the final offset is made (respecting the
+        threshold, or rounding up to a whole pound when ``offset_round_up``
+        is set) and the callback waits at most ``offset_timeout`` seconds for
+        offsets in flight; whatever is not settled by then stays in the
+        ledger for the next run or ``carbonoffset reconcile``.
+
+        An "epoch" is one Trainer epoch (``epoch`` in the ledger is 0-based:
+        ``ceil(state.epoch) - 1``).
+
+        **Metrics.** With ``log_metrics`` the callback asks the Trainer to log
+        at the end of every epoch (``control.should_log``) and adds
+        ``carbon/energy_kwh`` (kWh), ``carbon/emissions_kg``,
+        ``carbon/offset_kg`` and ``carbon/pending_kg`` (kg CO2eq, cumulative
+        for the run; pending is the account's) to that log entry: to
+        ``state.log_history`` and to the ``logs`` every callback placed after
+        this one receives (the progress output is always placed last). The
+        Trainer runs ``report_to`` integrations before the callbacks passed in
+        ``callbacks=[...]``; for integrations such as TensorBoard or W&B to
+        receive the metrics, put this callback before them: use
+        ``report_to=["carbonoffset", "tensorboard"]`` (settings from
+        configuration), or move an instance to the front with
+        ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))``.
+        After ``on_train_end`` the run's final figures are also added to the
+        last entry of ``state.log_history`` (the one holding ``train_runtime``).
+
+        **Ranks.** Only the local main process of each node runs a tracker
+        (``args.local_process_index == 0``) and only the main process
+        (``args.process_index == 0``) writes the ledger and offsets. With a
+        budget, the stop decision is shared by every process (one
+        ``all_reduce`` per epoch), so all stop at the same epoch.
+
+        **Resume.** The callback is an ``ExportableState``: its run id and
+        cumulative figures are saved in every checkpoint's
+        ``trainer_state.json`` (never the API key). With
+        ``TrainingArguments(restore_callback_states_from_checkpoint=True)``
+        and ``trainer.train(resume_from_checkpoint=...)`` the resumed
+        training continues the same ledger run and its totals, and never
+        offsets again what was already offset. The Trainer then replaces this
+        instance with one it rebuilds from the checkpoint; the rebuilt one
+        adopts this instance's settings (API key, source, session), so
+        :attr:`final_report` here still describes the run. Without that
+        option a resumed training is recorded as a new run.
+
+        Args:
+            session: a ready :class:`~carbonoffset.core.session.OffsetSession`
+                (its settings are used); or ``None`` (default) to build one
+                per ``train()`` from ``**settings``. Not both.
+            max_emissions_kg: carbon budget per run in kg CO2eq (> 0), or
+                ``None`` (default, no budget). When the run's emissions pass
+                it, ``control.should_training_stop`` is set at that epoch's
+                end and a warning is logged; after the first epoch a warning
+                is logged when the emissions projected over
+                ``num_train_epochs`` pass it.
+            log_metrics: log the four ``carbon/*`` metrics each epoch
+                (default ``True``).
+            source: emissions source for the sessions built here (default:
+                CodeCarbon; tests inject
+                :class:`~carbonoffset.testing.ScriptedEmissions`).
+            offsetter_options: passed to the offsetter (``max_attempts``,
+                ``wait_initial_s``, ``wait_max_s``).
+            **settings: :class:`~carbonoffset.core.config.OffsetConfig` fields
+                (``offset_api_key``, ``offset_environment``,
+                ``offset_threshold`` (kg, >= 0.5), ``auto_offset``,
+                ``offset_ledger``, ``country_iso_code``, ``offset_timeout``
+                (s), ...). Unset ones come from ``CODECARBON_*`` environment
+                variables and ``.codecarbon.config``.
+
+        Raises:
+            ValueError: invalid settings, ``max_emissions_kg <= 0``, or both
+                ``session`` and settings given (raised here, before training).
+            ModuleNotFoundError: transformers is not installed.
+
+        Example::
+
+            from transformers import Trainer, TrainingArguments
+            from carbonoffset.integrations.huggingface import CarbonOffsetCallback
+
+            callback = CarbonOffsetCallback(offset_environment="sandbox", country_iso_code="FRA")
+            trainer = Trainer(model=model, args=TrainingArguments("out", num_train_epochs=3),
+                              train_dataset=train_set, callbacks=[callback])
+            with callback.guard():  # stops the tracker and keeps the figures if train() raises
+                trainer.train()
+            [e["carbon/emissions_kg"] for e in trainer.state.log_history if "carbon/emissions_kg" in e]
+            callback.final_report.offset_lb  # whole pounds bought for this run
+        """
+
+        def __init__(
+            self,
+            session: OffsetSession | None = None,
+            *,
+            max_emissions_kg: float | None = None,
+            log_metrics: bool = True,
+            source: EmissionsSource | None = None,
+            offsetter_options: dict[str, Any] | None = None,
+            **settings: Any,
+        ) -> None:
+            super().__init__()
+            self._core = CallbackCore(
+                session,
+                max_emissions_kg=max_emissions_kg,
+                log_metrics=log_metrics,
+                label=_LABEL,
+                source=source,
+                offsetter_options=offsetter_options,
+                **settings,
+            )
+            self._settings_to_save = _rebuild_settings(
+                self._core.config, None if session is not None else settings
+            )
+            self._pending_metrics: dict[str, float] | None = None
+            self._restored: dict[str, Any] | None = None
+
+        # ------------------------------------------------------------ read-only
+        @property
+        def config(self) -> OffsetConfig:
+            """The resolved settings."""
+            return self._core.config
+
+        @property
+        def max_emissions_kg(self) -> float | None:
+            """The carbon budget per run in kg CO2eq, or ``None``."""
+            return self._core.max_emissions_kg
+
+        @property
+        def log_metrics(self) -> bool:
+            """Whether the ``carbon/*`` metrics are logged each epoch."""
+            return self._core.log_metrics
+
+        @property
+        def session(self) -> OffsetSession | None:
+            """The session of the current (or last) run; ``None`` before the first."""
+            return self._core.session
+
+        @property
+        def last_report(self) -> EpochReport | None:
+            """Figures after the last epoch of the current (or last) run."""
+            return self._core.last_report
+
+        @property
+        def final_report(self) -> RunReport | None:
+            """Figures of the last run once it ended (normally, or through :meth:`guard`)."""
+            return self._core.final_report
+
+        # ------------------------------------------------------ trainer hooks
+        def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # Remember which callback this Trainer was built with, so that an instance the
+            # Trainer rebuilds from a checkpoint can adopt its settings (key, source, session).
+            owners = _OWNERS
+            for key, (args_ref, _) in list(owners.items()):
+                if args_ref() is None:
+                    del owners[key]
+            with contextlib.suppress(TypeError):  # arguments without weak references: nothing to adopt later
+                owners[id(args)] = (weakref.ref(args), weakref.ref(self))
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self._restored is not None:
+                self._adopt_original(args)
+            elif getattr(state, "global_step", 0) and not getattr(
+                args, "restore_callback_states_from_checkpoint", False
+            ):
+                logger.info(
+                    "training resumes from a checkpoint without restore_callback_states_from_checkpoint=True: "
+                    "carbonoffset records it as a new run"
+                )
+            self._pending_metrics = None
+            self._close_unfinished("interrupted")
+            self._core.begin(
+                global_rank=int(getattr(args, "process_index", 0) or 0),
+                local_rank=int(getattr(args, "local_process_index", 0) or 0),
+                nodes=_nodes(args),
+            )
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            epoch = max(0, math.ceil((state.epoch or 0.0) - 1e-6) - 1)
+            max_epochs = getattr(state, "num_train_epochs", None) or None
+            report = self._core.epoch_end(epoch, max_epochs=int(max_epochs) if max_epochs else None)
+            if report is not None and self._core.log_metrics:
+                self._pending_metrics = report.metrics()
+                control.should_log = True
+            stop = self._core.stop_requested
+            if self._core.max_emissions_kg is not None:
+                stop = _any_process(stop, args)  # every process must stop at the same epoch
+            if stop:
+                control.should_training_stop = True
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
+            metrics, self._pending_metrics = self._pending_metrics, None
+            if not metrics or logs is None:
+                return
+            history = getattr(state, "log_history", None)
+            if history:
+                entry = history[-1]  # Trainer.log appended {**logs, "step": global_step} just before on_log
+                if entry.get("step") == state.global_step and all(
+                    k in logs and (logs[k] is v or logs[k] == v) for k, v in entry.items() if k != "step"
+                ):
+                    entry.update(metrics)
+            logs.update(metrics)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            report = self._core.end()
+            if report is None:
+                return
+            if self._core.log_metrics and state.log_history and "train_runtime" in state.log_history[-1]:
+                state.log_history[-1].update(report.metrics())
+            logger.info(
+                "training ended: %.6g kg CO2eq (%.6g kWh) over %d epoch(s); %d lb offset for this run, "
+                "%.6g kg pending on the account",
+                report.emissions_kg,
+                report.energy_kwh,
+                report.epochs,
+                report.offset_lb,
+                report.pending_kg,
+            )
+
+        # ---------------------------------------------------------- safety net
+        @contextlib.contextmanager
+        def guard(self) -> Iterator[CarbonOffsetCallback]:
+            """Context manager (or decorator) around ``trainer.train()`` for when it raises.
+
+            The Trainer calls no callback when ``train()`` raises
+            (``on_train_end`` is skipped), so on its own the tracker would keep
+            running until the next ``train()`` with this callback, garbage
+            collection, or the end of the process (a finalizer stops it
+            then). Inside ``guard`` an exception (``KeyboardInterrupt``
+            included) stops the tracker at once, records what was measured in
+            the ledger (run status ``failed``, or ``interrupted`` for
+            ``KeyboardInterrupt``; those emissions stay pending and are offset
+            by a later run, no final offset is bought), then the exception
+            propagates unchanged.
+
+            Yields:
+                This callback.
+
+            Example::
+
+                with callback.guard():
+                    trainer.train()
+            """
+            try:
+                yield self
+            except BaseException as exc:
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                self._close_unfinished(status)
+                raise
+            # train() returned without on_train_end (its exception was caught inside the block)
+            self._close_unfinished("failed")
+
+        def _close_unfinished(self, status: str) -> None:
+            session = self._core.session
+            if session is not None and session.running:
+                logger.warning(
+                    "a training run ended without on_train_end (train() raised); its run %s is closed as %r "
+                    "with everything measured kept in the ledger",
+                    session.run_id,
+                    status,
+                )
+                self._core.abort(status)
+
+        # --------------------------------------------------------------- resume
+        def state(self) -> dict[str, Any]:
+            """``ExportableState``: what the Trainer saves in ``trainer_state.json`` at each checkpoint.
+
+            ``"args"`` rebuild the callback (``max_emissions_kg``,
+            ``log_metrics`` and the non-secret settings; never the API key,
+            which the rebuilt callback takes from the instance given to the
+            Trainer or from configuration); ``"attributes"`` hold the run id
+            and cumulative figures (see :meth:`CallbackCore.state_dict`).
+            """
+            return {
+                "args": {
+                    "max_emissions_kg": self._core.max_emissions_kg,
+                    "log_metrics": self._core.log_metrics,
+                    **self._settings_to_save,
+                },
+                "attributes": {_STATE_ATTRIBUTE: self._core.state_dict()},
+            }
+
+        @property
+        def resume_state(self) -> dict[str, Any]:
+            """The resume state (run id, cumulative figures); setting it continues that run at the next
+            ``train()`` (this is what the Trainer does when restoring from a checkpoint)."""
+            return self._core.state_dict()
+
+        @resume_state.setter
+        def resume_state(self, value: dict[str, Any]) -> None:
+            self._restored = dict(value or {})
+            self._core.load_state_dict(self._restored)
+
+        def state_dict(self) -> dict[str, Any]:
+            """Resume state (run id and cumulative figures; no key, no path), JSON-serialisable."""
+            return self._core.state_dict()
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            """Continue the run saved in ``state`` at the next ``train()`` (missing keys default)."""
+            self._core.load_state_dict(state)
+
+        def _adopt_original(self, args: Any) -> None:
+            """This instance was rebuilt by the Trainer from a checkpoint: share the core of the callback
+            the Trainer was built with (its key, source and session), then continue the saved run."""
+            restored, self._restored = self._restored, None
+            entry = _OWNERS.get(id(args))
+            original = entry[1]() if entry is not None and entry[0]() is args else None
+            if isinstance(original, CarbonOffsetCallback) and original is not self:
+                self._core = original._core
+                self._settings_to_save = original._settings_to_save
+                _OWNERS[id(args)] = (weakref.ref(args), weakref.ref(self))
+            elif original is None:
+                logger.info(
+                    "restored from a checkpoint with the settings saved there and CODECARBON_* configuration "
+                    "(no callback instance given to this Trainer)"
+                )
+            if restored:
+                self._core.load_state_dict(restored)
+
+    def _register_report_to() -> None:
+        """Make ``TrainingArguments(report_to=["carbonoffset"])`` build :class:`CarbonOffsetCallback`."""
+        try:
+            from transformers.integrations import integration_utils
+        except ImportError:  # pragma: no cover - transformers without the integrations module
+            logger.debug("transformers has no integration_utils; report_to=['carbonoffset'] is unavailable")
+            return
+        registry = getattr(integration_utils, "INTEGRATION_TO_CALLBACK", None)
+        if not isinstance(registry, dict):  # pragma: no cover - a future transformers
+            logger.debug(
+                "transformers has no INTEGRATION_TO_CALLBACK; report_to=['carbonoffset'] is unavailable"
+            )
+            return
+        current = registry.get(REPORT_TO_NAME)
+        if current is None or getattr(current, "__module__", None) == __name__:
+            registry[REPORT_TO_NAME] = CarbonOffsetCallback
+        else:
+            logger.warning(
+                "report_to name %r is already taken by %r; not registering carbonoffset's callback",
+                REPORT_TO_NAME,
+                current,
+            )
+
+    _register_report_to()
+
+else:
+
+    class CarbonOffsetCallback:  # type: ignore[no-redef]
+        """Placeholder: transformers is not importable here (constructing raises ModuleNotFoundError)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise missing_framework(
+                "CarbonOffsetCallback", "Hugging Face Transformers", "transformers>=4.45", "transformers"
+            )
