@@ -34,7 +34,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+# a wide console when piped, so `carbonoffset report > file` keeps every column
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 EXIT_UNCONFIRMED = 1
@@ -61,6 +62,33 @@ def _config(**explicit: Any) -> OffsetConfig:
         return OffsetConfig.resolve(**explicit)
     except ConfigurationError as exc:
         raise _fail(EXIT_CONFIG, str(exc)) from None
+
+
+def _ledger_setting() -> Path:
+    """The ledger path alone (``report`` needs no other setting, so others may be invalid)."""
+    from carbonoffset.core.config import default_ledger_path, read_external_settings
+
+    try:
+        value = read_external_settings().get("offset_ledger")
+    except ConfigurationError as exc:
+        raise _fail(EXIT_CONFIG, str(exc)) from None
+    return Path(value).expanduser() if value else default_ledger_path()
+
+
+def _mention_other_accounts(*, book_path: Path, config: OffsetConfig) -> None:
+    """Point at runs stranded in another account of the same environment (no key, refused key)."""
+    with _open_ledger(book_path) as book:
+        others = [
+            (account, book.balance(account).pending_kg)
+            for account in book.accounts()
+            if account != config.account and account.startswith(f"{config.offset_environment}:")
+        ]
+    for account, pending_kg in others:
+        if pending_kg > 0:
+            console.print(
+                f"Account {account} has {pending_kg:.6g} kg pending (recorded without a key or with a refused "
+                f"key): `carbonoffset adopt {account}` hands it to this key's account."
+            )
 
 
 def _open_ledger(path: Path) -> Ledger:
@@ -113,7 +141,7 @@ def report(
     ] = None,
 ) -> None:
     """Show, per account (environment + key fingerprint): runs, emissions, offsets, pending and credit."""
-    path = ledger or _config().ledger_path
+    path = ledger or _ledger_setting()
     if not path.exists():
         raise _fail(
             EXIT_LEDGER, f"no ledger at {path}; run a training with carbonoffset first or pass --ledger"
@@ -226,11 +254,24 @@ def offset(
             console.print(f"settled earlier offset {outcome.offset_id}: {outcome.state}")
         outcome = offsetter.offset_pending(round_up=round_up, respect_threshold=False)
         balance = book.balance(config.account)
-    if outcome is None:
-        console.print(
-            f"Nothing to offset in {config.offset_environment}: pending {balance.pending_kg:.6g} kg is under one "
-            f"pound ({KG_PER_LB} kg); use --round-up to buy one pound anyway."
+    if offsetter.auth_failed:
+        raise _fail(
+            EXIT_CONFIG,
+            "1ClickImpact refused offset_api_key (value not shown); nothing was bought. Fix the key "
+            f"(environment {config.offset_environment}) and run again.",
         )
+    if outcome is None:
+        if balance.pending_kg <= 0:
+            console.print(
+                f"Nothing to offset in {config.offset_environment} ({config.account}): nothing is pending"
+                + (f"; credit {balance.credit_kg:.6g} kg." if balance.credit_kg else ".")
+            )
+        else:
+            console.print(
+                f"Nothing to offset in {config.offset_environment}: pending {balance.pending_kg:.6g} kg is under "
+                f"one pound ({KG_PER_LB} kg); use --round-up to buy one pound anyway."
+            )
+        _mention_other_accounts(book_path=config.ledger_path, config=config)
         return
     console.print(
         f"Offset {outcome.offset_id}: {outcome.amount_lb} lb ({outcome.amount_lb * KG_PER_LB:.6g} kg) -> "
@@ -255,8 +296,16 @@ def reconcile(
         raise _fail(EXIT_CONFIG, "offset_api_key is not set: set CODECARBON_OFFSET_API_KEY to reconcile")
     with _open_ledger(config.ledger_path) as book:
         outcomes = Offsetter(config, book).reconcile()
-    if not outcomes:
+        still_open = book.offsets(config.account, states=("intent", "unknown"))
+    if not outcomes and not still_open:
         console.print("No open offsets to reconcile.")
+    held = [o for o in still_open if o.offset_id not in {x.offset_id for x in outcomes}]
+    if held:
+        console.print(
+            f"{len(held)} open offset(s) are held by a running process, or a capture for them was sent less "
+            "than 5 minutes ago and may still land: they are left alone for now; run reconcile again later."
+        )
+        raise typer.Exit(EXIT_UNCONFIRMED)
     for outcome in outcomes:
         console.print(f"{outcome.offset_id}: {outcome.amount_lb} lb -> {outcome.state}")
     if any(o.state != "confirmed" and o.state != "failed" for o in outcomes):
@@ -330,6 +379,9 @@ def demo(
     framework: Annotated[str, typer.Option(help="lightning, huggingface or keras.")] = "lightning",
     epochs: Annotated[int, typer.Option(min=1, max=50, help="Epochs to train.")] = 5,
     ledger: LedgerOption = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Allow the demo to buy 1 lb in production with your configured key.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train a small model on scikit-learn's digits with the callback, then offset (rounded up to 1 lb)."""
@@ -346,6 +398,12 @@ def demo(
         "offset_round_up": True,
         "offset_threshold": base.offset_threshold,
     }
+    if base.can_offset and base.offset_environment == "production" and not yes:
+        raise _fail(
+            EXIT_CONFIG,
+            "a production offset_api_key is configured: the demo would buy 1 lb of carbon capture for real. "
+            "Pass --yes to do that, or set CODECARBON_OFFSET_ENVIRONMENT=sandbox with a test_ key.",
+        )
     if base.can_offset:
         console.print(
             f"Using 1ClickImpact ({base.offset_environment}) with your configured offset_api_key. The final "

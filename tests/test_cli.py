@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,84 @@ def _clean_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("CODECARBON_")}
+
+
+def test_adopt_refuses_to_mix_environments(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path, server: FakeOneClickImpact
+) -> None:
+    production_orphan = OffsetConfig(offset_environment="production").account
+    _record(ledger_path, production_orphan, 5.0)
+    result = runner.invoke(app, ["adopt", production_orphan])
+    assert result.exit_code == EXIT_CONFIG
+    assert "different environments" in " ".join(result.output.split())
+    with Ledger(ledger_path) as ledger:
+        assert ledger.balance(production_orphan).recorded_kg == pytest.approx(5.0)
+
+
+def test_refused_key_exits_2_and_points_at_stranded_runs(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path, server: FakeOneClickImpact
+) -> None:
+    orphan = OffsetConfig(offset_environment="sandbox").account
+    _record(ledger_path, orphan, 1.2)
+    result = runner.invoke(app, ["offset"])
+    assert result.exit_code == 0, result.output
+    assert f"carbonoffset adopt {orphan}" in result.output.replace("\n", "")
+    _record(ledger_path, _account(), 0.6)
+    server.api_keys = {"test_some_other_key"}  # the configured key is now refused
+    result = runner.invoke(app, ["offset"])
+    assert result.exit_code == EXIT_CONFIG
+    assert "refused offset_api_key" in " ".join(result.output.split())
+    assert SECRET not in result.output
+    assert server.total_lb() == 0
+
+
+def test_reconcile_leaves_a_recently_sent_capture_alone(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path, server: FakeOneClickImpact
+) -> None:
+    config = OffsetConfig.resolve()
+    _record(ledger_path, config.account, 0.5)
+    with Ledger(ledger_path) as ledger:
+        intent = ledger.create_intent(
+            account=config.account,
+            environment="sandbox",
+            run_id=None,
+            amount_lb_for=lambda kg: 1,
+            min_pending_kg=0.0,
+            lease_s=0.0,  # lease already expired: only the resend grace protects it
+        )
+        assert intent is not None
+        ledger.mark_sent(intent.offset_id)
+    raw = sqlite3.connect(ledger_path)
+    with raw:  # as if another process on another host had sent it
+        raw.execute("UPDATE offsets SET owner = 'elsewhere:1:4242' WHERE offset_id = ?", (intent.offset_id,))
+    raw.close()
+    result = runner.invoke(app, ["reconcile"])
+    assert result.exit_code == EXIT_UNCONFIRMED
+    assert "may still land" in " ".join(result.output.split())
+    assert server.total_lb() == 0 and server.requests == []
+
+
+def test_report_needs_only_the_ledger_setting_and_keeps_columns_when_piped(
+    env: dict[str, str], ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _record(ledger_path, _account(), 0.3)
+    monkeypatch.setenv("CODECARBON_OFFSET_THRESHOLD", "0.1")  # invalid, but irrelevant to report
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "carbonoffset"), "report"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "credit kg" in result.stdout and "pending kg" in result.stdout
+
+
+def test_demo_refuses_to_spend_in_production_without_yes(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, ledger_path: Path
+) -> None:
+    monkeypatch.setenv("CODECARBON_OFFSET_API_KEY", "live_would_spend_money")
+    monkeypatch.setenv("CODECARBON_OFFSET_LEDGER", str(ledger_path))
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == EXIT_CONFIG
+    assert "--yes" in result.output
+    assert not ledger_path.exists()

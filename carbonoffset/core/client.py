@@ -215,7 +215,11 @@ class OffsetClient:
 
     def scrub(self, text: str) -> str:
         """``text`` with the API key replaced by ``***``."""
-        return text.replace(self._secret, "***") if self._secret else text
+        if not self._secret:
+            return text
+        for form in (self._secret, repr(self._secret)[1:-1]):
+            text = text.replace(form, "***")
+        return text
 
     def classify(self, exc: BaseException) -> OffsetServiceError:
         """Turn an SDK failure into an :class:`OffsetServiceError` (see the module table)."""

@@ -31,6 +31,7 @@ ENVIRONMENTS: Final[tuple[str, ...]] = ("production", "sandbox")
 DEFAULT_THRESHOLD_KG: Final[float] = 0.5
 DEFAULT_OFFSET_TIMEOUT_S: Final[float] = 30.0
 DEFAULT_REQUEST_TIMEOUT_S: Final[float] = 10.0
+MAX_TIMEOUT_S: Final[float] = 86_400.0
 LEDGER_FILE_NAME: Final[str] = "ledger.sqlite3"
 
 #: Keys read from environment variables / ``.codecarbon.config``, in the
@@ -73,6 +74,13 @@ class SecretKey:
         if not value:
             raise ConfigurationError(
                 "offset_api_key is empty; set it to your 1ClickImpact key or leave it unset"
+            )
+        if not (value.isascii() and value.isprintable()) or any(ch.isspace() for ch in value):
+            # such a key cannot be sent in an HTTP header, and the HTTP library would quote it
+            # in its error message: refuse it here, without showing it
+            raise ConfigurationError(
+                "offset_api_key contains spaces, line breaks or non-ASCII characters; a 1ClickImpact "
+                "key is one token such as test_... or live_...: copy it again"
             )
         self._value = value
 
@@ -200,8 +208,10 @@ class OffsetConfig:
         object.__setattr__(self, "offset_round_up", _parse_bool("offset_round_up", self.offset_round_up))
         for name in ("offset_timeout", "offset_request_timeout"):
             value = _parse_float(name, getattr(self, name))
-            if value <= 0:
-                raise ConfigurationError(f"{name} must be > 0 seconds (got {value:g})")
+            if not 0 < value <= MAX_TIMEOUT_S:
+                raise ConfigurationError(
+                    f"{name} must be > 0 and at most {MAX_TIMEOUT_S:g} seconds (one day); got {value:g}"
+                )
             object.__setattr__(self, name, value)
         if self.offset_ledger is not None:
             object.__setattr__(self, "offset_ledger", Path(self.offset_ledger).expanduser())
@@ -298,6 +308,10 @@ def read_external_settings(
         (cwd or Path.cwd()) / ".codecarbon.config",
     ):
         merged.update(_read_config_file(path))
+    _warn_unknown_offset_keys(
+        (name[len("CODECARBON_") :].lower() for name in environ if name.startswith("CODECARBON_OFFSET_")),
+        where="the environment (CODECARBON_*)",
+    )
     for key in CONFIG_KEYS:
         env_value = environ.get(f"CODECARBON_{key.upper()}")
         if env_value is not None:
@@ -308,10 +322,19 @@ def read_external_settings(
 def _read_config_file(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
-    parser = configparser.ConfigParser(interpolation=None)
+    # the same reader CodeCarbon uses (``%`` interpolation included), so both tools see the same values
+    parser = configparser.ConfigParser()
     problem: str | None = None
+    values: dict[str, str] = {}
     try:
         parser.read(path, encoding="utf-8")
+        if parser.has_section("codecarbon"):
+            values = dict(parser.items("codecarbon"))
+    except configparser.InterpolationError as exc:
+        problem = (
+            f"{type(exc).__name__} in option {exc.option!r}: a '%' must be written '%%' "
+            "(CodeCarbon reads this file with interpolation too)"
+        )
     except (configparser.Error, UnicodeDecodeError) as exc:
         problem = type(exc).__name__
     if problem is not None:
@@ -321,6 +344,19 @@ def _read_config_file(path: Path) -> dict[str, str]:
             f"{path} is not a valid INI file ({problem}); fix or remove it. "
             "carbonoffset reads its [codecarbon] section"
         )
-    if not parser.has_section("codecarbon"):
-        return {}
-    return {key: value for key, value in parser.items("codecarbon") if key in CONFIG_KEYS}
+    _warn_unknown_offset_keys(values, where=str(path))
+    return {key: value for key, value in values.items() if key in CONFIG_KEYS}
+
+
+def _warn_unknown_offset_keys(keys: Any, *, where: str) -> None:
+    """Warn about ``offset_*`` keys carbonoffset does not know (likely typos such as ``offset_treshold``)."""
+    import logging
+
+    for key in keys:
+        if key.startswith("offset_") and key not in CONFIG_KEYS:
+            logging.getLogger(__name__).warning(
+                "unknown setting %r in %s is ignored; carbonoffset's settings are %s",
+                key,
+                where,
+                ", ".join(CONFIG_KEYS),
+            )

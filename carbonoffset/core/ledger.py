@@ -40,7 +40,12 @@ from typing import Final, Literal
 from carbonoffset.core.errors import LedgerError
 from carbonoffset.core.units import KG_PER_LB
 
-SCHEMA_VERSION: Final[int] = 1
+SCHEMA_VERSION: Final[int] = 2
+"""2 added ``offsets.last_sent`` and the resume links of ``runs`` (migrated in place from 1)."""
+DEFAULT_RESEND_GRACE_S: Final[float] = 300.0
+"""Seconds after a capture was sent during which no other process may take the offset over and
+look it up: a request abandoned at its deadline may still be acted on by the server for a while,
+and a look-up cannot see a request the server has not processed yet."""
 APPLICATION_ID: Final[int] = 0x434F4646  # "COFF", stored in the SQLite header
 OffsetState = Literal["intent", "unknown", "confirmed", "failed"]
 OPEN_STATES: Final[tuple[str, ...]] = ("intent", "unknown")
@@ -58,7 +63,10 @@ CREATE TABLE runs (
     emissions_kg REAL NOT NULL DEFAULT 0,
     energy_kwh REAL NOT NULL DEFAULT 0,
     epochs INTEGER NOT NULL DEFAULT 0,
-    nodes INTEGER NOT NULL DEFAULT 1
+    nodes INTEGER NOT NULL DEFAULT 1,
+    resumed_from TEXT,
+    base_emissions_kg REAL NOT NULL DEFAULT 0,
+    base_energy_kwh REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX runs_by_account ON runs(account);
 CREATE TABLE records (
@@ -86,7 +94,8 @@ CREATE TABLE offsets (
     user_id TEXT,
     time_utc TEXT,
     carbon_captured INTEGER,
-    last_error TEXT
+    last_error TEXT,
+    last_sent REAL
 );
 CREATE INDEX offsets_by_account ON offsets(account, state);
 """
@@ -97,8 +106,19 @@ def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _pid_namespace() -> str:
+    """Identity of this process's PID namespace (containers sharing a host name differ here)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "-"
+
+
+_PID_NS = _pid_namespace()
+
+
 def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{socket.gethostname()}:{_PID_NS}:{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -163,6 +183,7 @@ class OffsetRecord:
     time_utc: str | None
     carbon_captured: int | None
     last_error: str | None
+    last_sent: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +201,9 @@ class RunRecord:
     energy_kwh: float
     epochs: int
     nodes: int
+    resumed_from: str | None = None
+    base_emissions_kg: float = 0.0
+    base_energy_kwh: float = 0.0
 
 
 class Ledger:
@@ -190,6 +214,15 @@ class Ledger:
 
     Args:
         path: the SQLite file; created (with its folder) when missing.
+        full_check: check every page of an existing file when opening it
+            (read-only ``PRAGMA quick_check``; about 0.3 s per million
+            recorded epochs). With ``False`` only the accounting tables
+            (``meta``, ``runs``, ``offsets``: what balances and offsets are
+            computed from) are checked at once, and the whole file too when it
+            is at most :attr:`FULL_CHECK_MAX_BYTES`; call :meth:`verify` for
+            the rest before writing records. Sessions open their ledger this
+            way and verify it on their background thread, so a big ledger never
+            delays the start of training.
 
     Raises:
         LedgerError: the file is not a SQLite database, is corrupt, belongs
@@ -197,9 +230,15 @@ class Ledger:
             The file is left untouched.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    #: Files up to this size (bytes) are always checked completely when opened (a few ms).
+    FULL_CHECK_MAX_BYTES: Final[int] = 4 * 1024 * 1024
+
+    def __init__(self, path: str | os.PathLike[str], *, full_check: bool = True) -> None:
         self.path = Path(path).expanduser()
         self._lock = threading.RLock()
+        self._full_check = full_check
+        self._verified = False
+        self._corrupt: str | None = None
         self._conn = self._connect()
 
     # ------------------------------------------------------------------ opening
@@ -207,7 +246,13 @@ class Ledger:
         path = self.path
         is_new = not path.exists() or path.stat().st_size == 0
         if is_new:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LedgerError(
+                    f"cannot create the ledger's folder {path.parent} ({exc.strerror}); point offset_ledger "
+                    "(CODECARBON_OFFSET_LEDGER) at a writable path"
+                ) from None
         try:
             conn = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -220,6 +265,7 @@ class Ledger:
             conn.execute("PRAGMA synchronous = NORMAL")
             if is_new:
                 self._create_schema(conn)
+                self._verified = True
         except LedgerError:
             conn.close()
             raise
@@ -244,8 +290,9 @@ class Ledger:
                 "aside to start a new ledger, or point offset_ledger (CODECARBON_OFFSET_LEDGER) at "
                 "another file"
             ) from None
-        if not tables:
-            # An empty database (e.g. created by another tool and left empty): adopt it.
+        user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if not tables and app_id in (0, APPLICATION_ID) and user_version == 0:
+            # An empty database nobody has claimed (e.g. created empty by a crash): adopt it.
             self._create_schema(conn)
             return
         if app_id != APPLICATION_ID or "meta" not in tables:
@@ -260,16 +307,74 @@ class Ledger:
                 f"ledger {path} has schema version {version}, newer than this carbonoffset understands "
                 f"({SCHEMA_VERSION}); it was not modified. Upgrade carbonoffset (pip install -U carbonoffset)"
             )
-        if version < 1:
-            raise LedgerError(f"ledger {path} has no valid schema version; it was not modified")
+        if version < 1 or not {"runs", "records", "offsets"} <= tables:
+            raise LedgerError(
+                f"ledger {path} has no valid schema (version {version}, tables {sorted(tables)}); it was not "
+                "modified. Point offset_ledger (CODECARBON_OFFSET_LEDGER) at another file"
+            )
+        if version < SCHEMA_VERSION:
+            self._migrate(conn, version)
         # damage inside the file (not in its header) only shows when a page is read: check now,
         # read-only, rather than fail later in the middle of a run
-        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(3)")]
+        if self._full_check or path.stat().st_size <= self.FULL_CHECK_MAX_BYTES:
+            problems = self._quick_check(conn)
+            self._verified = True
+        else:  # the accounting tables now; the records (one row per epoch) in verify()
+            problems = [p for table in ("meta", "runs", "offsets") for p in self._quick_check(conn, table)]
+            problems = [p for p in problems if p != "ok"] or ["ok"]
         if problems != ["ok"]:
-            raise LedgerError(
-                f"ledger {path} is corrupt ({problems[0]}); it was not modified. Move it aside to start a "
-                "new ledger, or point offset_ledger (CODECARBON_OFFSET_LEDGER) at another file"
-            )
+            raise self._corrupt_error(problems[0])
+
+    @staticmethod
+    def _quick_check(conn: sqlite3.Connection, table: str | None = None) -> list[str]:
+        pragma = f"PRAGMA quick_check({table})" if table else "PRAGMA quick_check(3)"
+        return [str(row[0]) for row in conn.execute(pragma)]
+
+    def _corrupt_error(self, problem: str) -> LedgerError:
+        return LedgerError(
+            f"ledger {self.path} is corrupt ({problem}); it was not modified. Move it aside to start a "
+            "new ledger, or point offset_ledger (CODECARBON_OFFSET_LEDGER) at another file"
+        )
+
+    def verify(self) -> None:
+        """Check every page of the file (read-only); a no-op once done for this :class:`Ledger`.
+
+        Needed only after opening with ``full_check=False``; costs about 0.3 s
+        per million recorded epochs.
+
+        Raises:
+            LedgerError: the file is corrupt. Every later write through this
+                object then raises it too: the file is never modified.
+        """
+        with self._lock:
+            if self._corrupt is not None:
+                raise self._corrupt_error(self._corrupt)
+            if self._verified:
+                return
+            try:
+                problems = self._quick_check(self._conn)
+            except sqlite3.DatabaseError as exc:
+                problems = [str(exc)]
+            if problems != ["ok"]:
+                self._corrupt = problems[0]
+                raise self._corrupt_error(problems[0])
+            self._verified = True
+
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        """Bring a ledger written by an older carbonoffset up to :data:`SCHEMA_VERSION` (adds columns only)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if int(row[0]) < 2:  # another process may have migrated it meanwhile
+                conn.execute("ALTER TABLE offsets ADD COLUMN last_sent REAL")
+                conn.execute("ALTER TABLE runs ADD COLUMN resumed_from TEXT")
+                conn.execute("ALTER TABLE runs ADD COLUMN base_emissions_kg REAL NOT NULL DEFAULT 0")
+                conn.execute("ALTER TABLE runs ADD COLUMN base_energy_kwh REAL NOT NULL DEFAULT 0")
+                conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -293,6 +398,8 @@ class Ledger:
     def _write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE``); ``durable`` forces an fsync at commit."""
         with self._lock:
+            if self._corrupt is not None:
+                raise self._corrupt_error(self._corrupt)
             conn = self._conn
             if durable:
                 conn.execute("PRAGMA synchronous = FULL")
@@ -514,11 +621,16 @@ class Ledger:
             )
         return record
 
-    def claim(self, offset_id: str, *, lease_s: float) -> OffsetRecord | None:
+    def claim(
+        self, offset_id: str, *, lease_s: float, resend_grace_s: float = DEFAULT_RESEND_GRACE_S
+    ) -> OffsetRecord | None:
         """Take (or renew) ownership of an open offset for ``lease_s`` seconds.
 
-        An offset can be claimed when this process already owns it, its lease
-        expired, or its owner process on this host is gone (e.g. ``kill -9``).
+        Another process's offset can be taken over when its lease expired or its
+        owner process (same host and PID namespace) is gone (e.g. ``kill -9``),
+        and in both cases only once ``resend_grace_s`` seconds have passed since
+        a capture for it was last sent: until then the server may still act on
+        that request, and a look-up could not see it yet.
 
         Returns:
             The claimed offset, or ``None`` when it is closed or owned elsewhere.
@@ -531,7 +643,7 @@ class Ledger:
             record = OffsetRecord(*row)
             if record.state not in OPEN_STATES:
                 return None
-            if record.owner != me and not self._claimable(record):
+            if record.owner != me and not self._claimable(record, resend_grace_s):
                 return None
             conn.execute(
                 "UPDATE offsets SET owner = ?, lease_until = ?, attempts = attempts + 1, updated_utc = ? "
@@ -542,11 +654,25 @@ class Ledger:
         return OffsetRecord(*row)
 
     @staticmethod
-    def _claimable(record: OffsetRecord) -> bool:
-        if record.lease_until is None or record.lease_until < time.time():
+    def _claimable(record: OffsetRecord, resend_grace_s: float) -> bool:
+        now = time.time()
+        if record.last_sent is not None and now - record.last_sent < resend_grace_s:
+            return False
+        if record.lease_until is None or record.lease_until < now:
             return True
-        host, _, pid = (record.owner or "").rpartition(":")
-        return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+        host, _, rest = (record.owner or "").partition(":")
+        namespace, _, pid = rest.rpartition(":")
+        return (
+            host == socket.gethostname()
+            and namespace == _PID_NS
+            and pid.isdigit()
+            and not _pid_alive(int(pid))
+        )
+
+    def mark_sent(self, offset_id: str) -> None:
+        """Durably note that a capture for ``offset_id`` is about to be sent (starts the resend grace)."""
+        with self._write(durable=True) as conn:
+            conn.execute("UPDATE offsets SET last_sent = ? WHERE offset_id = ?", (time.time(), offset_id))
 
     def release(self, offset_id: str) -> None:
         """Give up ownership of an open offset so another process may finish it at once."""
@@ -606,6 +732,29 @@ class Ledger:
             rows = self._conn.execute(f"SELECT * FROM offsets{where} ORDER BY created_utc", params).fetchall()
         return [OffsetRecord(*row) for row in rows]
 
+    def position(self, account: str, run_id: str | None) -> tuple[Balance, float, float]:
+        """The account's :class:`Balance`, the run's recorded emissions (kg) and its offsets bought
+        or in flight (kg), read in one transaction (a consistent view)."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                balance = self._balance(conn, account)
+                run_kg = offset_kg = 0.0
+                if run_id is not None:
+                    row = conn.execute("SELECT emissions_kg FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                    run_kg = float(row[0]) if row else 0.0
+                    offset_kg = float(
+                        conn.execute(
+                            "SELECT COALESCE(SUM(amount_kg), 0) FROM offsets "
+                            "WHERE run_id = ? AND state != 'failed'",
+                            (run_id,),
+                        ).fetchone()[0]
+                    )
+            finally:
+                conn.execute("COMMIT")
+        return balance, run_kg, offset_kg
+
     def run_offset_kg(self, run_id: str) -> float:
         """kg of offsets (confirmed or in flight) triggered by ``run_id``."""
         with self._lock:
@@ -630,6 +779,11 @@ class Ledger:
         """
         if from_account == to_account:
             raise ValueError("from_account and to_account are the same account")
+        if from_account.split(":", 1)[0] != to_account.split(":", 1)[0]:
+            raise ValueError(
+                f"{from_account} and {to_account} are in different environments: sandbox purchases never "
+                "offset production emissions (or the other way round)"
+            )
         with self._write(durable=True) as conn:
             busy = conn.execute(
                 "SELECT COUNT(*) FROM offsets WHERE account = ? AND state != 'failed'", (from_account,)

@@ -25,13 +25,15 @@ import logging
 import threading
 from collections.abc import Callable
 
-from carbonoffset.core.client import OffsetClient, Receipt
+from carbonoffset.core.client import OffsetClient, Receipt, capture_in_flight
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.errors import OffsetServiceError
-from carbonoffset.core.ledger import Ledger, OffsetRecord
+from carbonoffset.core.ledger import DEFAULT_RESEND_GRACE_S, Ledger, OffsetRecord
 from carbonoffset.core.units import whole_lb_ceil, whole_lb_floor
 
 logger = logging.getLogger(__name__)
+
+_HOLD_WHILE_IN_FLIGHT_S = 86_400.0
 
 # Offsets being settled in this process. The ledger's lease keeps other processes away, but
 # every session of one process has the same owner: this keeps a second session (e.g. the
@@ -73,6 +75,9 @@ class Offsetter:
         max_attempts: calls per offset before it is left ``unknown`` (>= 1).
         wait_initial_s: first backoff in seconds (doubles, capped at ``wait_max_s``).
         wait_max_s: longest backoff in seconds.
+        resend_grace_s: seconds after a capture was sent before another process
+            may take the offset over and look it up (default 300; see
+            :data:`carbonoffset.core.ledger.DEFAULT_RESEND_GRACE_S`).
 
     Raises:
         ConfigurationError: no ``offset_api_key`` (offsetting is impossible).
@@ -87,6 +92,7 @@ class Offsetter:
         max_attempts: int = 4,
         wait_initial_s: float = 0.5,
         wait_max_s: float = 8.0,
+        resend_grace_s: float = DEFAULT_RESEND_GRACE_S,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -94,6 +100,7 @@ class Offsetter:
         self.max_attempts = max(1, max_attempts)
         self.wait_initial_s = wait_initial_s
         self.wait_max_s = wait_max_s
+        self.resend_grace_s = resend_grace_s
         self.auth_failed = False
         self._lock = threading.Lock()  # one purchase at a time per Offsetter
         self._lease_s = (
@@ -154,7 +161,7 @@ class Offsetter:
                 if record.offset_id in _SETTLING:
                     continue
             with self._lock:
-                claimed = self.ledger.claim(record.offset_id, lease_s=self._lease_s)
+                claimed = self.ledger.claim(record.offset_id, lease_s=self._lease_s, resend_grace_s=self.resend_grace_s)
                 if claimed is None:
                     continue
                 outcomes.append(self._settle(claimed, claimed=True))
@@ -180,11 +187,13 @@ class Offsetter:
         # An intent found by reconcile may have been sent by a process that died
         # before writing the outcome: treat it exactly like ``unknown``.
         state = {"ambiguous": record.state == "unknown" or (claimed and record.state == "intent")}
-        since = dt.date.fromisoformat(record.created_utc[:10]) - dt.timedelta(days=1)
+        # a week of margin: the look-up window must hold the capture even if this host's clock
+        # is ahead of the service's
+        since = dt.date.fromisoformat(record.created_utc[:10]) - dt.timedelta(days=7)
         last_error: list[str] = []
 
         def attempt() -> Receipt:
-            if not self.ledger.claim(offset_id, lease_s=self._lease_s):
+            if not self.ledger.claim(offset_id, lease_s=self._lease_s, resend_grace_s=self.resend_grace_s):
                 raise _Stop("another process took this offset over")
             if state["ambiguous"]:
                 try:
@@ -196,12 +205,15 @@ class Offsetter:
                     raise _Ambiguous(str(exc)) from None
                 if found is not None:
                     return found
+            metadata = {"source": "carbonoffset"}
+            if record.run_id:
+                metadata["run_id"] = record.run_id
+            if capture_in_flight(offset_id):
+                state["ambiguous"] = True
+                raise _Ambiguous("an earlier capture request for this offset is still in flight")
+            self.ledger.mark_sent(offset_id)
             try:
-                return self.client.capture(
-                    amount_lb=record.amount_lb,
-                    offset_id=offset_id,
-                    metadata={"run_id": record.run_id or "", "source": "carbonoffset"},
-                )
+                return self.client.capture(amount_lb=record.amount_lb, offset_id=offset_id, metadata=metadata)
             except OffsetServiceError as exc:
                 if exc.definite:
                     raise
@@ -224,7 +236,12 @@ class Offsetter:
         except _Ambiguous:
             error = last_error[-1] if last_error else "unknown outcome"
             self.ledger.mark_unknown(offset_id, error=error)
-            self.ledger.release(offset_id)
+            if capture_in_flight(offset_id):
+                # our abandoned request may still be acted on: keep the offset ours while this
+                # process lives (after it ends, the resend grace still protects it)
+                self.ledger.claim(offset_id, lease_s=_HOLD_WHILE_IN_FLIGHT_S)
+            else:
+                self.ledger.release(offset_id)
             logger.warning(
                 "offset %s of %d lb is still unconfirmed after %d attempts; it stays in the ledger "
                 "(not pending, not lost) and will be checked by the next run or `carbonoffset reconcile`",
@@ -248,9 +265,11 @@ class Offsetter:
                     state_name = "failed"
                 logger.error(
                     "1ClickImpact refused the API key set in offset_api_key (value not shown): %s. "
-                    "Nothing was bought; the emissions stay pending in the ledger. Fix offset_api_key "
-                    "and run `carbonoffset offset`.",
+                    "Nothing was bought; the emissions stay pending in the ledger under account %s. "
+                    "Fix offset_api_key, then run `carbonoffset adopt %s` and `carbonoffset offset`.",
                     exc,
+                    self.config.account,
+                    self.config.account,
                 )
                 return OffsetOutcome(offset_id, record.amount_lb, state_name, error=str(exc))
             self.ledger.mark_failed(offset_id, error=str(exc))

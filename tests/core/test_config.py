@@ -247,3 +247,47 @@ def test_key_from_env_is_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError) as info:
         OffsetConfig.resolve()
     assert KEY not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "key", ["test_abc\ncontinued", "test_abc def", "test_ab\tc", "test_äbc", "test_\x00abc"]
+)
+def test_a_key_that_cannot_be_a_header_is_refused_without_showing_it(key: str) -> None:
+    with pytest.raises(ValueError, match="offset_api_key contains") as caught:
+        OffsetConfig(offset_api_key=key)
+    assert "abc" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["offset_timeout", "offset_request_timeout"])
+@pytest.mark.parametrize("value", [1e12, 86_401.0])
+def test_huge_timeouts_are_refused(name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be > 0 and at most 86400 seconds"):
+        OffsetConfig(**{name: value})
+
+
+def test_percent_in_config_reads_like_codecarbon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CodeCarbon reads .codecarbon.config with % interpolation: so do we, so both see the same values."""
+    (tmp_path / "work" / ".codecarbon.config").write_text(
+        "[codecarbon]\noffset_ledger = /tmp/100%%/ledger.sqlite3\n"
+    )
+    assert OffsetConfig.resolve().offset_ledger == Path("/tmp/100%/ledger.sqlite3")
+    (tmp_path / "work" / ".codecarbon.config").write_text(
+        "[codecarbon]\noffset_api_key = test_50%SECRETVALUE\n"
+    )
+    with pytest.raises(ValueError, match="'%' must be written '%%'") as caught:
+        OffsetConfig.resolve()
+    assert "SECRETVALUE" not in str(caught.value)
+    assert caught.value.__context__ is None and caught.value.__cause__ is None
+
+
+def test_a_misspelt_offset_setting_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "work" / ".codecarbon.config").write_text("[codecarbon]\noffset_treshold = 2\n")
+    monkeypatch.setenv("CODECARBON_OFFSET_ENVIROMENT", "sandbox")
+    with caplog.at_level("WARNING", logger="carbonoffset"):
+        config = OffsetConfig.resolve()
+    assert config.offset_threshold == 0.5
+    text = caplog.text
+    assert "'offset_treshold'" in text and "'offset_enviroment'" in text
+    assert "offset_threshold" in text  # the valid names are listed

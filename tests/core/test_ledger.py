@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from carbonoffset.core.errors import LedgerError
-from carbonoffset.core.ledger import APPLICATION_ID, SCHEMA_VERSION, Ledger
+from carbonoffset.core.ledger import _PID_NS, APPLICATION_ID, SCHEMA_VERSION, Ledger
 from carbonoffset.core.units import KG_PER_LB, whole_lb_ceil, whole_lb_floor
 
 SANDBOX = "sandbox:aaaaaaaaaaaaaaaa"
@@ -212,16 +212,16 @@ def test_claim_respects_live_owners_and_takes_over_dead_ones(ledger: Ledger, led
     raw = sqlite3.connect(ledger_path, timeout=30)
     try:
         # a live process (pid 1) on this host holds a valid lease: hands off
-        raw.execute("UPDATE offsets SET owner = ? WHERE offset_id = ?", (f"{host}:1", intent.offset_id))
+        raw.execute("UPDATE offsets SET owner = ? WHERE offset_id = ?", (f"{host}:{_PID_NS}:1", intent.offset_id))
         raw.commit()
         assert ledger.claim(intent.offset_id, lease_s=600) is None
         # its owner died (kill -9): taken over although the lease has not expired
         raw.execute(
-            "UPDATE offsets SET owner = ? WHERE offset_id = ?", (f"{host}:{dead.pid}", intent.offset_id)
+            "UPDATE offsets SET owner = ? WHERE offset_id = ?", (f"{host}:{_PID_NS}:{dead.pid}", intent.offset_id)
         )
         raw.commit()
         claimed = ledger.claim(intent.offset_id, lease_s=600)
-        assert claimed is not None and claimed.owner == f"{host}:{os.getpid()}"
+        assert claimed is not None and claimed.owner == f"{host}:{_PID_NS}:{os.getpid()}"
         # another host's offset with an expired lease can be taken over too
         raw.execute(
             "UPDATE offsets SET owner = 'elsewhere:1', lease_until = ? WHERE offset_id = ?",
@@ -432,3 +432,72 @@ def test_a_folder_in_place_of_the_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="ledger.sqlite3"):
         Ledger(folder)
     assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_a_version_1_ledger_is_migrated_in_place_keeping_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite3"
+    with Ledger(path) as ledger:
+        run_id = ledger.start_run(account="sandbox:abc", environment="sandbox")
+        ledger.record(run_id, emissions_kg=0.7, energy_kwh=1.0, epoch=0)
+    raw = sqlite3.connect(path)
+    with raw:  # what carbonoffset's first schema looked like
+        raw.execute("ALTER TABLE offsets DROP COLUMN last_sent")
+        for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh"):
+            raw.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+        raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    raw.close()
+    with Ledger(path) as ledger:
+        assert ledger.balance("sandbox:abc").pending_kg == pytest.approx(0.7)
+        intent = ledger.create_intent(
+            account="sandbox:abc",
+            environment="sandbox",
+            run_id=run_id,
+            amount_lb_for=lambda kg: 1,
+            min_pending_kg=0.0,
+            lease_s=10.0,
+        )
+        assert intent is not None
+        ledger.mark_sent(intent.offset_id)
+        assert ledger.offset(intent.offset_id).last_sent is not None  # type: ignore[union-attr]
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    raw.close()
+
+
+def test_an_empty_database_claimed_by_another_application_is_not_adopted(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite3"
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA application_id = 1234")
+    raw.close()
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match="not a carbonoffset ledger"):
+        Ledger(path)
+    assert path.read_bytes() == before
+
+
+def test_a_ledger_missing_a_table_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "partial.sqlite3"
+    Ledger(path).close()
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.execute("DROP TABLE records")
+    raw.close()
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match="no valid schema"):
+        Ledger(path)
+    assert path.read_bytes() == before
+
+
+def test_an_unwritable_ledger_folder_is_a_ledger_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(LedgerError, match="cannot create the ledger's folder"):
+        Ledger(blocker / "sub" / "ledger.sqlite3")
+
+
+def test_move_runs_refuses_to_cross_environments(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        ledger.start_run(account="production:no-key", environment="production")
+        with pytest.raises(ValueError, match="different environments"):
+            ledger.move_runs(from_account="production:no-key", to_account="sandbox:abc")
+        assert len(ledger.runs("production:no-key")) == 1

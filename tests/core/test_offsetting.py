@@ -25,6 +25,7 @@ from carbonoffset.core.client import METADATA_ID_KEY, OffsetClient
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.errors import OffsetServiceError
 from carbonoffset.core.ledger import Balance, Ledger
+from carbonoffset.core.offsetter import Offsetter
 from carbonoffset.core.session import OffsetSession, RunReport
 from carbonoffset.core.sources import CodeCarbonSource, Measurement
 from carbonoffset.core.units import KG_PER_LB
@@ -469,8 +470,24 @@ def test_kill_9_after_capture_is_reconciled_without_buying_twice(
         child.wait(timeout=10)
     assert child.returncode == -signal.SIGKILL
 
-    report = run_once(settings, [0.0])  # the next run reconciles at start
+    # Within the resend grace the next run leaves the offset alone: the dead process's request
+    # might still be acted on, and a look-up cannot see it yet.
+    report = run_once(settings, [0.0])
     assert report.emissions_kg == 0.0
+    assert len(server.captures) == 1
+    (still_open,) = offsets_of(settings)
+    assert still_open.state == "intent" and still_open.last_sent is not None
+    assert_conserved(balance_of(settings), 0.7)
+
+    # Once the grace has passed, the next run looks it up and confirms it without buying again.
+    session = OffsetSession(
+        source=ScriptedEmissions([0.0]), offsetter_options={**FAST, "resend_grace_s": 0.0}, **settings
+    )
+    try:
+        session.start()
+        session.stop()
+    finally:
+        session.close()
     assert len(server.captures) == 1
     assert_server_matches_ledger(server, settings, 1)
     (offset,) = offsets_of(settings)
@@ -648,3 +665,54 @@ def test_import_pulls_in_no_framework() -> None:
         [sys.executable, "-c", deeper], capture_output=True, text=True, timeout=60, env=subprocess_env()
     )
     assert done.returncode == 0, done.stderr
+
+
+_ABANDONS = textwrap.dedent(
+    """
+    import sys
+    from carbonoffset.core.session import OffsetSession
+    from carbonoffset.testing import ScriptedEmissions
+    url, ledger, key = sys.argv[1], sys.argv[2], sys.argv[3]
+    session = OffsetSession(
+        source=ScriptedEmissions([0.95]), offset_api_key=key, offset_environment="sandbox", offset_api_url=url,
+        offset_ledger=ledger, offset_request_timeout=0.5, offset_timeout=5.0,
+        offsetter_options={"wait_initial_s": 0.01, "wait_max_s": 0.05, "max_attempts": 2},
+    )
+    session.start()
+    session.record_epoch(0)
+    report = session.stop()      # gives up: the server has not acted yet
+    print(report.in_flight_lb, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_an_abandoned_capture_is_never_bought_again_by_another_process(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    """A process gives up on a capture the server acts on only later, then ends; another process
+    reconciling right away must not buy it again (the resend grace), and settles it afterwards."""
+    server.inject(Fault(stall_s=3.0))  # acts on the capture 3 s after receiving it
+    args = [settings["offset_api_url"], str(settings["offset_ledger"]), settings["offset_api_key"]]
+    done = subprocess.run(
+        [sys.executable, "-c", _ABANDONS, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2"  # 2 lb still unconfirmed when the process ended
+    assert server.captures == []  # the server has not acted yet
+
+    config = OffsetConfig.resolve(**settings)
+    with Ledger(config.ledger_path) as ledger:
+        offsetter = Offsetter(config, ledger, **FAST)  # default resend grace (300 s)
+        assert offsetter.reconcile() == []  # within the grace: not taken over, nothing sent
+        wait_for(lambda: len(server.captures) == 1)  # the abandoned request lands
+        late = Offsetter(config, ledger, **FAST, resend_grace_s=0.0)
+        (outcome,) = late.reconcile()
+    assert outcome.state == "confirmed"
+    assert [c.carbon_captured for c in server.captures] == [2]
+    assert_server_matches_ledger(server, settings, 2)
+    assert_conserved(balance_of(settings), 0.95)
