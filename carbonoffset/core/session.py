@@ -108,10 +108,22 @@ class RunReport:
         ).metrics()
 
 
-class _Worker:
-    """One daemon thread running offset jobs in order; :meth:`wait` is bounded."""
+@dataclasses.dataclass(frozen=True)
+class _Position:
+    """The ledger as last read by a background thread (kg CO2eq): the account's balance, this
+    run's recorded emissions and its offsets. Epoch reports add the run's emissions recorded
+    since (still queued for the ledger) to ``balance_kg``, so they need no ledger read."""
 
-    def __init__(self) -> None:
+    balance_kg: float = 0.0
+    run_kg: float = 0.0
+    run_offset_kg: float = 0.0
+
+
+class _Worker:
+    """One daemon thread running jobs in order; :meth:`wait` is bounded."""
+
+    def __init__(self, name: str = "carbonoffset-worker") -> None:
+        self._name = name
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._idle = threading.Condition()
         self._outstanding = 0
@@ -121,7 +133,7 @@ class _Worker:
         with self._idle:
             self._outstanding += 1
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="carbonoffset-worker", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
         self._queue.put(job)
 
@@ -218,9 +230,16 @@ class OffsetSession:
         self._ledger = ledger
         self._owns_ledger = ledger is None
         if self.is_writer and self._ledger is None:
-            self._ledger = Ledger(config.ledger_path)
+            # the accounting tables are checked now, the whole file by the ledger thread (big files)
+            self._ledger = Ledger(config.ledger_path, full_check=False)
         self._offsetter: Offsetter | None = None
+        self._offsetter_lock = threading.Lock()
         self._worker = _Worker()
+        # Ledger writes of epoch figures, in order, off the training thread (see record()).
+        self._writer = _Worker("carbonoffset-ledger")
+        self._position = _Position()
+        self._position_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
         self._lock = threading.RLock()
         self._warned: set[str] = set()
         self._offset_queued = False
@@ -231,6 +250,8 @@ class OffsetSession:
         self._last = Measurement()
         self._epochs = 0
         self._projection_checked = False
+        self._tracker_final: Measurement | None = None
+        self._exit_finalizer: Any = None
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -245,8 +266,22 @@ class OffsetSession:
 
     @property
     def ledger(self) -> Ledger | None:
-        """The ledger (``None`` on ranks other than global rank 0)."""
+        """The ledger (``None`` on ranks other than global rank 0).
+
+        Waits (at most ``offset_timeout`` s, normally milliseconds) until the
+        figures already recorded are written to it, so reads see them.
+        """
+        self.flush()
         return self._ledger
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every figure recorded so far is written to the ledger (and any offset it
+        triggered is queued), at most ``timeout`` s (default ``offset_timeout``).
+
+        Returns:
+            ``True`` when nothing is left to write.
+        """
+        return self._writer.wait(self.config.offset_timeout if timeout is None else timeout)
 
     @property
     def outcomes(self) -> list[OffsetOutcome]:
@@ -261,13 +296,38 @@ class OffsetSession:
 
     def _get_offsetter(self) -> Offsetter | None:
         if self._offsetter is None and self.is_writer and self.config.can_offset and self._ledger is not None:
-            try:
-                self._offsetter = Offsetter(self.config, self._ledger, **self._offsetter_options)
-            except Exception as exc:  # noqa: BLE001 -- e.g. makeimpact missing: say so loudly, keep training
-                self._warn_once(
-                    "offsetter", "offsetting is disabled for this run: %s", exc, level=logging.ERROR
-                )
+            with self._offsetter_lock:  # built by whichever thread needs it first (background ones)
+                if self._offsetter is None:
+                    try:
+                        self._offsetter = Offsetter(self.config, self._ledger, **self._offsetter_options)
+                    except Exception as exc:  # noqa: BLE001 -- e.g. makeimpact missing: say so loudly
+                        self._warn_once(
+                            "offsetter", "offsetting is disabled for this run: %s", exc, level=logging.ERROR
+                        )
         return self._offsetter
+
+    def _refresh_position(self) -> _Position:
+        """Read the ledger's figures for the epoch reports (background threads; writer only)."""
+        with self._position_lock:  # one reader at a time, so an older read never replaces a newer one
+            if self._ledger is None:
+                return self._position
+            balance, run_kg, run_offset_kg = self._ledger.position(self.config.account, self.run_id)
+            self._position = _Position(balance.balance_kg, run_kg, run_offset_kg)
+            return self._position
+
+    def _verify_job(self) -> None:
+        """The complete check of a big ledger file, before this session writes any epoch to it."""
+        if self._ledger is None:
+            return
+        try:
+            self._ledger.verify()
+        except Exception as exc:  # noqa: BLE001 -- LedgerError: nothing more is written to the file
+            self._warn_once(
+                "corrupt",
+                "%s. carbonoffset writes nothing to it; training continues",
+                exc,
+                level=logging.ERROR,
+            )
 
     # -------------------------------------------------------------- lifecycle
     def start(
@@ -291,6 +351,7 @@ class OffsetSession:
             self.stop()
         with self._lock:
             self._base = resume or Measurement()
+            self._tracker_final = None
             self._epochs = 0
             self._projection_checked = False
             self._outcomes = []
@@ -314,6 +375,11 @@ class OffsetSession:
                     self._warn_once(
                         "ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc
                     )
+                try:
+                    self._refresh_position()
+                except Exception as exc:  # noqa: BLE001
+                    self._warn_once("ledger", "carbonoffset could not read its ledger (%s)", exc)
+                self._writer.submit(self._verify_job)
             self._last = self._base
             if self.is_tracking:
                 try:
@@ -326,6 +392,10 @@ class OffsetSession:
                     )
             self.running = True
             atexit.register(self._stop_at_exit)
+            # multiprocessing children (Lightning ddp_spawn/ddp_fork workers) skip atexit but run these
+            from multiprocessing import util as mp_util
+
+            self._exit_finalizer = mp_util.Finalize(None, self._stop_at_exit, exitpriority=0)
             if self.is_writer and self.config.auto_offset:
                 if not self.config.can_offset:
                     self._warn_once(
@@ -337,12 +407,8 @@ class OffsetSession:
                         self.config.account,
                         self.config.account,
                     )
-                elif (
-                    self._get_offsetter() is not None
-                    and self._ledger is not None
-                    and self._has_open_offsets()
-                ):
-                    self._worker.submit(self._reconcile_job)
+                elif self._ledger is not None and self._has_open_offsets():
+                    self._worker.submit(self._reconcile_job)  # builds the offsetter off the training thread
             return self.run_id
 
     def _has_open_offsets(self) -> bool:
@@ -378,6 +444,26 @@ class OffsetSession:
                 self._warn_once("read", "reading emissions failed (%s); training continues", exc)
                 return self._last
 
+    def stop_tracking(self) -> Measurement:
+        """Stop this process's tracker and return its final cumulative measurement (base + tracker).
+
+        Records nothing and leaves the run open: distributed integrations call it
+        at the end of training, sum the node figures across processes, then call
+        :meth:`stop` with ``total=`` the job's total. Idempotent: later calls
+        (and :meth:`stop`) reuse the first result. Ranks without a tracker get
+        zeros.
+        """
+        with self._lock:
+            if self._tracker_final is None:
+                node = self._last if self.is_tracking else Measurement()
+                if self.is_tracking and self.source is not None:
+                    try:
+                        node = self._base + self.source.stop()
+                    except Exception as exc:  # noqa: BLE001
+                        self._warn_once("stop", "stopping the tracker failed (%s)", exc)
+                self._tracker_final = node
+            return self._tracker_final
+
     def record_epoch(self, epoch: int | None = None, *, max_epochs: int | None = None) -> EpochReport:
         """Measure, record and maybe trigger an offset (never waits for the network).
 
@@ -399,28 +485,26 @@ class OffsetSession:
 
         Used directly by distributed integrations after summing node figures;
         :meth:`record_epoch` is the single-process shortcut.
+
+        The ledger write happens on a background thread (``carbonoffset-ledger``),
+        in order, within milliseconds; :meth:`flush`, :meth:`wait`, :meth:`report`,
+        :meth:`stop` and :attr:`ledger` wait for it. That thread also decides,
+        from the ledger, whether ``offset_threshold`` is reached. The report's
+        ``pending_kg``, ``credit_kg`` and ``offset_kg`` come from the ledger as
+        last read by that thread plus what this run recorded since, so this call
+        reads no file: offsets settled meanwhile by other processes show from
+        the next epoch on.
         """
         with self._lock:
             self._last = total
             if epoch is not None:
                 self._epochs = max(self._epochs, epoch + 1)
             if self.is_writer and self._ledger is not None and self.run_id is not None:
-                try:
-                    self._ledger.record(
-                        self.run_id, emissions_kg=total.emissions_kg, energy_kwh=total.energy_kwh, epoch=epoch
-                    )
-                except Exception as exc:  # noqa: BLE001
-                    self._warn_once(
-                        "ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc
-                    )
-                try:
-                    self._maybe_offset()
-                except Exception as exc:  # noqa: BLE001 -- e.g. the ledger cannot be read
-                    self._warn_once(
-                        "offset", "carbonoffset could not decide an offset (%s); training continues", exc
-                    )
+                run_id, queued = self.run_id, time.perf_counter()
+                self._writer.submit(lambda: self._write_record(run_id, total, epoch, queued))
             report = self._epoch_report(epoch, total)
-            if epoch is not None and max_epochs and not self._projection_checked:
+            # (a tracker starting late reads zeros at first: project from the first real figures)
+            if epoch is not None and max_epochs and not self._projection_checked and total.emissions_kg > 0:
                 self._projection_checked = True
                 self._check_projection(total, done=epoch + 1, max_epochs=max_epochs)
             if report.over_budget:
@@ -449,32 +533,59 @@ class OffsetSession:
     def _epoch_report(self, epoch: int | None, total: Measurement) -> EpochReport:
         offset_kg = pending_kg = credit_kg = 0.0
         if self.is_writer and self._ledger is not None:
-            try:
-                balance = self._ledger.balance(self.config.account)
-                pending_kg, credit_kg = balance.pending_kg, balance.credit_kg
-                if self.run_id is not None:
-                    offset_kg = self._ledger.run_offset_kg(self.run_id)
-            except Exception as exc:  # noqa: BLE001
-                self._warn_once("ledger", "carbonoffset could not read its ledger (%s)", exc)
+            position = self._position
+            balance_kg = position.balance_kg + max(0.0, total.emissions_kg - position.run_kg)
+            pending_kg, credit_kg = max(0.0, balance_kg), max(0.0, -balance_kg)
+            offset_kg = position.run_offset_kg
         over = self.max_emissions_kg is not None and total.emissions_kg > self.max_emissions_kg
         return EpochReport(
             epoch, total.energy_kwh, total.emissions_kg, offset_kg, pending_kg, credit_kg, over
         )
 
     # ---------------------------------------------------------------- offsets
-    def _maybe_offset(self) -> None:
+    #: The ledger thread starts a write at least this long after it was queued (s): the rest of the
+    #: training thread's hook (e.g. a framework handing metrics on) then runs without competing
+    #: with it for the GIL. Jobs queued earlier (a backlog) do not wait.
+    WRITE_DELAY_S = 0.005
+
+    def _write_record(self, run_id: str, total: Measurement, epoch: int | None, queued: float) -> None:
+        """Ledger thread: write one cumulative total, refresh the figures, maybe queue an offset.
+
+        Takes no session lock (``stop()`` may wait for this thread while holding it).
+        """
+        if self._ledger is None:
+            return
+        delay = queued + self.WRITE_DELAY_S - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        try:
+            self._ledger.record(
+                run_id, emissions_kg=total.emissions_kg, energy_kwh=total.energy_kwh, epoch=epoch
+            )
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once("ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc)
+        try:
+            self._maybe_offset(self._refresh_position())
+        except Exception as exc:  # noqa: BLE001 -- e.g. the ledger cannot be read
+            self._warn_once("offset", "carbonoffset could not decide an offset (%s); training continues", exc)
+
+    def _maybe_offset(self, position: _Position) -> None:
         if not self.config.auto_offset or self._offset_queued or self._ledger is None:
+            return
+        if position.balance_kg < self.config.offset_threshold:
             return
         offsetter = self._get_offsetter()
         if offsetter is None or offsetter.auth_failed:
             return
-        if self._ledger.balance(self.config.account).pending_kg >= self.config.offset_threshold:
+        with self._queue_lock:
+            if self._offset_queued:
+                return
             self._offset_queued = True
-            self._worker.submit(lambda: self._offset_job(round_up=False, respect_threshold=True))
+        self._worker.submit(lambda: self._offset_job(round_up=False, respect_threshold=True))
 
     def _offset_job(self, *, round_up: bool, respect_threshold: bool) -> None:
         offsetter = self._get_offsetter()
-        with self._lock:
+        with self._queue_lock:
             self._offset_queued = False
         if offsetter is None:
             return
@@ -484,6 +595,13 @@ class OffsetSession:
         if outcome is not None:
             with self._lock:
                 self._outcomes.append(outcome)
+        self._refresh_position_quietly()
+
+    def _refresh_position_quietly(self) -> None:
+        try:
+            self._refresh_position()
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once("ledger", "carbonoffset could not read its ledger (%s)", exc)
 
     def _reconcile_job(self) -> None:
         offsetter = self._get_offsetter()
@@ -491,6 +609,7 @@ class OffsetSession:
             outcomes = offsetter.reconcile()
             with self._lock:
                 self._outcomes.extend(outcomes)
+            self._refresh_position_quietly()
 
     def offset_now(
         self, *, round_up: bool = False, wait: float | None = None, respect_threshold: bool | None = None
@@ -511,9 +630,14 @@ class OffsetSession:
             self._warn_once("no-key-now", "cannot offset: offset_api_key is not set")
             return
         respect = (not round_up) if respect_threshold is None else respect_threshold
-        self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=respect))
+        # queued behind the epoch figures not yet written, so the offset sees them
+        self._writer.submit(
+            lambda: self._worker.submit(
+                lambda: self._offset_job(round_up=round_up, respect_threshold=respect)
+            )
+        )
         if wait is not None:
-            self._worker.wait(wait)
+            self.wait(wait)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for background offsets, at most ``timeout`` s (default ``offset_timeout``).
@@ -521,9 +645,13 @@ class OffsetSession:
         Returns:
             ``True`` when nothing is left in flight.
         """
-        return self._worker.wait(self.config.offset_timeout if timeout is None else timeout)
+        deadline = time.monotonic() + (self.config.offset_timeout if timeout is None else timeout)
+        written = self._writer.wait(deadline - time.monotonic())
+        return self._worker.wait(max(0.0, deadline - time.monotonic())) and written
 
-    def stop(self, *, final_offset: bool = True, status: str = "finished") -> RunReport:
+    def stop(
+        self, *, final_offset: bool = True, status: str = "finished", total: Measurement | None = None
+    ) -> RunReport:
         """End the run: stop the tracker, record the final figures, offset, wait.
 
         Idempotent: a second call returns the same report without side effects.
@@ -533,6 +661,10 @@ class OffsetSession:
                 or rounding up when ``offset_round_up`` is set). Pass ``False``
                 when the run failed: what was measured stays pending.
             status: stored in the ledger (``finished``, ``failed``, ``interrupted``).
+            total: the run's final cumulative figures (all nodes summed) to
+                record instead of this process's own measurement (distributed
+                integrations, after :meth:`stop_tracking`). The tracker is
+                stopped either way.
 
         Returns:
             The :class:`RunReport`. Offsets still unconfirmed after
@@ -542,18 +674,23 @@ class OffsetSession:
             if not self.running:
                 return self.report()
             self.running = False
-            total = self._last
+            given, total = total, self._last
             if self.is_tracking and self.source is not None:
-                try:
-                    total = self._base + self.source.stop()
-                except Exception as exc:  # noqa: BLE001
-                    self._warn_once("stop", "stopping the tracker failed (%s)", exc)
+                total = self.stop_tracking()
+            if given is not None:
+                total = given
             atexit.unregister(self._stop_at_exit)
+            if self._exit_finalizer is not None:
+                self._exit_finalizer.cancel()
+                self._exit_finalizer = None
         self.record(total, epoch=None)
+        deadline = time.monotonic() + self.config.offset_timeout
+        if self.is_writer:
+            self._writer.wait(self.config.offset_timeout)  # the final figures are in the ledger
         if final_offset and self.is_writer and self.config.auto_offset and self._get_offsetter() is not None:
             round_up = self.config.offset_round_up
             self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=not round_up))
-        if self.is_writer and not self._worker.wait(self.config.offset_timeout):
+        if self.is_writer and not self._worker.wait(max(0.0, deadline - time.monotonic())):
             logger.warning(
                 "offsets still in flight after offset_timeout=%gs; they stay in the ledger and the next "
                 "run (or `carbonoffset reconcile`) settles them",
@@ -565,10 +702,14 @@ class OffsetSession:
             except Exception as exc:  # noqa: BLE001
                 self._warn_once("ledger", "carbonoffset could not write its ledger (%s)", exc)
         self._worker.shutdown()  # nothing left running after a run: the thread ends once idle
+        self._writer.shutdown()
         return self.report()
 
     def report(self) -> RunReport:
-        """The current :class:`RunReport` (cheap; reads the ledger)."""
+        """The current :class:`RunReport` (cheap; reads the ledger once the figures recorded so far
+        are written to it)."""
+        if self.is_writer:
+            self.flush()
         total = self._last
         offset_kg = pending_kg = credit_kg = 0.0
         confirmed_lb = in_flight_lb = 0
@@ -609,6 +750,8 @@ class OffsetSession:
         """
         if self.running:
             self.stop(final_offset=False, status="interrupted")
+        self._writer.wait(self.config.offset_timeout)  # epoch figures still queued are written first
+        self._writer.shutdown()
         if self._owns_ledger and self._ledger is not None:
             if self._worker.busy:
                 # an offset still in flight after stop() finishes with the ledger open

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import sys
 import threading
+import time
 from typing import Any, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
@@ -49,16 +52,29 @@ class EmissionsSource(Protocol):
 
 
 class _TotalsHandler:
-    """A CodeCarbon output handler that keeps the last cumulative total it was given."""
+    """A CodeCarbon output handler that keeps the last cumulative total it was given.
+
+    Besides the totals it keeps, from CodeCarbon's public ``EmissionsData``,
+    how long the tracker had been measuring (``duration``, s) and when the
+    total arrived (``time.perf_counter()``), so a source can tell when the
+    tracker's measurement began.
+    """
 
     def __init__(self) -> None:
         self.last = Measurement()
+        self.duration_s = 0.0
+        self.at = 0.0
+        self.count = 0
 
     def out(self, total: Any, delta: Any) -> None:
         try:
-            self.last = Measurement(float(total.emissions or 0.0), float(total.energy_consumed or 0.0))
+            last = Measurement(float(total.emissions or 0.0), float(total.energy_consumed or 0.0))
+            duration_s = float(getattr(total, "duration", 0.0) or 0.0)
         except Exception:  # a handler must never raise into CodeCarbon  # noqa: BLE001
             logger.debug("could not read CodeCarbon totals", exc_info=True)
+            return
+        self.last, self.duration_s, self.at = last, duration_s, time.perf_counter()
+        self.count += 1
 
     def live_out(self, total: Any, delta: Any) -> None:
         self.out(total, delta)
@@ -70,6 +86,127 @@ class _TotalsHandler:
         pass
 
 
+#: Tracker arguments that select CodeCarbon's hardware set-up (what its per-process cache is keyed on).
+_HARDWARE_ARGS = (
+    "tracking_mode",
+    "gpu_ids",
+    "force_cpu_power",
+    "force_ram_power",
+    "force_mode_cpu_load",
+    "rapl_include_dram",
+    "rapl_prefer_psys",
+)
+_warm_lock = threading.Lock()
+_warm: dict[tuple[tuple[str, str], ...], threading.Event] = {}
+
+
+#: How much lower (Linux ``nice`` steps) CodeCarbon's first hardware detection runs than training.
+BACKGROUND_NICE = 10
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's CPU priority by :data:`BACKGROUND_NICE` (Linux only).
+
+    On Linux the nice value belongs to each thread and is inherited by what it
+    starts: py-cpuinfo's detection subprocess (which busy-waits about 1 s of
+    CPU) then yields to the training's threads instead of slowing them down.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except (AttributeError, OSError):  # pragma: no cover - not permitted: run at normal priority
+        pass
+
+
+def _start_in_background(tracker: Any) -> None:
+    """``tracker.start()`` on a short-lived low-priority thread (see :func:`_lower_priority`); waits for it."""
+
+    def start() -> None:
+        _lower_priority()
+        tracker.start()
+
+    thread = threading.Thread(target=start, name="carbonoffset-tracker-start", daemon=True)
+    thread.start()
+    thread.join()
+
+
+def _hardware_key(tracker_kwargs: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, repr(v)) for k, v in tracker_kwargs.items() if k in _HARDWARE_ARGS))
+
+
+def _quiet_codecarbon(kwargs: dict[str, Any]) -> None:
+    # CodeCarbon applies ``log_level`` only after its constructor has logged "offline tracker
+    # init" and "Multiple instances ... allowed": set its logger's level first, as it would.
+    level = kwargs.get("log_level", "error")
+    logging.getLogger("codecarbon").setLevel(level.upper() if isinstance(level, str) else level)
+
+
+def _hardware_ready(tracker_kwargs: dict[str, Any]) -> bool:
+    with _warm_lock:
+        event = _warm.get(_hardware_key(tracker_kwargs))
+    return event is not None and event.is_set()
+
+
+def _mark_ready(tracker_kwargs: dict[str, Any]) -> None:
+    with _warm_lock:
+        _warm.setdefault(_hardware_key(tracker_kwargs), threading.Event()).set()
+
+
+def warm_up_codecarbon(**tracker_kwargs: Any) -> threading.Event:
+    """Run CodeCarbon's one-time hardware detection now, on a background thread.
+
+    The first tracker of a process spends 1-2 s in ``start()`` detecting the
+    hardware (py-cpuinfo runs in a subprocess); CodeCarbon caches the result
+    for the process. This runs that detection early, with a throwaway offline
+    tracker (no output, no network), so that later runs start at once. Called
+    when a framework callback is constructed; calling it again is free.
+
+    Args:
+        **tracker_kwargs: the CodeCarbon arguments the real tracker will use
+            (only the hardware-selecting ones matter: ``tracking_mode``,
+            ``gpu_ids``, ``force_cpu_power``, ...).
+
+    Returns:
+        An event set once the detection is done (or has failed: the real
+        tracker then tries again and reports the error).
+    """
+    key = _hardware_key(tracker_kwargs)
+    with _warm_lock:
+        event = _warm.get(key)
+        if event is not None:
+            return event
+        event = _warm[key] = threading.Event()
+    thread = threading.Thread(
+        target=_warm_up, args=(tracker_kwargs, event), name="carbonoffset-warm-up", daemon=True
+    )
+    thread.start()
+    return event
+
+
+def _warm_up(tracker_kwargs: dict[str, Any], event: threading.Event) -> None:
+    try:
+        from codecarbon import OfflineEmissionsTracker  # at normal priority: start() may wait for it
+
+        _lower_priority()  # the detection subprocess yields to training
+        _quiet_codecarbon(tracker_kwargs)
+        hardware = {k: v for k, v in tracker_kwargs.items() if k in _HARDWARE_ARGS}
+        tracker = OfflineEmissionsTracker(
+            country_iso_code="FRA",
+            output_methods=[],
+            log_level=tracker_kwargs.get("log_level", "error"),
+            measure_power_secs=3600,
+            **hardware,
+        )
+        tracker.start()
+        tracker.stop()  # also loads the emissions data a first flush() would (~0.1 s)
+    except Exception:  # noqa: BLE001 -- the real tracker reports problems
+        logger.debug("CodeCarbon warm-up failed", exc_info=True)
+    finally:
+        event.set()
+
+
 class CodeCarbonSource:
     """Measures with CodeCarbon: a **new tracker for every** ``start()`` (trackers are single-use).
 
@@ -77,55 +214,190 @@ class CodeCarbonSource:
         country_iso_code: ISO 3166-1 alpha-3 code; when given, CodeCarbon's
             ``OfflineEmissionsTracker`` is used (no network). Otherwise the
             online ``EmissionsTracker`` (geo-IP look-up at the first flush).
+        refresh_s: seconds between two background refreshes of the cached
+            figures (> 0, default 1.0); see "Cost" below.
         **tracker_kwargs: passed to the CodeCarbon tracker (e.g.
             ``measure_power_secs``, ``tracking_mode``). By default no CSV
             file is written (``output_methods=[]``) and CodeCarbon logs at
             ``error``.
 
-    ``read()`` calls the tracker's public ``flush()`` (about 0.02 ms without
-    CSV output); call it once per epoch, not per step.
+    Cost and accuracy:
+
+    * ``read()`` returns the tracker's cumulative figures as of the last
+      refresh, made by a background thread (``carbonoffset-refresh``) with the
+      tracker's public ``flush()`` every ``refresh_s`` seconds (the first one
+      0.1 s after the tracker starts). So ``read()`` costs microseconds and
+      its figures are **at most** ``refresh_s`` **seconds old** (plus one
+      flush, ~1 ms). Before the first refresh of a run ``read()`` flushes
+      itself (about 1 ms), except after a late start (below). ``stop()`` is
+      exact: it stops the tracker and returns its final figures.
+    * The first tracker of a process spends 1-2 s detecting the hardware
+      (CodeCarbon caches the result per process). ``start()`` never waits for
+      it: when that detection has not run yet in this process, the tracker is
+      built and started on the background thread (the detection at a lower
+      CPU priority, see :data:`BACKGROUND_NICE`) and ``start()`` returns at
+      once; :attr:`tracker` is set once built. Until the tracker runs,
+      ``read()`` returns zeros. The time between ``start()`` and the moment the
+      tracker began measuring (:attr:`late_start_s`, from the ``duration`` of
+      CodeCarbon's own totals) is accounted for, not lost: its energy and
+      emissions (:attr:`late_start_estimate`) are that gap times the average
+      power (and emissions rate) of the tracker's first reading covering at
+      least :attr:`GAP_POWER_MIN_S` seconds (or of its final reading if the
+      run is shorter), added to every figure from then on (so figures never
+      decrease). :func:`warm_up_codecarbon` (called when a framework callback
+      is built) runs the detection early, so the gap is often zero or short.
     """
 
-    def __init__(self, country_iso_code: str | None = None, **tracker_kwargs: Any) -> None:
+    #: Seconds of tracking the first reading must cover before its power is used for the gap.
+    GAP_POWER_MIN_S = 1.0
+    #: Delay of the first background refresh after the tracker starts, s.
+    FIRST_REFRESH_S = 0.1
+
+    def __init__(
+        self, country_iso_code: str | None = None, *, refresh_s: float = 1.0, **tracker_kwargs: Any
+    ) -> None:
+        if not (isinstance(refresh_s, (int, float)) and refresh_s > 0):
+            raise ValueError(f"refresh_s must be a number of seconds > 0 (got {refresh_s!r})")
         self.country_iso_code = country_iso_code
+        self.refresh_s = float(refresh_s)
         self.tracker_kwargs = tracker_kwargs
         self.tracker: Any = None
+        self.late_start_s = 0.0
         self._handler = _TotalsHandler()
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._halt = threading.Event()
+        self._started = threading.Event()
+        self._t0 = 0.0
+        self._gap: Measurement | None = None  # estimate for the late start, once known
+        self._cached: Measurement | None = None
+        self._read_flushes = False  # read() may flush itself until the first refresh
 
     def _build(self) -> Any:
         from codecarbon import EmissionsTracker, OfflineEmissionsTracker
 
         kwargs: dict[str, Any] = {"output_methods": [], "log_level": "error", **self.tracker_kwargs}
         kwargs["output_handlers"] = [self._handler, *kwargs.get("output_handlers", [])]
-        # CodeCarbon applies ``log_level`` only after its constructor has logged "offline tracker
-        # init" and "Multiple instances ... allowed": set its logger's level first, as it would.
-        level = kwargs["log_level"]
-        logging.getLogger("codecarbon").setLevel(level.upper() if isinstance(level, str) else level)
+        _quiet_codecarbon(kwargs)
         if self.country_iso_code:
             return OfflineEmissionsTracker(country_iso_code=self.country_iso_code, **kwargs)
         return EmissionsTracker(**kwargs)
 
+    def warm_up(self) -> threading.Event:
+        """Start CodeCarbon's hardware detection for this source's settings (see :func:`warm_up_codecarbon`)."""
+        return warm_up_codecarbon(**self.tracker_kwargs)
+
     def start(self) -> None:
+        """Build a new tracker and start it; never waits for CodeCarbon's first hardware detection."""
+        self.stop()  # a running tracker (if any) ends first
         with self._lock:
-            if self.tracker is not None:
-                self._stop_locked()
+            self._t0 = time.perf_counter()
             self._handler = _TotalsHandler()
-            self.tracker = self._build()
-            self.tracker.start()
+            self._gap = None
+            self._cached = None
+            self.late_start_s = 0.0
+            self._halt = threading.Event()
+            self._started = threading.Event()
+            background = not _hardware_ready(self.tracker_kwargs)
+            self._read_flushes = not background
+            tracker = None
+            if not background:
+                self.tracker = tracker = self._build()
+                tracker.start()  # ~5 ms once CodeCarbon knows the hardware
+                self._started.set()
+                self._gap = Measurement()  # started right here: nothing to estimate
+            self._thread = threading.Thread(
+                target=self._run,
+                args=(tracker, self._halt, self._started),
+                name="carbonoffset-refresh",
+                daemon=True,
+            )
+            self._thread.start()
+
+    def _run(self, tracker: Any, halt: threading.Event, started: threading.Event) -> None:
+        """Background thread: build and start the tracker (late start), then refresh the cached figures."""
+        late = tracker is None
+        if late:
+            try:
+                tracker = self._build()  # imports CodeCarbon (~0.15 s) off the training thread too
+                with self._lock:
+                    self.tracker = tracker
+                _start_in_background(tracker)
+            except Exception as exc:  # noqa: BLE001 -- CodeCarbon swallows most errors itself
+                logger.warning("emissions tracking failed to start (%s); training continues", exc)
+            finally:
+                started.set()
+            _mark_ready(self.tracker_kwargs)
+        # after a late start, refresh at once: the process's first flush also loads CodeCarbon's
+        # emissions data (~0.1 s), which must not happen in read() on the training thread
+        wait = 0.0 if late else self.FIRST_REFRESH_S
+        while not halt.wait(wait):
+            wait = self.refresh_s
+            with self._lock:
+                if self.tracker is not tracker:
+                    return
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self.tracker is not None and self._started.is_set():
+            self.tracker.flush()
+            self._update_locked(final=False)
+
+    @property
+    def late_start_estimate(self) -> Measurement:
+        """The figures estimated for the time the tracker started late (zeros when it did not,
+        or until its power is known); included in every figure returned."""
+        return self._gap or Measurement()
+
+    def _update_locked(self, *, final: bool) -> None:
+        handler = self._handler
+        if not handler.count:
+            return
+        if self._gap is None:
+            began = handler.at - handler.duration_s  # when the tracker's measurement began
+            gap_s = max(0.0, began - self._t0)
+            if gap_s <= 0.0:
+                self._gap = Measurement()
+            elif final or handler.duration_s >= self.GAP_POWER_MIN_S:
+                rate = 1.0 / handler.duration_s if handler.duration_s > 0 else 0.0
+                self._gap = Measurement(
+                    handler.last.emissions_kg * rate * gap_s, handler.last.energy_kwh * rate * gap_s
+                )
+                self.late_start_s = gap_s
+                logger.info(
+                    "CodeCarbon started %.2f s after the run (first hardware detection); that gap is "
+                    "estimated at %.3g kWh from the tracker's first %.1f s",
+                    gap_s,
+                    self._gap.energy_kwh,
+                    handler.duration_s,
+                )
+        self._cached = handler.last + (self._gap or Measurement())
 
     def read(self) -> Measurement:
+        """Cumulative figures since :meth:`start` (at most ``refresh_s`` s old; zeros until the tracker runs)."""
+        cached = self._cached
+        if cached is not None:
+            return cached
+        if not self._read_flushes:  # the tracker starts late (in the background): no figures yet
+            return Measurement()
         with self._lock:
-            if self.tracker is not None:
-                self.tracker.flush()
-            return self._handler.last
+            if self._cached is None:
+                self._flush_locked()
+            return self._cached if self._cached is not None else Measurement()
 
     def stop(self) -> Measurement:
+        """Stop the tracker (waiting for a start still in progress) and return the exact final figures."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._halt.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
         with self._lock:
             return self._stop_locked()
 
     def _stop_locked(self) -> Measurement:
         tracker, self.tracker = self.tracker, None
-        if tracker is not None:
+        if tracker is not None and self._started.is_set():
             tracker.stop()
-        return self._handler.last
+            self._update_locked(final=True)
+        return self._cached if self._cached is not None else Measurement()

@@ -3,20 +3,88 @@
 Each framework callback owns one :class:`CallbackCore` and only translates its
 framework's events (fit start, epoch end, train end, exception) into calls on
 it. No accounting lives in the integrations.
+
+The distributed policy lives here too, once for every framework: a framework
+only lends a :class:`Collective` (its own "sum across processes" and
+"broadcast from global rank 0"). Local rank 0 of each node measures the node;
+each epoch every process sums the node figures (zeros where no tracker runs),
+so every process sees the same job total; global rank 0 records it, offsets,
+and broadcasts its report, so every process logs the same figures and takes
+the same budget decision.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from carbonoffset.core.config import OffsetConfig
+from carbonoffset.core.ledger import Ledger
 from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
-from carbonoffset.core.sources import EmissionsSource, Measurement
+from carbonoffset.core.sources import EmissionsSource, Measurement, warm_up_codecarbon
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+#: Longest a fork waits for CodeCarbon's background hardware detection to finish, s.
+FORK_WAIT_S = 30.0
+_unfinished_warm_ups: list[threading.Event] = []
+_fork_hook: list[bool] = []  # [True] once the hook is registered (hooks cannot be removed)
+_fork_hook_lock = threading.Lock()
+
+
+def _wait_for_warm_ups() -> None:
+    """``os.register_at_fork`` "before" hook: let the background hardware detection finish first.
+
+    A process forked while that thread holds an import or ``platform`` lock
+    (Lightning ``ddp_fork``, a forked ``DataLoader`` worker) inherits the lock
+    held by a thread that does not exist in the child: its first tracker start
+    would wait on it forever, and the other ranks with it.
+    """
+    if threading.current_thread().name.startswith("carbonoffset-"):
+        return  # a fork made by the detection itself must not wait for it
+    for event in list(_unfinished_warm_ups):
+        event.wait(FORK_WAIT_S)
+    _unfinished_warm_ups[:] = [event for event in _unfinished_warm_ups if not event.is_set()]
+
+
+def _finish_before_fork(event: threading.Event) -> None:
+    """Make every later fork of this process wait (at most :data:`FORK_WAIT_S`) until ``event`` is set."""
+    if event.is_set() or not hasattr(os, "register_at_fork"):
+        return
+    with _fork_hook_lock:
+        if not _fork_hook:
+            os.register_at_fork(before=_wait_for_warm_ups)
+            _fork_hook.append(True)
+        _unfinished_warm_ups.append(event)
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """The two collective operations a framework lends :class:`CallbackCore` in a distributed job.
+
+    Every process of the job must call each operation at the same point, in
+    the same order (they are collective). They use the framework's own process
+    group, so its timeout applies when a process never arrives (a dead rank):
+    the operation then raises in the survivors instead of blocking forever.
+
+    Attributes:
+        world_size: number of processes in the job (>= 2).
+        sum: element-wise sum over every process of a list of floats (same
+            length on every process); returns the sums, identical on every
+            process.
+        broadcast: returns, on every process, the (picklable) object passed by
+            global rank 0.
+    """
+
+    world_size: int
+    sum: Callable[[Sequence[float]], Sequence[float]]
+    broadcast: Callable[[Any], Any]
 
 
 def missing_framework(callback: str, framework: str, requirement: str, extra: str) -> ModuleNotFoundError:
@@ -44,6 +112,8 @@ class CallbackCore:
 
     Raises:
         ValueError: invalid settings or ``max_emissions_kg <= 0``.
+        LedgerError: the ledger is corrupt, from a newer carbonoffset, or cannot be created
+            (checked when the callback is built, so the fit never starts with it).
     """
 
     def __init__(
@@ -61,30 +131,87 @@ class CallbackCore:
             raise ValueError(f"max_emissions_kg must be > 0 kg CO2eq (got {max_emissions_kg!r}) or None")
         if session is not None and settings:
             raise ValueError("pass either a ready OffsetSession or settings, not both")
-        self.config: OffsetConfig = session.config if session is not None else OffsetConfig.resolve(**settings)
+        self.config: OffsetConfig = (
+            session.config if session is not None else OffsetConfig.resolve(**settings)
+        )
+        if session is None:
+            # an unusable ledger (corrupt, newer version, unwritable folder) is reported here,
+            # when the callback is built, not as a crash inside the framework's fit
+            Ledger(self.config.ledger_path, full_check=False).close()
         self.max_emissions_kg = max_emissions_kg
         self.log_metrics = log_metrics
         self.label = label
         self._given_session = session
         self._source = source
         self._offsetter_options = offsetter_options
+        if session is None and source is None and os.environ.get("LOCAL_RANK", "0") == "0":
+            # CodeCarbon's first hardware detection (1-2 s per process) runs now, in the
+            # background, instead of delaying the fit's first step (only local rank 0 measures)
+            _finish_before_fork(warm_up_codecarbon())
         self.session: OffsetSession | None = session
         self.last_report: EpochReport | None = None
         self.final_report: RunReport | None = None
         self._resume: dict[str, Any] | None = None
         self.stop_requested = False
+        self._collective: Collective | None = None
+        self._node_last = Measurement()
+        self._warned_no_group = False
+
+    @property
+    def distributed(self) -> bool:
+        """The current run sums node figures across processes (a :class:`Collective` was given)."""
+        return self._collective is not None
 
     # ---------------------------------------------------------------- events
-    def begin(self, *, global_rank: int = 0, local_rank: int = 0, nodes: int = 1) -> None:
-        """Fit begins: build (or reuse) the session and start a fresh run with a fresh tracker."""
+    def begin(
+        self,
+        *,
+        global_rank: int = 0,
+        local_rank: int = 0,
+        nodes: int = 1,
+        world_size: int = 1,
+        collective: Collective | None = None,
+    ) -> None:
+        """Fit begins: build (or reuse) the session and start a fresh run with a fresh tracker.
+
+        Args:
+            global_rank: rank of this process in the job (>= 0).
+            local_rank: rank of this process on its node (>= 0).
+            nodes: number of nodes, stored in the ledger when no ``collective``
+                is given (with one, the nodes are counted through it).
+            world_size: number of processes in the job (>= 1).
+            collective: the framework's collective operations when
+                ``world_size > 1`` and its process group is initialised. Every
+                process must then call :meth:`begin`, :meth:`epoch_end` and
+                :meth:`end` at the same points. ``None`` with ``world_size > 1``
+                falls back to per-process figures, with one warning.
+        """
         self.stop_requested = False
         self.last_report = None
         self.final_report = None
+        self._node_last = Measurement()
+        if world_size > 1 and collective is None and not self._warned_no_group:
+            self._warned_no_group = True
+            logger.warning(
+                "carbonoffset: process %d of %d, but no torch.distributed process group is initialised: "
+                "node figures are not summed across processes. Each process decides on its own figures "
+                "(only local rank 0 of each node measures) and global rank 0 records and offsets only "
+                "what its own node measured",
+                global_rank,
+                world_size,
+            )
+        self._collective = collective if world_size > 1 else None
+        if self._collective is not None:
+            # count the trackers (local rank 0 of each node): the nodes whose figures are summed
+            nodes = max(1, round(self._collective.sum([1.0 if local_rank == 0 else 0.0])[0]))
+        # in a distributed run the budget is global rank 0's decision, shared with the others
+        follower = self._collective is not None and global_rank != 0
+        budget = None if follower else self.max_emissions_kg
         if self._given_session is not None:
             session = self._given_session
             session.global_rank, session.local_rank = global_rank, local_rank
-            if self.max_emissions_kg is not None:
-                session.max_emissions_kg = self.max_emissions_kg
+            if self.max_emissions_kg is not None or follower:
+                session.max_emissions_kg = budget
         else:
             if self.session is not None:
                 self.session.close()
@@ -92,17 +219,22 @@ class CallbackCore:
                 self.config,
                 source=self._source,
                 label=self.label,
-                max_emissions_kg=self.max_emissions_kg,
+                max_emissions_kg=budget,
                 global_rank=global_rank,
                 local_rank=local_rank,
                 offsetter_options=self._offsetter_options,
             )
         self.session = session
         resume, self._resume = self._resume, None
+        if resume and follower:
+            # the figures reached before resuming are added once, by global rank 0 (which records)
+            resume = {"run_id": resume.get("run_id")}
         if resume:
             session.start(
                 run_id=resume.get("run_id"),
-                resume=Measurement(float(resume.get("emissions_kg", 0.0)), float(resume.get("energy_kwh", 0.0))),
+                resume=Measurement(
+                    float(resume.get("emissions_kg", 0.0)), float(resume.get("energy_kwh", 0.0))
+                ),
                 nodes=nodes,
             )
         else:
@@ -118,7 +250,21 @@ class CallbackCore:
         session = self.session
         if session is None or not session.running:
             return None
-        report = session.record_epoch(epoch, max_epochs=max_epochs if self.max_emissions_kg else None)
+        max_epochs = max_epochs if self.max_emissions_kg else None
+        collective = self._collective
+        if collective is None:
+            report = session.record_epoch(epoch, max_epochs=max_epochs)
+        else:
+            node = session.measure()  # zeros where no tracker runs
+            self._node_last = node
+            emissions_kg, energy_kwh = collective.sum([node.emissions_kg, node.energy_kwh])
+            mine = None
+            if session.is_writer:  # records, offsets, decides (and warns) for the job
+                mine = session.record(
+                    Measurement(emissions_kg, energy_kwh), epoch=epoch, max_epochs=max_epochs
+                )
+            # global rank 0's figures (offset, pending, budget decision) on every process
+            report = collective.broadcast(mine)
         self.last_report = report
         if report.over_budget:
             self.stop_requested = True
@@ -129,15 +275,37 @@ class CallbackCore:
         session = self.session
         if session is None or not session.running:
             return self.final_report
-        self.final_report = session.stop()
+        collective, self._collective = self._collective, None
+        if collective is None:
+            self.final_report = session.stop()
+        else:
+            node = session.stop_tracking()
+            emissions_kg, energy_kwh = collective.sum([node.emissions_kg, node.energy_kwh])
+            report = session.stop(total=Measurement(emissions_kg, energy_kwh))
+            self.final_report = collective.broadcast(report)
         return self.final_report
 
     def abort(self, status: str = "failed") -> RunReport | None:
-        """Training failed or was interrupted: stop the tracker, keep what was measured, no final offset."""
+        """Training failed or was interrupted: stop the tracker, keep what was measured, no final offset.
+
+        Never calls a collective operation (other processes may be gone): in a
+        distributed run global rank 0 records the last job total plus what its
+        own node measured since; the other nodes' figures since the last epoch
+        are lost.
+        """
         session = self.session
         if session is None or not session.running:
             return self.final_report
-        self.final_report = session.stop(final_offset=False, status=status)
+        collective, self._collective = self._collective, None
+        total: Measurement | None = None
+        last = self.last_report
+        if collective is not None and session.is_writer and last is not None:
+            node = session.stop_tracking()
+            total = Measurement(
+                last.emissions_kg + max(0.0, node.emissions_kg - self._node_last.emissions_kg),
+                last.energy_kwh + max(0.0, node.energy_kwh - self._node_last.energy_kwh),
+            )
+        self.final_report = session.stop(final_offset=False, status=status, total=total)
         return self.final_report
 
     # ---------------------------------------------------------------- resume

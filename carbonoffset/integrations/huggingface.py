@@ -31,7 +31,7 @@ from typing import Any
 from carbonoffset.core.config import OffsetConfig, SecretKey
 from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, missing_framework
+from carbonoffset.integrations._base import CallbackCore, Collective, missing_framework
 
 logger = logging.getLogger(__name__)
 
@@ -87,23 +87,35 @@ def _nodes(args: Any) -> int:
     return max(1, world // max(1, per_node))
 
 
-def _any_process(flag: bool, args: Any) -> bool:
-    """``flag`` OR-ed over every process of a distributed job (``flag`` itself in a single process).
+def _collective(args: Any) -> Collective | None:
+    """``torch.distributed``'s sum and broadcast on the Trainer's process group, in a multi-process job.
 
-    Only local process zero of each node measures, so only some processes see
-    the budget passed; the others must stop at the same epoch or they would
-    wait forever in the next collective operation.
+    ``None`` for a single process, and for several processes without an
+    initialised process group (the core then warns once and falls back to
+    per-process figures). The sum runs on ``args.device`` (a CUDA device with
+    NCCL, the CPU with gloo).
     """
-    if int(getattr(args, "world_size", 1) or 1) <= 1:
-        return flag
+    world = int(getattr(args, "world_size", 1) or 1)
+    if world <= 1:
+        return None
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    decision = torch.tensor([1.0 if flag else 0.0], device=args.device)
-    dist.all_reduce(decision, op=dist.ReduceOp.MAX)
-    return bool(decision.item() > 0)
+        return None
+    device = getattr(args, "device", None)
+
+    def sum_across(values: Any) -> list[float]:
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return [float(v) for v in tensor.tolist()]
+
+    def broadcast(obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return Collective(world_size=world, sum=sum_across, broadcast=broadcast)
 
 
 if _TrainerCallback is not None:
@@ -144,9 +156,13 @@ if _TrainerCallback is not None:
 
         **Ranks.** Only the local main process of each node runs a tracker
         (``args.local_process_index == 0``) and only the main process
-        (``args.process_index == 0``) writes the ledger and offsets. With a
-        budget, the stop decision is shared by every process (one
-        ``all_reduce`` per epoch), so all stop at the same epoch.
+        (``args.process_index == 0``) writes the ledger and offsets. In a
+        distributed job each epoch's node figures are summed across processes
+        (``torch.distributed.all_reduce``) and the main process's figures and
+        budget decision are broadcast, so every process logs the job's
+        figures and stops at the same epoch; the ledger run records the node
+        count. Without an initialised process group each process falls back
+        to its own figures, with one warning (see ``docs/distributed.md``).
 
         **Resume.** The callback is an ``ExportableState``: its run id and
         cumulative figures are saved in every checkpoint's
@@ -287,6 +303,8 @@ if _TrainerCallback is not None:
                 global_rank=int(getattr(args, "process_index", 0) or 0),
                 local_rank=int(getattr(args, "local_process_index", 0) or 0),
                 nodes=_nodes(args),
+                world_size=int(getattr(args, "world_size", 1) or 1),
+                collective=_collective(args),
             )
 
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -296,10 +314,7 @@ if _TrainerCallback is not None:
             if report is not None and self._core.log_metrics:
                 self._pending_metrics = report.metrics()
                 control.should_log = True
-            stop = self._core.stop_requested
-            if self._core.max_emissions_kg is not None:
-                stop = _any_process(stop, args)  # every process must stop at the same epoch
-            if stop:
+            if self._core.stop_requested:  # the same decision in every process (the main process's)
                 control.should_training_stop = True
 
         def on_log(

@@ -28,7 +28,7 @@ from typing import Any
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, missing_framework
+from carbonoffset.integrations._base import CallbackCore, Collective, missing_framework
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,31 @@ _STATE_NAME = "CarbonOffsetCallback"
 _LABEL = "lightning"
 
 
+def _collective(trainer: Any) -> Collective | None:
+    """The strategy's own sum and broadcast, when the fit runs in several processes with a process group.
+
+    ``None`` for a single process, and for several processes without an
+    initialised ``torch.distributed`` process group (the core then warns once
+    and falls back to per-process figures).
+    """
+    if int(trainer.world_size) <= 1:
+        return None
+    import torch  # present with Lightning; kept out of module import
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    strategy = trainer.strategy
+
+    def sum_across(values: Any) -> list[float]:
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=strategy.root_device)
+        return [float(v) for v in strategy.reduce(tensor, reduce_op="sum").tolist()]
+
+    def broadcast(obj: Any) -> Any:
+        return strategy.broadcast(obj, src=0)
+
+    return Collective(world_size=int(trainer.world_size), sum=sum_across, broadcast=broadcast)
+
+
 class _CarbonOffsetLogic:
     """Measure each fit with CodeCarbon, log ``carbon/*`` metrics, offset through 1ClickImpact.
 
@@ -63,7 +88,12 @@ class _CarbonOffsetLogic:
 
     * ``on_fit_start``: start a run (or continue the run restored from a
       checkpoint) with a new tracker. Only local rank 0 of each node runs a
-      tracker; only global rank 0 writes the ledger and buys offsets.
+      tracker; only global rank 0 writes the ledger and buys offsets. In a
+      distributed fit (``trainer.world_size > 1``) every epoch's node figures
+      are summed with ``trainer.strategy.reduce`` and global rank 0's figures
+      and budget decision are shared with ``trainer.strategy.broadcast``, so
+      every rank logs the job's figures and stops at the same epoch; the
+      ledger run records the node count (see ``docs/distributed.md``).
     * ``on_train_epoch_end``: record the run's cumulative figures and publish
       ``carbon/energy_kwh`` (kWh), ``carbon/emissions_kg``, ``carbon/offset_kg``
       and ``carbon/pending_kg`` (kg CO2eq; offset = bought or in flight for
@@ -155,7 +185,7 @@ class _CarbonOffsetLogic:
             **settings,
         )
         # ranks saved at fit start when the strategy restores callback state after on_fit_start
-        self._deferred_ranks: dict[str, int] | None = None
+        self._deferred_ranks: dict[str, Any] | None = None
         self._final_logged = True
 
     # ------------------------------------------------------------- read-only
@@ -207,6 +237,8 @@ class _CarbonOffsetLogic:
             "global_rank": int(trainer.global_rank),
             "local_rank": int(trainer.local_rank),
             "nodes": int(trainer.num_nodes),
+            "world_size": int(trainer.world_size),
+            "collective": _collective(trainer),
         }
         if trainer.strategy.restore_checkpoint_after_setup:
             # This strategy (FSDP, DeepSpeed, ...) restores a checkpoint after on_fit_start: begin at
@@ -240,8 +272,7 @@ class _CarbonOffsetLogic:
         )
         if report is not None and self._core.log_metrics:
             self._publish(trainer, report.metrics(), epoch=trainer.current_epoch)
-        # every rank takes part, so all stop together
-        if trainer.strategy.reduce_boolean_decision(self._core.stop_requested, all=False):
+        if self._core.stop_requested:  # the same decision on every rank (global rank 0's, broadcast)
             trainer.should_stop = True
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

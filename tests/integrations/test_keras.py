@@ -416,3 +416,21 @@ def test_notebook_runs_end_to_end(
     )
     assert "sandbox    1 capture(s), 1 lb" in outputs
     assert (tmp_path / "keras-notebook-ledger.sqlite3").is_file()
+
+
+def test_an_unusable_ledger_is_reported_when_the_callback_is_built(
+    kx: types.SimpleNamespace, tmp_path: Path
+) -> None:
+    from carbonoffset.core.errors import LedgerError
+    from carbonoffset.integrations.keras import CarbonOffsetCallback
+
+    corrupt = tmp_path / "corrupt.sqlite3"
+    corrupt.write_bytes(b"not a database at all" * 50)
+    before = corrupt.read_bytes()
+    with pytest.raises(LedgerError, match="not modified"):
+        CarbonOffsetCallback(offset_ledger=corrupt, country_iso_code="FRA")
+    assert corrupt.read_bytes() == before
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(LedgerError, match="offset_ledger"):
+        CarbonOffsetCallback(offset_ledger=blocker / "ledger.sqlite3", country_iso_code="FRA")

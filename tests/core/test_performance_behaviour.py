@@ -1,0 +1,376 @@
+"""What keeps tracking off the training's critical path, as behaviour (never timings).
+
+* CodeCarbonSource: a process's first tracker starts in the background and the
+  time it started late is accounted for; later trackers start at once; read()
+  serves figures refreshed by a background thread instead of flushing.
+* OffsetSession: epoch figures are written to the ledger by a background thread
+  (a locked ledger never blocks record_epoch), yet flush()/ledger/report() see
+  them and the epoch reports agree with the ledger.
+* Ledger: a big file opens with a check of its accounting tables only; the
+  complete check (verify) still refuses a corrupt file without modifying it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from carbonoffset.core.errors import LedgerError
+from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.session import OffsetSession
+from carbonoffset.core.sources import BACKGROUND_NICE, CodeCarbonSource, Measurement, _lower_priority
+from carbonoffset.testing import FakeOneClickImpact, ScriptedEmissions
+
+FAST = {"wait_initial_s": 0.01, "wait_max_s": 0.05}
+SANDBOX = "sandbox:feedfacecafe"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def subprocess_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODECARBON_")}
+    return {**env, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+# ------------------------------------------------------------- CodeCarbonSource
+_COLD_PROCESS = textwrap.dedent(
+    """
+    import json, time
+    from carbonoffset.core.sources import CodeCarbonSource, Measurement
+
+    class Probe:  # CodeCarbon's public output-handler interface: the tracker's own totals
+        def __init__(self):
+            self.totals = []
+        def out(self, total, delta):
+            self.totals.append((total.duration, total.energy_consumed, total.emissions))
+        def live_out(self, total, delta):
+            pass
+        def task_out(self, data, experiment_name):
+            pass
+        def exit(self):
+            pass
+
+    def busy(seconds):
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            pass
+
+    out = {}
+    probe = Probe()
+    source = CodeCarbonSource(country_iso_code="FRA", refresh_s=0.2, output_handlers=[probe])
+    source.start()  # the first tracker of this process: CodeCarbon has not detected the hardware yet
+    out["first_read"] = [source.read().emissions_kg, source.read().energy_kwh]
+    reads = []
+    until = time.monotonic() + 60.0  # read while "training" until figures came for 1.5 s
+    while time.monotonic() < until:
+        busy(0.1)
+        reads.append(source.read().energy_kwh)
+        if reads[-1] > 0 and until > time.monotonic() + 1.5:
+            until = time.monotonic() + 1.5
+    tracker = source.tracker
+    out["tracker_built"] = type(tracker).__name__
+    final = source.stop()
+    out["reads"] = reads
+    out["late_start_s"] = source.late_start_s
+    out["estimate"] = [source.late_start_estimate.emissions_kg, source.late_start_estimate.energy_kwh]
+    out["final"] = [final.emissions_kg, final.energy_kwh]
+    out["tracker_final"] = [tracker.final_emissions_data.emissions, tracker.final_emissions_data.energy_consumed]
+    out["probe"] = probe.totals
+
+    # the second tracker of the process starts at once: nothing to estimate
+    probe2 = Probe()
+    again = CodeCarbonSource(country_iso_code="FRA", output_handlers=[probe2])
+    again.start()
+    busy(0.3)
+    second_tracker = again.tracker
+    second = again.stop()
+    out["second_late_start_s"] = again.late_start_s
+    out["second_estimate"] = [again.late_start_estimate.emissions_kg, again.late_start_estimate.energy_kwh]
+    out["second_final"] = [second.emissions_kg, second.energy_kwh]
+    out["second_tracker_final"] = [
+        second_tracker.final_emissions_data.emissions, second_tracker.final_emissions_data.energy_consumed
+    ]
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cold_process() -> dict[str, Any]:
+    """One fresh process: its first CodeCarbon tracker (cold) and a second one (warm)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _COLD_PROCESS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.slow
+def test_first_tracker_starts_in_the_background_and_its_late_start_is_accounted_for(
+    cold_process: dict[str, Any],
+) -> None:
+    result = cold_process
+    # start() returned before the tracker ran: no figures yet; the tracker came later
+    assert result["first_read"] == [0.0, 0.0]
+    assert result["tracker_built"] == "OfflineEmissionsTracker"
+    # figures appear once the tracker runs, and never decrease
+    reads = result["reads"]
+    assert reads[-1] > 0
+    assert reads == sorted(reads)
+    # the tracker began measuring after start(): that gap is estimated, not lost ...
+    late = result["late_start_s"]
+    assert late > 0
+    tracker_kg, tracker_kwh = result["tracker_final"]
+    final_kg, final_kwh = result["final"]
+    assert final_kwh > tracker_kwh > 0 and final_kg > tracker_kg > 0
+    # ... as the gap times the power of the tracker's first reading covering >= 1 s
+    duration, energy, emissions = next(t for t in result["probe"] if t[0] >= CodeCarbonSource.GAP_POWER_MIN_S)
+    assert final_kwh == pytest.approx(tracker_kwh + late * energy / duration, rel=1e-9)
+    assert final_kg == pytest.approx(tracker_kg + late * emissions / duration, rel=1e-9)
+    assert result["estimate"] == pytest.approx([final_kg - tracker_kg, final_kwh - tracker_kwh], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_later_trackers_start_at_once_and_report_exactly_what_codecarbon_measured(
+    cold_process: dict[str, Any],
+) -> None:
+    assert cold_process["second_late_start_s"] == 0.0
+    assert cold_process["second_estimate"] == [0.0, 0.0]
+    assert cold_process["second_final"] == cold_process["second_tracker_final"]
+    assert cold_process["second_final"][1] > 0
+
+
+class _CountingProbe:
+    """A CodeCarbon output handler counting the totals it receives (one per flush or stop)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def out(self, total: Any, delta: Any) -> None:
+        self.count += 1
+
+    def live_out(self, total: Any, delta: Any) -> None:
+        pass
+
+    def task_out(self, data: Any, experiment_name: Any) -> None:
+        pass
+
+    def exit(self) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_read_serves_figures_refreshed_in_the_background() -> None:
+    assert CodeCarbonSource().warm_up().wait(120)  # this test is about a tracker that starts at once
+    probe = _CountingProbe()
+    slow = CodeCarbonSource(country_iso_code="FRA", refresh_s=3600, output_handlers=[probe])
+    slow.start()
+    first = slow.read()  # the first read of a run may flush (no figures yet) ...
+    flushes = probe.count
+    readings = [slow.read() for _ in range(50)]
+    assert probe.count == flushes  # ... later reads serve the cached figures without flushing
+    assert all(r == first for r in readings)
+    slow.stop()
+
+    probe = _CountingProbe()
+    fast = CodeCarbonSource(country_iso_code="FRA", refresh_s=0.05, output_handlers=[probe])
+    fast.start()
+    before = fast.read()
+    seen = probe.count
+    deadline = threading.Event()
+    while probe.count < seen + 3:  # the background thread keeps refreshing
+        assert not deadline.wait(0.05) and probe.count < seen + 1000
+    after = fast.read()
+    final = fast.stop()
+    assert after.energy_kwh > before.energy_kwh
+    assert final.energy_kwh >= after.energy_kwh
+    with pytest.raises(ValueError, match="refresh_s"):
+        CodeCarbonSource(refresh_s=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+def test_background_detection_runs_at_a_lower_priority_than_training() -> None:
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: list[int] = []
+
+    def lowered() -> None:
+        _lower_priority()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=lowered)
+    thread.start()
+    thread.join()
+    assert seen == [min(19, main_nice + BACKGROUND_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice  # training keeps its own
+
+
+# ------------------------------------------------------------- OffsetSession
+def test_a_locked_ledger_never_blocks_record_epoch_and_flush_writes_in_order(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    session = OffsetSession(source=ScriptedEmissions([0.1, 0.2, 0.3]), offsetter_options=FAST, **settings)
+    run_id = session.start()
+    assert session.flush(5)
+    blocker = sqlite3.connect(settings["offset_ledger"], timeout=0.1, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the ledger's write lock
+    reports: list[Any] = []
+    hook = threading.Thread(target=lambda: reports.extend(session.record_epoch(e) for e in range(3)))
+    hook.start()
+    hook.join(timeout=30)
+    try:
+        assert not hook.is_alive(), "record_epoch waited for the ledger"
+        assert [r.emissions_kg for r in reports] == pytest.approx([0.1, 0.2, 0.3])
+        assert [r.pending_kg for r in reports] == pytest.approx([0.1, 0.2, 0.3])  # from memory meanwhile
+        assert not session.flush(0.2)  # the writes are still queued behind the lock
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert session.flush(30)
+    with Ledger(settings["offset_ledger"]) as ledger:
+        assert [row[1] for row in _records(ledger, run_id)] == [0, 1, 2]  # all three, in order
+        assert ledger.run(run_id).emissions_kg == pytest.approx(0.3)  # type: ignore[union-attr]
+    report = session.stop()
+    session.close()
+    assert report.emissions_kg == pytest.approx(0.3) and report.epochs == 3
+
+
+def _records(ledger: Ledger, run_id: str | None) -> list[tuple[Any, ...]]:
+    raw = sqlite3.connect(ledger.path)
+    try:
+        return raw.execute(
+            "SELECT emissions_kg, epoch FROM records WHERE run_id = ? ORDER BY id", (run_id,)
+        ).fetchall()
+    finally:
+        raw.close()
+
+
+def test_epoch_reports_agree_with_the_ledger_and_offsets_see_every_recorded_epoch(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    script = [0.2, 0.45, 0.7, 1.1, 1.6]
+    session = OffsetSession(source=ScriptedEmissions(script), offsetter_options=FAST, **settings)
+    session.start()
+    for epoch in range(len(script)):
+        report = session.record_epoch(epoch)
+        assert session.wait(10)  # the write, the decision and any offset it triggered are done
+        ledger = session.ledger
+        assert ledger is not None
+        balance = ledger.balance(session.config.account)
+        # the same total again: its figures now come from what the ledger thread read after writing
+        again = session.record(Measurement(report.emissions_kg, report.energy_kwh), epoch=epoch)
+        assert again.pending_kg == pytest.approx(balance.pending_kg, abs=1e-12)
+        assert again.offset_kg == pytest.approx(ledger.run_offset_kg(session.run_id or ""), abs=1e-12)
+        assert report.emissions_kg == again.emissions_kg == pytest.approx(script[epoch])
+    # offset_now goes behind the queued epoch figures: it buys what they make pending
+    session.record(Measurement(2.5, 2.5 / 0.056), epoch=len(script))
+    session.offset_now(wait=10, respect_threshold=False)
+    final = session.stop()
+    session.close()
+    assert server.total_lb() == int(2.5 // 0.45359237) == final.confirmed_lb
+    assert final.pending_kg == pytest.approx(2.5 - final.confirmed_lb * 0.45359237, abs=1e-9)
+
+
+# ----------------------------------------------------------------------- Ledger
+def _big_ledger(path: Path, records: int = 70_000) -> str:
+    """A ledger file above Ledger.FULL_CHECK_MAX_BYTES: one run with many recorded epochs."""
+    with Ledger(path) as ledger:
+        run = ledger.start_run(account=SANDBOX, environment="sandbox")
+    raw = sqlite3.connect(path)
+    raw.executemany(
+        "INSERT INTO records (run_id, epoch, emissions_kg, energy_kwh, recorded_utc) VALUES (?, ?, ?, ?, ?)",
+        ((run, e, e * 1e-6, e * 1e-5, "2026-01-01T00:00:00.000000Z") for e in range(records)),
+    )
+    raw.execute(
+        "UPDATE runs SET emissions_kg = ?, epochs = ? WHERE run_id = ?", (records * 1e-6, records, run)
+    )
+    raw.commit()
+    raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw.close()
+    assert path.stat().st_size > Ledger.FULL_CHECK_MAX_BYTES
+    return run
+
+
+def _damage(path: Path, *, page: int, pages: int = 3) -> None:
+    size = 4096
+    data = bytearray(path.read_bytes())
+    data[page * size : (page + pages) * size] = random.Random(page).randbytes(pages * size)
+    path.write_bytes(bytes(data))
+
+
+def test_big_ledger_with_damaged_epoch_records_opens_then_verify_refuses_it(
+    ledger_path: Path, caplog: pytest.LogCaptureFixture, server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    run = _big_ledger(ledger_path)
+    pages = ledger_path.stat().st_size // 4096
+    _damage(ledger_path, page=pages // 2)  # the middle of the file: epoch records, not accounting
+    before = digest(ledger_path)
+
+    with pytest.raises(LedgerError, match="(?s)corrupt.*not modified"):
+        Ledger(ledger_path)  # the default full check refuses it when opening
+
+    ledger = Ledger(ledger_path, full_check=False)  # accounting tables intact: opens at once
+    assert ledger.run(run) is not None
+    for _ in range(2):
+        with pytest.raises(LedgerError, match="(?s)corrupt.*not modified"):
+            ledger.verify()
+    with pytest.raises(LedgerError, match="corrupt"):
+        ledger.record(run, emissions_kg=1.0, energy_kwh=1.0, epoch=0)  # no write after a failed check
+    ledger.close()
+    assert digest(ledger_path) == before
+
+    # a session opens it the same way: training goes on, an error is logged, nothing is written
+    session = OffsetSession(source=ScriptedEmissions([0.1, 0.2]), offsetter_options=FAST, **settings)
+    with caplog.at_level(logging.ERROR, logger="carbonoffset"):
+        session.start()
+        session.record_epoch(0)
+        session.record_epoch(1)
+        report = session.stop()
+        session.close()
+    assert report.emissions_kg == pytest.approx(0.2)
+    assert any("corrupt" in r.getMessage() and str(ledger_path) in r.getMessage() for r in caplog.records)
+    assert server.captures == []
+
+
+def test_big_ledger_with_damaged_accounting_tables_is_refused_at_open(ledger_path: Path) -> None:
+    _big_ledger(ledger_path)
+    raw = sqlite3.connect(ledger_path)
+    (root,) = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone()
+    raw.close()
+    _damage(ledger_path, page=root - 1, pages=1)  # the runs table's root page (pages count from 1)
+    before = digest(ledger_path)
+    for full_check in (True, False):
+        with pytest.raises(LedgerError, match="corrupt|unreadable"):
+            Ledger(ledger_path, full_check=full_check)
+    assert digest(ledger_path) == before
+
+
+def test_big_healthy_ledger_verifies_and_records(ledger_path: Path) -> None:
+    run = _big_ledger(ledger_path, records=70_000)
+    with Ledger(ledger_path, full_check=False) as ledger:
+        ledger.verify()
+        ledger.verify()  # once checked, free
+        assert ledger.record(run, emissions_kg=1.0, energy_kwh=1.0, epoch=70_000) > 0
+        balance, run_kg, run_offset_kg = ledger.position(SANDBOX, run)
+        assert (balance.recorded_kg, run_kg, run_offset_kg) == (pytest.approx(1.0), pytest.approx(1.0), 0.0)
+        other = uuid.uuid4().hex
+        assert ledger.position(SANDBOX, other)[1:] == (0.0, 0.0)
