@@ -63,6 +63,7 @@ class _TotalsHandler:
     def __init__(self) -> None:
         self.last = Measurement()
         self.duration_s = 0.0
+        self.power_w = 0.0
         self.at = 0.0
         self.count = 0
 
@@ -70,10 +71,13 @@ class _TotalsHandler:
         try:
             last = Measurement(float(total.emissions or 0.0), float(total.energy_consumed or 0.0))
             duration_s = float(getattr(total, "duration", 0.0) or 0.0)
+            power_w = sum(
+                float(getattr(total, name, 0.0) or 0.0) for name in ("cpu_power", "gpu_power", "ram_power")
+            )
         except Exception:  # a handler must never raise into CodeCarbon  # noqa: BLE001
             logger.debug("could not read CodeCarbon totals", exc_info=True)
             return
-        self.last, self.duration_s, self.at = last, duration_s, time.perf_counter()
+        self.last, self.duration_s, self.power_w, self.at = last, duration_s, power_w, time.perf_counter()
         self.count += 1
 
     def live_out(self, total: Any, delta: Any) -> None:
@@ -239,17 +243,21 @@ class CodeCarbonSource:
       once; :attr:`tracker` is set once built. Until the tracker runs,
       ``read()`` returns zeros. The time between ``start()`` and the moment the
       tracker began measuring (:attr:`late_start_s`, from the ``duration`` of
-      CodeCarbon's own totals) is accounted for, not lost: its energy and
-      emissions (:attr:`late_start_estimate`) are that gap times the average
-      power (and emissions rate) of the tracker's first reading covering at
-      least :attr:`GAP_POWER_MIN_S` seconds (or of its final reading if the
-      run is shorter), added to every figure from then on (so figures never
-      decrease). :func:`warm_up_codecarbon` (called when a framework callback
-      is built) runs the detection early, so the gap is often zero or short.
+      CodeCarbon's own totals) is accounted for, not lost: its energy
+      (:attr:`late_start_estimate`) is that gap times the power CodeCarbon
+      reports (CPU + GPU + RAM, W) in the tracker's first reading covering at
+      least :attr:`GAP_POWER_MIN_S` seconds (or in its final reading if the
+      run is shorter), its emissions that energy at the run's carbon
+      intensity; the estimate is added to every figure from then on (so
+      figures never decrease; before it is known they are a lower bound).
+      Under heavy CPU load the detection, at its lower priority, takes longer
+      (several seconds), and the estimated share grows accordingly.
+      :func:`warm_up_codecarbon` (called when a framework callback is built)
+      runs the detection early, so the gap is often zero or short.
     """
 
     #: Seconds of tracking the first reading must cover before its power is used for the gap.
-    GAP_POWER_MIN_S = 1.0
+    GAP_POWER_MIN_S = 2.0
     #: Delay of the first background refresh after the tracker starts, s.
     FIRST_REFRESH_S = 0.1
 
@@ -343,6 +351,18 @@ class CodeCarbonSource:
             self.tracker.flush()
             self._update_locked(final=False)
 
+    @staticmethod
+    def _estimate_gap(handler: _TotalsHandler, gap_s: float) -> Measurement:
+        """The gap's energy at the power CodeCarbon reports (CPU + GPU + RAM, W; its average power
+        so far when it reports none), and its emissions at the run's carbon intensity so far."""
+        last = handler.last
+        power_w = handler.power_w
+        if power_w <= 0 and handler.duration_s > 0:
+            power_w = last.energy_kwh * 3.6e6 / handler.duration_s
+        energy_kwh = power_w * gap_s / 3.6e6
+        intensity = last.emissions_kg / last.energy_kwh if last.energy_kwh > 0 else 0.0
+        return Measurement(energy_kwh * intensity, energy_kwh)
+
     @property
     def late_start_estimate(self) -> Measurement:
         """The figures estimated for the time the tracker started late (zeros when it did not,
@@ -358,15 +378,12 @@ class CodeCarbonSource:
             gap_s = max(0.0, began - self._t0)
             if gap_s <= 0.0:
                 self._gap = Measurement()
-            elif final or handler.duration_s >= self.GAP_POWER_MIN_S:
-                rate = 1.0 / handler.duration_s if handler.duration_s > 0 else 0.0
-                self._gap = Measurement(
-                    handler.last.emissions_kg * rate * gap_s, handler.last.energy_kwh * rate * gap_s
-                )
+            elif final or (handler.duration_s >= self.GAP_POWER_MIN_S and handler.last.energy_kwh > 0):
+                self._gap = self._estimate_gap(handler, gap_s)
                 self.late_start_s = gap_s
                 logger.info(
                     "CodeCarbon started %.2f s after the run (first hardware detection); that gap is "
-                    "estimated at %.3g kWh from the tracker's first %.1f s",
+                    "estimated at %.3g kWh from the power it measured after %.1f s",
                     gap_s,
                     self._gap.energy_kwh,
                     handler.duration_s,

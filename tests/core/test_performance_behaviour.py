@@ -57,7 +57,8 @@ _COLD_PROCESS = textwrap.dedent(
         def __init__(self):
             self.totals = []
         def out(self, total, delta):
-            self.totals.append((total.duration, total.energy_consumed, total.emissions))
+            power = total.cpu_power + total.gpu_power + total.ram_power
+            self.totals.append((total.duration, total.energy_consumed, total.emissions, power))
         def live_out(self, total, delta):
             pass
         def task_out(self, data, experiment_name):
@@ -76,12 +77,12 @@ _COLD_PROCESS = textwrap.dedent(
     source.start()  # the first tracker of this process: CodeCarbon has not detected the hardware yet
     out["first_read"] = [source.read().emissions_kg, source.read().energy_kwh]
     reads = []
-    until = time.monotonic() + 60.0  # read while "training" until figures came for 1.5 s
+    until = time.monotonic() + 90.0  # read while "training" until figures came for 3 s
     while time.monotonic() < until:
         busy(0.1)
         reads.append(source.read().energy_kwh)
-        if reads[-1] > 0 and until > time.monotonic() + 1.5:
-            until = time.monotonic() + 1.5
+        if reads[-1] > 0 and until > time.monotonic() + 3.0:
+            until = time.monotonic() + 3.0
     tracker = source.tracker
     out["tracker_built"] = type(tracker).__name__
     final = source.stop()
@@ -143,10 +144,16 @@ def test_first_tracker_starts_in_the_background_and_its_late_start_is_accounted_
     tracker_kg, tracker_kwh = result["tracker_final"]
     final_kg, final_kwh = result["final"]
     assert final_kwh > tracker_kwh > 0 and final_kg > tracker_kg > 0
-    # ... as the gap times the power of the tracker's first reading covering >= 1 s
-    duration, energy, emissions = next(t for t in result["probe"] if t[0] >= CodeCarbonSource.GAP_POWER_MIN_S)
-    assert final_kwh == pytest.approx(tracker_kwh + late * energy / duration, rel=1e-9)
-    assert final_kg == pytest.approx(tracker_kg + late * emissions / duration, rel=1e-9)
+    # ... as the gap times the power CodeCarbon reported in its first reading covering >= GAP_POWER_MIN_S
+    # (or its final one), at the carbon intensity of that reading
+    probe = result["probe"]
+    _, energy, emissions, power_w = next(
+        (t for t in probe if t[0] >= CodeCarbonSource.GAP_POWER_MIN_S and t[1] > 0), probe[-1]
+    )
+    gap_kwh = power_w * late / 3.6e6
+    assert power_w > 0
+    assert final_kwh == pytest.approx(tracker_kwh + gap_kwh, rel=1e-9)
+    assert final_kg == pytest.approx(tracker_kg + gap_kwh * emissions / energy, rel=1e-9)
     assert result["estimate"] == pytest.approx([final_kg - tracker_kg, final_kwh - tracker_kwh], rel=1e-9)
 
 

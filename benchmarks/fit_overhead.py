@@ -1,0 +1,331 @@
+"""Fit overhead: the same training with and without carbonoffset's callback, per framework.
+
+Every fit runs in a fresh process (nothing cached between them, as for a user's
+script), and the variants of one round run back to back in a rotating order
+(interleaved A/B/C), so machine noise hits every variant alike. Reported per
+variant: the median wall time of ``fit`` and the median of the per-round ratios
+to the fit without any tracking.
+
+Variants:
+
+* ``none``: the plain fit.
+* ``callback``: carbonoffset's ``CarbonOffsetCallback`` (offline CodeCarbon
+  tracker for France, sandbox key against the loopback fake API, a temporary
+  ledger), built before the trainer as a user would.
+* ``codecarbon``: plain CodeCarbon used the documented way: an
+  ``OfflineEmissionsTracker(country_iso_code="FRA")`` started before ``fit``
+  and stopped after it (its default CSV output in a temporary folder); its
+  start and stop are inside the timed region.
+* ``hf_codecarbon`` (Hugging Face only): transformers' own
+  ``CodeCarbonCallback`` (``report_to=["codecarbon"]``, an online tracker).
+
+The timed region of every variant starts before the tracking is imported and
+built (callback or tracker) and ends after ``fit`` (and the tracker's
+``stop()``): model, data and trainer construction are inside it for every
+variant alike, the frameworks' own imports are not.
+
+The callback variant also times its own per-epoch hook (the framework's
+epoch-end method of the callback) and reports median and p99.
+
+Usage (full, about 20-30 s per fit on 2 cores; ~1 h in all)::
+
+    python benchmarks/fit_overhead.py --json results/fit_overhead.json
+
+Quick check (a few seconds per fit)::
+
+    python benchmarks/fit_overhead.py --quick --json results/fit_overhead_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import child_env, median, percentile, run_child, table, write_json
+
+FRAMEWORKS = ("lightning", "huggingface", "keras")
+VARIANTS = {
+    "lightning": ("none", "callback", "codecarbon"),
+    "huggingface": ("none", "callback", "codecarbon", "hf_codecarbon"),
+    "keras": ("none", "callback", "codecarbon"),
+}
+# epochs giving ~20-30 s fits on a 2-core CPU machine, and the --quick sizes
+FULL_EPOCHS = {"lightning": 400, "huggingface": 8, "keras": 170}
+QUICK_EPOCHS = {"lightning": 60, "huggingface": 2, "keras": 30}
+
+
+# ----------------------------------------------------------------------- workers
+def _timed_hook(callback: Any, name: str, times: list[float]) -> None:
+    original = getattr(callback, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - started)
+
+    setattr(callback, name, timed)
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "codecarbon", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _tracking(variant: str, folder: Path, settings: dict[str, Any]) -> tuple[Any, Any]:
+    """(callback or None, plain CodeCarbon tracker or None) for ``variant``."""
+    if variant == "codecarbon":
+        from codecarbon import OfflineEmissionsTracker
+
+        return None, OfflineEmissionsTracker(
+            country_iso_code="FRA", output_dir=str(folder), log_level="error"
+        )
+    return None, None
+
+
+def _lightning(variant: str, epochs: int, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from carbonoffset.demo.data import load_digits_split
+    from carbonoffset.demo.lightning import _digits_module
+
+    callbacks, hook_s = [], []
+    callback = None
+    started = time.perf_counter()  # everything tracking adds is inside: import, construction, fit, stop
+    if variant == "callback":
+        from carbonoffset.integrations.lightning import CarbonOffsetCallback
+
+        callback = CarbonOffsetCallback(**settings)
+        _timed_hook(callback, "on_train_epoch_end", hook_s)
+        callbacks.append(callback)
+    _, tracker = _tracking(variant, folder, settings)
+    data = load_digits_split()
+    torch.manual_seed(0)
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)),
+        batch_size=64,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    model = _digits_module(pl, torch)()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(folder),
+    )
+    if tracker is not None:
+        tracker.start()
+    trainer.fit(model, loader)
+    if tracker is not None:
+        tracker.stop()
+    fit_s = time.perf_counter() - started
+    return {"fit_s": fit_s, "hook_s": hook_s, **_report(callback)}
+
+
+def _huggingface(variant: str, epochs: int, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+    from transformers import Trainer
+    from transformers.integrations import integration_utils  # noqa: F401 -- part of the framework's import
+
+    from carbonoffset.demo.huggingface import accuracy, build_datasets, build_model, training_arguments
+
+    callbacks, hook_s = [], []
+    callback = None
+    started = time.perf_counter()
+    if variant == "callback":
+        from carbonoffset.integrations.huggingface import CarbonOffsetCallback
+
+        callback = CarbonOffsetCallback(**settings)
+        _timed_hook(callback, "on_epoch_end", hook_s)
+        callbacks.append(callback)
+    _, tracker = _tracking(variant, folder, settings)
+    report_to = ["codecarbon"] if variant == "hf_codecarbon" else "none"
+    train_set, val_set = build_datasets()
+    trainer = Trainer(
+        model=build_model(),
+        args=training_arguments(str(folder / "out"), epochs=epochs, report_to=report_to),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        compute_metrics=accuracy,
+        callbacks=callbacks,
+    )
+    if tracker is not None:
+        tracker.start()
+    trainer.train()
+    if tracker is not None:
+        tracker.stop()
+    fit_s = time.perf_counter() - started
+    return {"fit_s": fit_s, "hook_s": hook_s, **_report(callback)}
+
+
+def _keras(variant: str, epochs: int, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+    import keras
+
+    from carbonoffset.demo.data import load_digits_split
+
+    callbacks, hook_s = [], []
+    callback = None
+    started = time.perf_counter()
+    if variant == "callback":
+        from carbonoffset.integrations.keras import CarbonOffsetCallback
+
+        callback = CarbonOffsetCallback(**settings)
+        _timed_hook(callback, "on_epoch_end", hook_s)
+        callbacks.append(callback)
+    _, tracker = _tracking(variant, folder, settings)
+    data = load_digits_split()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(64,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=0.01),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    if tracker is not None:
+        tracker.start()
+    model.fit(
+        data.x_train,
+        data.y_train,
+        validation_data=(data.x_val, data.y_val),
+        epochs=epochs,
+        batch_size=64,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    if tracker is not None:
+        tracker.stop()
+    fit_s = time.perf_counter() - started
+    return {"fit_s": fit_s, "hook_s": hook_s, **_report(callback)}
+
+
+def _report(callback: Any) -> dict[str, Any]:
+    if callback is None or callback.final_report is None:
+        return {}
+    report = callback.final_report
+    source = callback.session.source if callback.session is not None else None
+    return {
+        "emissions_kg": report.emissions_kg,
+        "energy_kwh": report.energy_kwh,
+        "epochs": report.epochs,
+        "late_start_s": getattr(source, "late_start_s", None),
+    }
+
+
+def worker(framework: str, variant: str, epochs: int) -> dict[str, Any]:
+    _quiet()
+    import sklearn.datasets  # noqa: F401 -- the data's library, imported before any timing
+    from _common import fake_server, settings_for
+
+    with tempfile.TemporaryDirectory(prefix="carbonoffset-fit-") as tmp, fake_server() as server:
+        folder = Path(tmp)
+        settings = settings_for(server, folder / "ledger.sqlite3")
+        train = {"lightning": _lightning, "huggingface": _huggingface, "keras": _keras}[framework]
+        return train(variant, epochs, settings, folder)
+
+
+# ------------------------------------------------------------------------ parent
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (>= 5 for the docs)")
+    parser.add_argument("--quick", action="store_true", help="short fits (a few seconds) instead of 20-30 s")
+    parser.add_argument("--epochs", type=json.loads, default=None, help="e.g. '{\"lightning\": 100}'")
+    parser.add_argument("--variants", nargs="+", default=None, help="restrict the variants")
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("FRAMEWORK", "VARIANT", "EPOCHS"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.worker:
+        framework, variant, epochs = args.worker
+        print(json.dumps(worker(framework, variant, int(epochs))))
+        return
+
+    epochs = dict(QUICK_EPOCHS if args.quick else FULL_EPOCHS)
+    epochs.update(args.epochs or {})
+    results: dict[str, Any] = {"rounds": args.rounds, "quick": args.quick, "epochs": epochs, "frameworks": {}}
+    rows = []
+    for framework in args.frameworks:
+        variants = [v for v in VARIANTS[framework] if not args.variants or v in args.variants or v == "none"]
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+        for round_index in range(args.rounds):
+            shift = round_index % len(variants)
+            order = variants[shift:] + variants[:shift]  # rotate: every variant takes every slot
+            for variant in order:
+                result = run_child(
+                    [__file__, "--worker", framework, variant, str(epochs[framework])],
+                    env=child_env(),
+                )
+                runs[variant].append(result)
+                print(
+                    f"{framework:12s} round {round_index + 1}/{args.rounds} {variant:14s} {result['fit_s']:.2f} s",
+                    flush=True,
+                )
+        base = [r["fit_s"] for r in runs["none"]]
+        summary = {}
+        for variant in variants:
+            times = [r["fit_s"] for r in runs[variant]]
+            ratios = [t / b for t, b in zip(times, base, strict=True)]
+            hooks = [h for r in runs[variant] for h in r.get("hook_s", [])]
+            summary[variant] = {
+                "fit_s": times,
+                "median_fit_s": median(times),
+                "median_ratio": median(ratios),
+                "ratio_of_medians": median(times) / median(base),
+                "hook_median_ms": median(hooks) * 1e3 if hooks else None,
+                "hook_p99_ms": percentile(hooks, 99) * 1e3 if hooks else None,
+                "late_start_s": [r.get("late_start_s") for r in runs[variant]],
+                "emissions_kg": [r.get("emissions_kg") for r in runs[variant]],
+            }
+            rows.append(
+                [
+                    framework,
+                    variant,
+                    epochs[framework],
+                    summary[variant]["median_fit_s"],
+                    summary[variant]["median_ratio"],
+                    summary[variant]["hook_median_ms"] if hooks else "",
+                    summary[variant]["hook_p99_ms"] if hooks else "",
+                ]
+            )
+        results["frameworks"][framework] = summary
+    print(
+        table(
+            f"Fit overhead ({args.rounds} interleaved rounds, fresh process per fit; ratio = median of per-round "
+            "ratios to 'none')",
+            ["framework", "variant", "epochs", "median fit s", "ratio", "hook median ms", "hook p99 ms"],
+            rows,
+        )
+    )
+    write_json(args.json, {"benchmark": "fit_overhead", **results})
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()
