@@ -53,3 +53,12 @@ def settings(server: FakeOneClickImpact, ledger_path: Path) -> dict[str, object]
         "offset_timeout": 10.0,
         "country_iso_code": "FRA",
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _codecarbon_hardware_detected() -> None:
+    """Detect the hardware once per test process, so a module run on its own starts its first tracker
+    without the late-start estimate (tests compare the ledger with the tracker's own figures)."""
+    from carbonoffset.core.sources import warm_up_codecarbon
+
+    assert warm_up_codecarbon().wait(120)
