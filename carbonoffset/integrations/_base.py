@@ -308,6 +308,20 @@ class CallbackCore:
         self.final_report = session.stop(final_offset=False, status=status, total=total)
         return self.final_report
 
+    def close_unfinished(self, status: str, *, what: str) -> None:
+        """Close a run its framework left open (``what`` ended without ``on_train_end``), keeping
+        everything measured in the ledger as ``status`` (``failed`` or ``interrupted``)."""
+        session = self.session
+        if session is not None and session.running:
+            logger.warning(
+                "%s ended without on_train_end (it raised); its run %s is closed as %r "
+                "with everything measured kept in the ledger",
+                what,
+                session.run_id,
+                status,
+            )
+            self.abort(status)
+
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
         """Resume state: run id and cumulative figures (no key, no path)."""

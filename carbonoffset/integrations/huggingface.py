@@ -382,15 +382,7 @@ if _TrainerCallback is not None:
             self._close_unfinished("failed")
 
         def _close_unfinished(self, status: str) -> None:
-            session = self._core.session
-            if session is not None and session.running:
-                logger.warning(
-                    "a training run ended without on_train_end (train() raised); its run %s is closed as %r "
-                    "with everything measured kept in the ledger",
-                    session.run_id,
-                    status,
-                )
-                self._core.abort(status)
+            self._core.close_unfinished(status, what="a training run")
 
         # --------------------------------------------------------------- resume
         def state(self) -> dict[str, Any]:

@@ -232,15 +232,7 @@ class CarbonOffsetCallback(_CallbackBase):  # type: ignore[misc]
         self._close_unfinished("failed")
 
     def _close_unfinished(self, status: str) -> None:
-        session = self._core.session
-        if session is not None and session.running:
-            logger.warning(
-                "a Keras fit ended without on_train_end (it raised); its run %s is closed as %r "
-                "with everything measured kept in the ledger",
-                session.run_id,
-                status,
-            )
-            self._core.abort(status)
+        self._core.close_unfinished(status, what="a Keras fit")
 
     # --------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
