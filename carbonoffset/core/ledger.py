@@ -101,6 +101,35 @@ CREATE INDEX offsets_by_account ON offsets(account, state);
 """
 
 
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 60.0) -> None:
+    """Put the file in WAL mode, retrying while another connection holds it.
+
+    Switching the journal mode needs the file to itself, and SQLite answers
+    "database is locked" at once instead of waiting on the busy timeout
+    (only files not yet in WAL mode switch; for the others this is a read).
+    """
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        return
+    except sqlite3.OperationalError as exc:
+        if not _is_busy(exc):
+            raise
+    import tenacity  # only on contention: it costs ~60 ms to import
+
+    for attempt in tenacity.Retrying(
+        stop=tenacity.stop_after_delay(timeout_s),
+        wait=tenacity.wait_random(0.005, 0.05),
+        retry=tenacity.retry_if_exception(_is_busy),
+        reraise=True,
+    ):
+        with attempt:
+            conn.execute("PRAGMA journal_mode = WAL")
+
+
 def utc_now() -> str:
     """Current UTC time as ISO 8601 with microseconds and ``Z``."""
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -244,28 +273,17 @@ class Ledger:
     # ------------------------------------------------------------------ opening
     def _connect(self) -> sqlite3.Connection:
         path = self.path
-        is_new = not path.exists() or path.stat().st_size == 0
-        if is_new:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise LedgerError(
-                    f"cannot create the ledger's folder {path.parent} ({exc.strerror}); point offset_ledger "
-                    "(CODECARBON_OFFSET_LEDGER) at a writable path"
-                ) from None
+        if not path.exists():
+            self._create_file(path)
         try:
             conn = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open ledger {path}: {exc}. Check offset_ledger") from None
         try:
             conn.execute("PRAGMA busy_timeout = 60000")
-            if not is_new:
-                self._check_existing(conn)
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._check_existing(conn)
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
-            if is_new:
-                self._create_schema(conn)
-                self._verified = True
         except LedgerError:
             conn.close()
             raise
@@ -276,6 +294,44 @@ class Ledger:
                 "new ledger, or point offset_ledger (CODECARBON_OFFSET_LEDGER) at another file"
             ) from None
         return conn
+
+    def _create_file(self, path: Path) -> None:
+        """Create a complete ledger (schema, WAL mode) beside ``path`` and link it into place.
+
+        Other processes opening the same path at the same time (every rank of a
+        job, for instance) then see either no file or a finished one: never a
+        half-made file, and never a switch to WAL mode while they read it
+        (SQLite does not wait on its busy timeout for that switch).
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(
+                f"cannot create the ledger's folder {path.parent} ({exc.strerror}); point offset_ledger "
+                "(CODECARBON_OFFSET_LEDGER) at a writable path"
+            ) from None
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new")
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                self._create_schema(conn)
+            finally:
+                conn.close()
+            try:
+                os.link(tmp, path)  # fails if the name exists: never replaces another process's ledger
+            except FileExistsError:
+                pass  # another process created it first: open theirs
+            except OSError:
+                pass  # no hard links on this file system: created in place by _connect instead
+        except sqlite3.Error as exc:
+            raise LedgerError(
+                f"cannot create ledger {path} ({exc}); point offset_ledger (CODECARBON_OFFSET_LEDGER) at a "
+                "writable path"
+            ) from None
+        finally:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
 
     def _check_existing(self, conn: sqlite3.Connection) -> None:
         path = self.path
@@ -312,10 +368,8 @@ class Ledger:
                 f"ledger {path} has no valid schema (version {version}, tables {sorted(tables)}); it was not "
                 "modified. Point offset_ledger (CODECARBON_OFFSET_LEDGER) at another file"
             )
-        if version < SCHEMA_VERSION:
-            self._migrate(conn, version)
         # damage inside the file (not in its header) only shows when a page is read: check now,
-        # read-only, rather than fail later in the middle of a run
+        # read-only, before anything (a migration included) writes to it
         if self._full_check or path.stat().st_size <= self.FULL_CHECK_MAX_BYTES:
             problems = self._quick_check(conn)
             self._verified = True
@@ -324,6 +378,8 @@ class Ledger:
             problems = [p for p in problems if p != "ok"] or ["ok"]
         if problems != ["ok"]:
             raise self._corrupt_error(problems[0])
+        if version < SCHEMA_VERSION:
+            self._migrate(conn, version)
 
     @staticmethod
     def _quick_check(conn: sqlite3.Connection, table: str | None = None) -> list[str]:

@@ -161,7 +161,9 @@ class Offsetter:
                 if record.offset_id in _SETTLING:
                     continue
             with self._lock:
-                claimed = self.ledger.claim(record.offset_id, lease_s=self._lease_s, resend_grace_s=self.resend_grace_s)
+                claimed = self.ledger.claim(
+                    record.offset_id, lease_s=self._lease_s, resend_grace_s=self.resend_grace_s
+                )
                 if claimed is None:
                     continue
                 outcomes.append(self._settle(claimed, claimed=True))
