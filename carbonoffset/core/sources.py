@@ -103,6 +103,57 @@ _HARDWARE_ARGS = (
 _warm_lock = threading.Lock()
 _warm: dict[tuple[tuple[str, str], ...], threading.Event] = {}
 
+#: Longest a fork waits for a CodeCarbon start running on a background thread, s.
+FORK_WAIT_S = 30.0
+_unfinished: set[threading.Event] = set()  # background starts not done yet (guarded by _warm_lock)
+_fork_hook: list[bool] = []  # [True] once the hook is registered (hooks cannot be removed)
+
+
+def _wait_for_background_starts() -> None:
+    """``os.register_at_fork`` "before" hook: let CodeCarbon starts on background threads finish.
+
+    Those threads import modules, read ``platform`` information and run
+    py-cpuinfo's subprocess, holding locks as they go. A process forked
+    meanwhile (Lightning ``ddp_fork``, a forked ``DataLoader`` worker,
+    ``multiprocessing``) inherits every held lock from a thread that does not
+    exist in the child, and its first tracker start would wait on it forever
+    (and a distributed job's other ranks with it). Costs nothing once they are
+    done; each wait is bounded by :data:`FORK_WAIT_S`.
+    """
+    if threading.current_thread().name.startswith("carbonoffset-"):
+        return  # a fork made by such a thread itself must not wait for it
+    with _warm_lock:
+        pending = list(_unfinished)
+    for event in pending:
+        event.wait(FORK_WAIT_S)
+
+
+def _track_background_start(event: threading.Event) -> None:
+    """Make forks wait for ``event`` (set when a background start is done) while it is unset.
+
+    Call it on the thread that starts the background work, before starting it.
+    """
+    # Fork hooks run their "before" parts in reverse order of registration, so ours must be
+    # registered after those of the modules CodeCarbon's start uses: concurrent.futures.thread's
+    # takes a lock its thread pools need, and waiting for the start while holding it would never
+    # end. Imported here rather than during a fork's wait, its "after" part also never runs
+    # without its "before" part ("RuntimeError: release unlocked lock").
+    import concurrent.futures.thread  # noqa: F401
+
+    with _warm_lock:
+        if not _fork_hook and hasattr(os, "register_at_fork"):  # POSIX
+            os.register_at_fork(before=_wait_for_background_starts)
+            _fork_hook.append(True)
+        if not event.is_set():
+            _unfinished.add(event)
+
+
+def _background_start_done(event: threading.Event) -> None:
+    with _warm_lock:
+        event.set()
+        _unfinished.discard(event)
+
+
 
 #: How much lower (Linux ``nice`` steps) CodeCarbon's first hardware detection runs than training.
 BACKGROUND_NICE = 10
@@ -172,6 +223,10 @@ def warm_up_codecarbon(**tracker_kwargs: Any) -> threading.Event:
             (only the hardware-selecting ones matter: ``tracking_mode``,
             ``gpu_ids``, ``force_cpu_power``, ...).
 
+    Until the detection is done, a fork of this process waits for it (at most
+    :data:`FORK_WAIT_S`): a child forked while it holds a lock would hang on
+    its first tracker start.
+
     Returns:
         An event set once the detection is done (or has failed: the real
         tracker then tries again and reports the error).
@@ -182,6 +237,7 @@ def warm_up_codecarbon(**tracker_kwargs: Any) -> threading.Event:
         if event is not None:
             return event
         event = _warm[key] = threading.Event()
+    _track_background_start(event)
     thread = threading.Thread(
         target=_warm_up, args=(tracker_kwargs, event), name="carbonoffset-warm-up", daemon=True
     )
@@ -208,7 +264,7 @@ def _warm_up(tracker_kwargs: dict[str, Any], event: threading.Event) -> None:
     except Exception:  # noqa: BLE001 -- the real tracker reports problems
         logger.debug("CodeCarbon warm-up failed", exc_info=True)
     finally:
-        event.set()
+        _background_start_done(event)
 
 
 class CodeCarbonSource:
@@ -254,6 +310,9 @@ class CodeCarbonSource:
       (several seconds), and the estimated share grows accordingly.
       :func:`warm_up_codecarbon` (called when a framework callback is built)
       runs the detection early, so the gap is often zero or short.
+    * While a tracker starts on the background thread, a fork of the process
+      waits for it (at most :data:`FORK_WAIT_S`), so that the child does not
+      inherit a lock held by that thread.
     """
 
     #: Seconds of tracking the first reading must cover before its power is used for the gap.
@@ -309,23 +368,27 @@ class CodeCarbonSource:
             background = not _hardware_ready(self.tracker_kwargs)
             self._read_flushes = not background
             tracker = None
-            if not background:
+            settled = threading.Event()  # set once the background start and its first flush are done
+            if background:
+                _track_background_start(settled)
+            else:
                 self.tracker = tracker = self._build()
                 tracker.start()  # ~5 ms once CodeCarbon knows the hardware
                 self._started.set()
                 self._gap = Measurement()  # started right here: nothing to estimate
             self._thread = threading.Thread(
                 target=self._run,
-                args=(tracker, self._halt, self._started),
+                args=(tracker, self._halt, self._started, settled),
                 name="carbonoffset-refresh",
                 daemon=True,
             )
             self._thread.start()
 
-    def _run(self, tracker: Any, halt: threading.Event, started: threading.Event) -> None:
+    def _run(
+        self, tracker: Any, halt: threading.Event, started: threading.Event, settled: threading.Event
+    ) -> None:
         """Background thread: build and start the tracker (late start), then refresh the cached figures."""
-        late = tracker is None
-        if late:
+        if tracker is None:
             try:
                 tracker = self._build()  # imports CodeCarbon (~0.15 s) off the training thread too
                 with self._lock:
@@ -333,12 +396,17 @@ class CodeCarbonSource:
                 _start_in_background(tracker)
             except Exception as exc:  # noqa: BLE001 -- CodeCarbon swallows most errors itself
                 logger.warning("emissions tracking failed to start (%s); training continues", exc)
-            finally:
-                started.set()
+            started.set()
             _mark_ready(self.tracker_kwargs)
-        # after a late start, refresh at once: the process's first flush also loads CodeCarbon's
-        # emissions data (~0.1 s), which must not happen in read() on the training thread
-        wait = 0.0 if late else self.FIRST_REFRESH_S
+            # the process's first flush also loads CodeCarbon's emissions data (~0.1 s, imports):
+            # do it now, here, not in read() on the training thread, and before forks may go on
+            with self._lock:
+                if self.tracker is tracker:
+                    self._flush_locked()
+            _background_start_done(settled)
+            wait = self.refresh_s
+        else:
+            wait = self.FIRST_REFRESH_S
         while not halt.wait(wait):
             wait = self.refresh_s
             with self._lock:

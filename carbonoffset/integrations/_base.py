@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,39 +29,6 @@ from carbonoffset.core.sources import EmissionsSource, Measurement, warm_up_code
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-
-#: Longest a fork waits for CodeCarbon's background hardware detection to finish, s.
-FORK_WAIT_S = 30.0
-_unfinished_warm_ups: list[threading.Event] = []
-_fork_hook: list[bool] = []  # [True] once the hook is registered (hooks cannot be removed)
-_fork_hook_lock = threading.Lock()
-
-
-def _wait_for_warm_ups() -> None:
-    """``os.register_at_fork`` "before" hook: let the background hardware detection finish first.
-
-    A process forked while that thread holds an import or ``platform`` lock
-    (Lightning ``ddp_fork``, a forked ``DataLoader`` worker) inherits the lock
-    held by a thread that does not exist in the child: its first tracker start
-    would wait on it forever, and the other ranks with it.
-    """
-    if threading.current_thread().name.startswith("carbonoffset-"):
-        return  # a fork made by the detection itself must not wait for it
-    for event in list(_unfinished_warm_ups):
-        event.wait(FORK_WAIT_S)
-    _unfinished_warm_ups[:] = [event for event in _unfinished_warm_ups if not event.is_set()]
-
-
-def _finish_before_fork(event: threading.Event) -> None:
-    """Make every later fork of this process wait (at most :data:`FORK_WAIT_S`) until ``event`` is set."""
-    if event.is_set() or not hasattr(os, "register_at_fork"):
-        return
-    with _fork_hook_lock:
-        if not _fork_hook:
-            os.register_at_fork(before=_wait_for_warm_ups)
-            _fork_hook.append(True)
-        _unfinished_warm_ups.append(event)
-
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
@@ -147,7 +113,7 @@ class CallbackCore:
         if session is None and source is None and os.environ.get("LOCAL_RANK", "0") == "0":
             # CodeCarbon's first hardware detection (1-2 s per process) runs now, in the
             # background, instead of delaying the fit's first step (only local rank 0 measures)
-            _finish_before_fork(warm_up_codecarbon())
+            warm_up_codecarbon()  # forks wait for it meanwhile (see sources.FORK_WAIT_S)
         self.session: OffsetSession | None = session
         self.last_report: EpochReport | None = None
         self.final_report: RunReport | None = None

@@ -167,6 +167,81 @@ def test_later_trackers_start_at_once_and_report_exactly_what_codecarbon_measure
     assert cold_process["second_final"][1] > 0
 
 
+_SHORT_COLD_RUN = textwrap.dedent(
+    """
+    import json, time
+    from carbonoffset.core.sources import CodeCarbonSource
+
+    def run(seconds):
+        source = CodeCarbonSource(country_iso_code="FRA")
+        began = time.perf_counter()
+        source.start()
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:  # "training"
+            pass
+        final = source.stop()
+        wall_s = time.perf_counter() - began
+        return {"wall_s": wall_s, "late_s": source.late_start_s, "kwh": final.energy_kwh,
+                "estimate_kwh": source.late_start_estimate.energy_kwh}
+
+    cold = run(0.3)  # over before CodeCarbon's first hardware detection is
+    warm = run(1.0)
+    print(json.dumps({"cold": cold, "warm": warm}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_first_run_shorter_than_the_hardware_detection_is_measured_at_a_real_power() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _SHORT_COLD_RUN], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    cold, warm = result["cold"], result["warm"]
+    # the tracker measured almost nothing of this run itself: the estimate carries it ...
+    assert cold["late_s"] > 0.5 * cold["wall_s"]
+    assert cold["kwh"] > cold["estimate_kwh"] > 0
+    # ... at a power like the one a tracker measures over a whole run (not the near zero of a
+    # reading only milliseconds long)
+    cold_w = cold["kwh"] * 3.6e6 / cold["wall_s"]
+    warm_w = warm["kwh"] * 3.6e6 / warm["wall_s"]
+    assert warm["late_s"] == 0.0
+    assert 0.25 * warm_w < cold_w < 4 * warm_w, (cold_w, warm_w)
+
+
+_FORK_DURING_START = textwrap.dedent(
+    """
+    import json, os, sys
+    from carbonoffset.core.sources import CodeCarbonSource
+
+    source = CodeCarbonSource(country_iso_code="FRA")
+    source.start()  # the process's first tracker: starts on a background thread
+    pid = os.fork()  # e.g. a DataLoader worker, right after the fit began
+    if pid == 0:
+        # the child sees the parent's state as of the fork, and can track on its own
+        child = CodeCarbonSource(country_iso_code="FRA")
+        child.start()
+        ok = child.stop().energy_kwh >= 0
+        print(json.dumps({"started_at_fork": source._started.is_set(), "child_tracked": ok}), flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    source.stop()
+    sys.exit(os.waitstatus_to_exitcode(status))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_fork_waits_for_a_tracker_starting_in_the_background() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_DURING_START], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"started_at_fork": True, "child_tracked": True}
+
+
 class _CountingProbe:
     """A CodeCarbon output handler counting the totals it receives (one per flush or stop)."""
 
