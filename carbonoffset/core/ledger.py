@@ -40,8 +40,10 @@ from typing import Final, Literal
 from carbonoffset.core.errors import LedgerError
 from carbonoffset.core.units import KG_PER_LB
 
-SCHEMA_VERSION: Final[int] = 2
-"""2 added ``offsets.last_sent`` and the resume links of ``runs`` (migrated in place from 1)."""
+SCHEMA_VERSION: Final[int] = 3
+"""2 added ``offsets.last_sent`` and the resume links of ``runs``; 3 puts those links to use
+(resumed segments, which a reader of version 2 would count twice) with an index on them.
+Older files are migrated in place."""
 DEFAULT_RESEND_GRACE_S: Final[float] = 300.0
 """Seconds after a capture was sent during which no other process may take the offset over and
 look it up: a request abandoned at its deadline may still be acted on by the server for a while,
@@ -69,6 +71,7 @@ CREATE TABLE runs (
     base_energy_kwh REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX runs_by_account ON runs(account);
+CREATE INDEX runs_by_root ON runs(resumed_from);
 CREATE TABLE records (
     id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -217,7 +220,23 @@ class OffsetRecord:
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
-    """One row of the ``runs`` table."""
+    """A training run: one row of the ``runs`` table, or (from :meth:`Ledger.run` and
+    :meth:`Ledger.runs`) a run with its resumed segments folded in.
+
+    Attributes:
+        run_id: the run's id (UUID4 hex unless given).
+        account, environment, label: as given to :meth:`Ledger.start_run`.
+        started_utc, ended_utc: ISO 8601 UTC times (``ended_utc`` ``None`` while running).
+        status: ``running`` | ``finished`` | ``failed`` | ``interrupted`` (the latest segment's).
+        emissions_kg: cumulative emissions, kg CO2eq (a run: of all its segments).
+        energy_kwh: cumulative energy, kWh.
+        epochs: epochs recorded (the most any segment reached).
+        nodes: nodes that measured it.
+        resumed_from: for a segment row, the run it continues; ``None`` for a run.
+        base_emissions_kg, base_energy_kwh: for a segment row, the run's figures it started
+            from (included in its own ``emissions_kg``/``energy_kwh``, counted once by the run).
+        segments: ledger rows of the run (1, plus one per resume).
+    """
 
     run_id: str
     account: str
@@ -233,6 +252,44 @@ class RunRecord:
     resumed_from: str | None = None
     base_emissions_kg: float = 0.0
     base_energy_kwh: float = 0.0
+    segments: int = 1
+
+
+def _whole_runs(rows: list[tuple[object, ...]]) -> list[RunRecord]:
+    """Fold resumed segments (see :meth:`Ledger.resume_run`) into their runs, keeping the rows' order.
+
+    A run's totals add what each segment measured beyond its base; its status and end are
+    those of its latest segment; its epochs and nodes the most any segment reached.
+    """
+    records = [RunRecord(*row) for row in rows]  # type: ignore[arg-type]
+    parts: dict[str, list[RunRecord]] = {}
+    for record in records:
+        parts.setdefault(record.resumed_from or record.run_id, []).append(record)
+    runs = []
+    for run_id, rows_of_run in parts.items():
+        root = next((r for r in rows_of_run if r.resumed_from is None), None)
+        if root is not None and len(rows_of_run) == 1:
+            runs.append(root)
+            continue
+        first = root or dataclasses.replace(rows_of_run[0], run_id=run_id, resumed_from=None)
+        # the latest segment; of equal start times the later row (rows come in rowid order)
+        latest = max(enumerate(rows_of_run), key=lambda pair: (pair[1].started_utc, pair[0]))[1]
+        runs.append(
+            dataclasses.replace(
+                first,
+                ended_utc=latest.ended_utc,
+                status=latest.status,
+                emissions_kg=sum(r.emissions_kg - r.base_emissions_kg for r in rows_of_run),
+                energy_kwh=sum(r.energy_kwh - r.base_energy_kwh for r in rows_of_run),
+                epochs=max(r.epochs for r in rows_of_run),
+                nodes=max(r.nodes for r in rows_of_run),
+                resumed_from=None,
+                base_emissions_kg=0.0,
+                base_energy_kwh=0.0,
+                segments=len(rows_of_run),
+            )
+        )
+    return runs
 
 
 class Ledger:
@@ -417,16 +474,20 @@ class Ledger:
             self._verified = True
 
     def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
-        """Bring a ledger written by an older carbonoffset up to :data:`SCHEMA_VERSION` (adds columns only)."""
+        """Bring a ledger written by an older carbonoffset up to :data:`SCHEMA_VERSION` (adds columns
+        and an index only)."""
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if int(row[0]) < 2:  # another process may have migrated it meanwhile
+            current = int(row[0])  # another process may have migrated it meanwhile
+            if current < 2:
                 conn.execute("ALTER TABLE offsets ADD COLUMN last_sent REAL")
                 conn.execute("ALTER TABLE runs ADD COLUMN resumed_from TEXT")
                 conn.execute("ALTER TABLE runs ADD COLUMN base_emissions_kg REAL NOT NULL DEFAULT 0")
                 conn.execute("ALTER TABLE runs ADD COLUMN base_energy_kwh REAL NOT NULL DEFAULT 0")
-                conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+            if current < 3:
+                conn.execute("CREATE INDEX IF NOT EXISTS runs_by_root ON runs(resumed_from)")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -494,7 +555,8 @@ class Ledger:
         label: str | None = None,
         nodes: int = 1,
     ) -> str:
-        """Create a run (or reopen ``run_id`` when it exists, e.g. a resumed run).
+        """Create a run (or reopen ``run_id`` when it exists: its figures then continue from the
+        ledger's; to resume from a checkpoint use :meth:`resume_run`).
 
         Returns:
             The run id (a new UUID4 hex when ``run_id`` is ``None``).
@@ -561,24 +623,137 @@ class Ledger:
             )
 
     def run(self, run_id: str) -> RunRecord | None:
-        """The run ``run_id``, or ``None``."""
+        """The run ``run_id`` with its resumed segments folded in, or ``None``.
+
+        A segment's id gives the run it belongs to.
+        """
         with self._lock:
-            row = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return RunRecord(*row) if row else None
+            row = self._conn.execute(
+                "SELECT COALESCE(resumed_from, run_id) FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            rows = self._conn.execute(
+                "SELECT * FROM runs WHERE run_id = ?1 OR resumed_from = ?1 ORDER BY rowid", (row[0],)
+            ).fetchall()
+        return _whole_runs(rows)[0]
 
     def runs(self, account: str | None = None) -> list[RunRecord]:
-        """All runs (of one account when given), oldest first."""
-        query = "SELECT * FROM runs" + (" WHERE account = ?" if account else "") + " ORDER BY started_utc"
+        """All runs (of one account when given), oldest first, with their resumed segments folded
+        in (:attr:`RunRecord.segments` counts a run's ledger rows)."""
+        query = (
+            "SELECT * FROM runs" + (" WHERE account = ?" if account else "") + " ORDER BY started_utc, rowid"
+        )
         with self._lock:
             rows = self._conn.execute(query, (account,) if account else ()).fetchall()
-        return [RunRecord(*row) for row in rows]
+        return _whole_runs(rows)
+
+    def resume_run(
+        self,
+        run_id: str,
+        *,
+        account: str,
+        environment: str,
+        label: str | None = None,
+        nodes: int = 1,
+        at_least_kg: float = 0.0,
+        at_least_kwh: float = 0.0,
+    ) -> RunRecord:
+        """Continue run ``run_id`` (e.g. from a checkpoint) in a new **segment** of it.
+
+        A segment is a ledger row of its own that starts from the run's totals
+        (its *base*) and counts, for the run and the account, only what is
+        measured beyond them. So two fits resumed from the same checkpoint at
+        the same time both count in full, and a fit resumed again from an older
+        checkpoint after a crash adds what it measures to what the crashed
+        attempt recorded: nothing measured is lost or counted twice. Record the
+        segment's figures (cumulative, base included) under the returned
+        ``run_id``; offsets and checkpoints keep using the run's id.
+
+        Args:
+            run_id: the run to continue (a segment's id means its run). When
+                the ledger does not know it (a checkpoint written with another
+                ledger), it is created, holding ``at_least_*``.
+            account, environment, label, nodes: as for :meth:`start_run`.
+            at_least_kg: emissions the run had reached, kg CO2eq, >= 0 (from
+                the checkpoint). If the ledger holds less for the run (its last
+                epochs were not written), the difference is added to the run.
+            at_least_kwh: the same for energy, kWh, >= 0.
+
+        Returns:
+            The new segment: ``run_id`` (where to record), ``resumed_from``
+            (the run), ``base_emissions_kg`` / ``base_energy_kwh`` (where its
+            figures start) and ``epochs`` (of the run so far).
+
+        Raises:
+            ValueError: a negative or non-finite ``at_least_*``.
+        """
+        for name, value in (("at_least_kg", at_least_kg), ("at_least_kwh", at_least_kwh)):
+            if not (value >= 0 and value != float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
+        now = utc_now()
+        segment = uuid.uuid4().hex
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT COALESCE(resumed_from, run_id) FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:  # measured with another ledger: what the checkpoint holds counts here
+                conn.execute(
+                    "INSERT INTO runs (run_id, account, environment, label, started_utc, ended_utc, status, nodes) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'interrupted', ?)",
+                    (run_id, account, environment, label, now, now, nodes),
+                )
+                root = run_id
+            else:
+                root = row[0]
+            kg, kwh, epochs = conn.execute(
+                "SELECT SUM(emissions_kg - base_emissions_kg), SUM(energy_kwh - base_energy_kwh), MAX(epochs) "
+                "FROM runs WHERE run_id = ? OR resumed_from = ?",
+                (root, root),
+            ).fetchone()
+            lag_kg, lag_kwh = max(0.0, at_least_kg - kg), max(0.0, at_least_kwh - kwh)
+            if lag_kg > 0 or lag_kwh > 0:
+                # the checkpoint saw more than the ledger holds: the run gets the difference, once
+                conn.execute(
+                    "UPDATE runs SET emissions_kg = emissions_kg + ?, energy_kwh = energy_kwh + ? WHERE run_id = ?",
+                    (lag_kg, lag_kwh, root),
+                )
+                root_kg, root_kwh = conn.execute(
+                    "SELECT emissions_kg, energy_kwh FROM runs WHERE run_id = ?", (root,)
+                ).fetchone()
+                conn.execute(
+                    "INSERT INTO records (run_id, epoch, emissions_kg, energy_kwh, recorded_utc) "
+                    "VALUES (?, NULL, ?, ?, ?)",
+                    (root, root_kg, root_kwh, now),
+                )
+            base_kg, base_kwh = kg + lag_kg, kwh + lag_kwh
+            conn.execute(
+                "INSERT INTO runs (run_id, account, environment, label, started_utc, emissions_kg, energy_kwh, "
+                "epochs, nodes, resumed_from, base_emissions_kg, base_energy_kwh) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    segment,
+                    account,
+                    environment,
+                    label,
+                    now,
+                    base_kg,
+                    base_kwh,
+                    epochs,
+                    nodes,
+                    root,
+                    base_kg,
+                    base_kwh,
+                ),
+            )
+            found = conn.execute("SELECT * FROM runs WHERE run_id = ?", (segment,)).fetchone()
+        return RunRecord(*found)
 
     def history(self, account: str | None = None) -> list[tuple[str, float]]:
         """``(recorded_utc, cumulative emissions_kg of the run)`` rows, oldest first (for plots)."""
         query = (
-            "SELECT r.recorded_utc, r.emissions_kg, r.run_id FROM records r JOIN runs u USING (run_id)"
-            + (" WHERE u.account = ?" if account else "")
-            + " ORDER BY r.id"
+            "SELECT r.recorded_utc, r.emissions_kg, r.run_id, u.base_emissions_kg FROM records r "
+            "JOIN runs u USING (run_id)" + (" WHERE u.account = ?" if account else "") + " ORDER BY r.id"
         )
         with self._lock:
             rows = self._conn.execute(query, (account,) if account else ()).fetchall()
@@ -586,8 +761,8 @@ class Ledger:
         last: dict[str, float] = {}
         total = 0.0
         series: list[tuple[str, float]] = []
-        for when, kg, run_id in rows:
-            total += kg - last.get(run_id, 0.0)
+        for when, kg, run_id, base_kg in rows:
+            total += kg - last.get(run_id, base_kg)
             last[run_id] = kg
             series.append((when, total))
         return series
@@ -601,7 +776,8 @@ class Ledger:
     @staticmethod
     def _balance(conn: sqlite3.Connection, account: str) -> Balance:
         recorded = conn.execute(
-            "SELECT COALESCE(SUM(emissions_kg), 0) FROM runs WHERE account = ?", (account,)
+            "SELECT COALESCE(SUM(emissions_kg - base_emissions_kg), 0) FROM runs WHERE account = ?",
+            (account,),
         ).fetchone()[0]
         confirmed, in_flight = conn.execute(
             "SELECT COALESCE(SUM(CASE WHEN state = 'confirmed' THEN amount_kg END), 0), "
@@ -798,8 +974,12 @@ class Ledger:
                 balance = self._balance(conn, account)
                 run_kg = offset_kg = 0.0
                 if run_id is not None:
-                    row = conn.execute("SELECT emissions_kg FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-                    run_kg = float(row[0]) if row else 0.0
+                    row = conn.execute(
+                        "SELECT COALESCE(SUM(emissions_kg - base_emissions_kg), 0) FROM runs "
+                        "WHERE run_id = ? OR resumed_from = ?",
+                        (run_id, run_id),
+                    ).fetchone()
+                    run_kg = float(row[0])
                     offset_kg = float(
                         conn.execute(
                             "SELECT COALESCE(SUM(amount_kg), 0) FROM offsets "

@@ -245,6 +245,7 @@ class OffsetSession:
         self._offset_queued = False
         self._outcomes: list[OffsetOutcome] = []
         self.run_id: str | None = None
+        self._segment_id: str | None = None
         self.running = False
         self._base = Measurement()
         self._last = Measurement()
@@ -336,7 +337,11 @@ class OffsetSession:
         """Begin a run: a fresh tracker (local rank 0) and a ledger run (global rank 0).
 
         Args:
-            run_id: continue this ledger run (e.g. resumed from a checkpoint).
+            run_id: continue this ledger run (e.g. resumed from a checkpoint),
+                in a new segment of it (see :meth:`Ledger.resume_run`): fits
+                resumed from one checkpoint at the same time, or again after a
+                crash, each add what they measure. :attr:`run_id` stays the
+                run's id (offsets and checkpoints use it).
             resume: figures the run had already reached (from a checkpoint);
                 new measurements add to them. If the ledger already holds more
                 for ``run_id``, the ledger's figures are used, so nothing
@@ -356,21 +361,30 @@ class OffsetSession:
             self._projection_checked = False
             self._outcomes = []
             self.run_id = run_id
+            self._segment_id = None  # the ledger row this process records to (the run's, or a segment's)
             if self.is_writer and self._ledger is not None:
                 try:
-                    if run_id is not None:
-                        existing = self._ledger.run(run_id)
-                        if existing is not None and existing.emissions_kg > self._base.emissions_kg:
-                            self._base = Measurement(existing.emissions_kg, existing.energy_kwh)
-                        if existing is not None:
-                            self._epochs = existing.epochs
-                    self.run_id = self._ledger.start_run(
-                        account=self.config.account,
-                        environment=self.config.offset_environment,
-                        run_id=run_id,
-                        label=self.label,
-                        nodes=nodes,
-                    )
+                    if run_id is not None and (resume is not None or self._ledger.run(run_id) is not None):
+                        segment = self._ledger.resume_run(
+                            run_id,
+                            account=self.config.account,
+                            environment=self.config.offset_environment,
+                            label=self.label,
+                            nodes=nodes,
+                            at_least_kg=self._base.emissions_kg,
+                            at_least_kwh=self._base.energy_kwh,
+                        )
+                        self._base = Measurement(segment.base_emissions_kg, segment.base_energy_kwh)
+                        self._epochs = segment.epochs
+                        self.run_id, self._segment_id = segment.resumed_from, segment.run_id
+                    else:
+                        self.run_id = self._segment_id = self._ledger.start_run(
+                            account=self.config.account,
+                            environment=self.config.offset_environment,
+                            run_id=run_id,
+                            label=self.label,
+                            nodes=nodes,
+                        )
                 except Exception as exc:  # noqa: BLE001
                     self._warn_once(
                         "ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc
@@ -499,8 +513,8 @@ class OffsetSession:
             self._last = total
             if epoch is not None:
                 self._epochs = max(self._epochs, epoch + 1)
-            if self.is_writer and self._ledger is not None and self.run_id is not None:
-                run_id, queued = self.run_id, time.perf_counter()
+            if self.is_writer and self._ledger is not None and self._segment_id is not None:
+                run_id, queued = self._segment_id, time.perf_counter()
                 self._writer.submit(lambda: self._write_record(run_id, total, epoch, queued))
             report = self._epoch_report(epoch, total)
             # (a tracker starting late reads zeros at first: project from the first real figures)
@@ -696,9 +710,9 @@ class OffsetSession:
                 "run (or `carbonoffset reconcile`) settles them",
                 self.config.offset_timeout,
             )
-        if self.is_writer and self._ledger is not None and self.run_id is not None:
+        if self.is_writer and self._ledger is not None and self._segment_id is not None:
             try:
-                self._ledger.end_run(self.run_id, status=status)
+                self._ledger.end_run(self._segment_id, status=status)
             except Exception as exc:  # noqa: BLE001
                 self._warn_once("ledger", "carbonoffset could not write its ledger (%s)", exc)
         self._worker.shutdown()  # nothing left running after a run: the thread ends once idle

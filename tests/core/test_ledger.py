@@ -504,6 +504,7 @@ def test_a_version_1_ledger_is_migrated_in_place_keeping_its_data(tmp_path: Path
         ledger.record(run_id, emissions_kg=0.7, energy_kwh=1.0, epoch=0)
     raw = sqlite3.connect(path)
     with raw:  # what carbonoffset's first schema looked like
+        raw.execute("DROP INDEX runs_by_root")  # added by version 3
         raw.execute("ALTER TABLE offsets DROP COLUMN last_sent")
         for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh"):
             raw.execute(f"ALTER TABLE runs DROP COLUMN {column}")
@@ -526,6 +527,7 @@ def test_a_version_1_ledger_is_migrated_in_place_keeping_its_data(tmp_path: Path
     assert raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
         SCHEMA_VERSION
     )
+    assert raw.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'runs_by_root'").fetchone()
     raw.close()
 
 
@@ -537,6 +539,7 @@ def test_a_damaged_version_1_ledger_is_refused_before_it_is_migrated(tmp_path: P
             ledger.record(run_id, emissions_kg=i * 0.001, energy_kwh=0.0, epoch=i)
     raw = sqlite3.connect(path)
     with raw:
+        raw.execute("DROP INDEX runs_by_root")  # added by version 3
         raw.execute("ALTER TABLE offsets DROP COLUMN last_sent")
         for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh"):
             raw.execute(f"ALTER TABLE runs DROP COLUMN {column}")

@@ -481,3 +481,78 @@ def test_a_run_left_open_is_recorded_as_interrupted_at_exit(tmp_path: Path, ledg
         (run,) = ledger.runs()
     assert run.status == "interrupted"
     assert run.emissions_kg == pytest.approx(0.25)  # the figure measured after the last epoch is kept
+
+
+def test_two_fits_resumed_from_one_checkpoint_at_once_both_count(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    """A sweep branching off one checkpoint: both branches spend energy, so both count in full."""
+    first = new_session(settings, ScriptedEmissions([0.3]), auto_offset=False)
+    run_id = first.start()
+    first.record_epoch(0)
+    first.stop(final_offset=False)
+    first.close()
+    checkpoint = Measurement(0.3, 1.0)
+
+    left = new_session(settings, ScriptedEmissions([0.2, 0.4]), auto_offset=False)
+    right = new_session(settings, ScriptedEmissions([0.1]), auto_offset=False)
+    assert left.start(run_id=run_id, resume=checkpoint) == run_id
+    assert right.start(run_id=run_id, resume=checkpoint) == run_id  # while the other one runs
+    assert left.record_epoch(1).emissions_kg == pytest.approx(0.5)  # each sees its own lineage
+    assert right.record_epoch(1).emissions_kg == pytest.approx(0.4)
+    assert left.record_epoch(2).emissions_kg == pytest.approx(0.7)
+    left_report, right_report = left.stop(), right.stop()
+    left.close()
+    right.close()
+    assert (left_report.run_id, right_report.run_id) == (run_id, run_id)  # checkpoints keep the run's id
+
+    with Ledger(settings["offset_ledger"]) as ledger:
+        balance = ledger.balance(first.config.account)
+        (run,) = ledger.runs()
+        history = ledger.history()
+    # 0.3 before the checkpoint + 0.4 on one branch + 0.1 on the other (the larger branch alone: 0.7)
+    assert balance.recorded_kg == pytest.approx(0.8)
+    assert (run.run_id, run.segments, run.epochs, run.status) == (run_id, 3, 3, "finished")
+    assert run.emissions_kg == pytest.approx(0.8)
+    assert history[-1][1] == pytest.approx(0.8)
+    assert [round(kg, 9) for _, kg in history] == sorted(round(kg, 9) for _, kg in history)
+
+
+def test_a_checkpoint_ahead_of_the_ledger_adds_the_difference_once(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    """The process died after saving a checkpoint but before its ledger write: the checkpoint's
+    figures count, once, however many fits resume from it."""
+    first = new_session(settings, ScriptedEmissions([0.3]), auto_offset=False)
+    run_id = first.start()
+    first.record_epoch(0)
+    first.stop(final_offset=False, status="interrupted")
+    first.close()
+    checkpoint = Measurement(0.5, 2.0)  # 0.2 kg more than the ledger got
+    sessions = [new_session(settings, ScriptedEmissions([0.1]), auto_offset=False) for _ in range(2)]
+    for session in sessions:  # two fits resumed from it at once
+        session.start(run_id=run_id, resume=checkpoint)
+    for session in sessions:
+        assert session.record_epoch(1).emissions_kg == pytest.approx(0.6)
+        session.stop(final_offset=False)
+        session.close()
+    with Ledger(settings["offset_ledger"]) as ledger:
+        (run,) = ledger.runs()
+        assert ledger.balance(first.config.account).recorded_kg == pytest.approx(0.5 + 0.1 + 0.1)
+    assert run.emissions_kg == pytest.approx(0.7)
+
+
+def test_a_run_unknown_to_this_ledger_resumes_with_the_checkpoint_figures(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    resumed = new_session(settings, ScriptedEmissions([0.25]), auto_offset=False)
+    assert resumed.start(run_id="f" * 32, resume=Measurement(0.5, 2.0)) == "f" * 32
+    resumed.record_epoch(4)
+    report = resumed.stop(final_offset=False)
+    resumed.close()
+    assert report.emissions_kg == pytest.approx(0.75)
+    with Ledger(settings["offset_ledger"]) as ledger:
+        (run,) = ledger.runs()
+        assert ledger.balance(resumed.config.account).recorded_kg == pytest.approx(0.75)
+    assert (run.run_id, run.emissions_kg, run.epochs, run.status) == ("f" * 32, pytest.approx(0.75), 5, "finished")
+    assert run.energy_kwh > 2.0
