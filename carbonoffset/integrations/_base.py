@@ -15,10 +15,11 @@ the same budget decision.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from carbonoffset.core.config import OffsetConfig
@@ -274,6 +275,21 @@ class CallbackCore:
         self.final_report = session.stop(final_offset=False, status=status, total=total)
         return self.final_report
 
+    @contextlib.contextmanager
+    def guarded(self, *, what: str) -> Iterator[None]:
+        """The body of the callbacks' ``guard()``: close the run if the block raises or returns
+        without ``on_train_end`` (see :meth:`close_unfinished`), then let the exception go on.
+
+        ``KeyboardInterrupt`` closes it as ``interrupted``, anything else as ``failed``.
+        """
+        try:
+            yield
+        except BaseException as exc:
+            self.close_unfinished("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", what=what)
+            raise
+        # the block returned but the fit was cut short (its exception caught inside the block)
+        self.close_unfinished("failed", what=what)
+
     def close_unfinished(self, status: str, *, what: str) -> None:
         """Close a run its framework left open (``what`` ended without ``on_train_end``), keeping
         everything measured in the ledger as ``status`` (``failed`` or ``interrupted``)."""
@@ -304,3 +320,41 @@ class CallbackCore:
         """Continue the run saved in ``state`` at the next :meth:`begin` (missing keys default)."""
         if state.get("run_id") or state.get("emissions_kg"):
             self._resume = dict(state)
+
+
+class CallbackViews:
+    """Read-only properties over a callback's :class:`CallbackCore` (``self._core``), the same
+    for the Lightning, Hugging Face and Keras callbacks."""
+
+    _core: CallbackCore
+
+    @property
+    def config(self) -> OffsetConfig:
+        """The resolved, validated settings."""
+        return self._core.config
+
+    @property
+    def max_emissions_kg(self) -> float | None:
+        """The carbon budget of one run (one fit or ``train()``), kg CO2eq; ``None``: no budget."""
+        return self._core.max_emissions_kg
+
+    @property
+    def log_metrics(self) -> bool:
+        """Whether the ``carbon/*`` metrics are logged each epoch."""
+        return self._core.log_metrics
+
+    @property
+    def session(self) -> OffsetSession | None:
+        """The session of the current (or last) run; ``None`` before the first."""
+        return self._core.session
+
+    @property
+    def last_report(self) -> EpochReport | None:
+        """Cumulative figures after the last epoch of the current (or last) run."""
+        return self._core.last_report
+
+    @property
+    def final_report(self) -> RunReport | None:
+        """Figures of the last run once it ended (normally, or closed after an exception);
+        ``None`` while a run is going on."""
+        return self._core.final_report

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from carbonoffset.core.config import OffsetConfig, SecretKey
-from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
+from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, Collective, missing_framework
+from carbonoffset.integrations._base import CallbackCore, CallbackViews, Collective, missing_framework
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _collective(args: Any) -> Collective | None:
 
 if _TrainerCallback is not None:
 
-    class CarbonOffsetCallback(_TrainerCallback, _ExportableState):
+    class CarbonOffsetCallback(_TrainerCallback, _ExportableState, CallbackViews):
         """Measure the emissions of ``Trainer.train()`` and offset them, exactly once.
 
         At ``on_train_begin`` a fresh tracker and a new ledger run start
@@ -245,37 +245,6 @@ if _TrainerCallback is not None:
             self._pending_metrics: dict[str, float] | None = None
             self._restored: dict[str, Any] | None = None
 
-        # ------------------------------------------------------------ read-only
-        @property
-        def config(self) -> OffsetConfig:
-            """The resolved settings."""
-            return self._core.config
-
-        @property
-        def max_emissions_kg(self) -> float | None:
-            """The carbon budget per run in kg CO2eq, or ``None``."""
-            return self._core.max_emissions_kg
-
-        @property
-        def log_metrics(self) -> bool:
-            """Whether the ``carbon/*`` metrics are logged each epoch."""
-            return self._core.log_metrics
-
-        @property
-        def session(self) -> OffsetSession | None:
-            """The session of the current (or last) run; ``None`` before the first."""
-            return self._core.session
-
-        @property
-        def last_report(self) -> EpochReport | None:
-            """Figures after the last epoch of the current (or last) run."""
-            return self._core.last_report
-
-        @property
-        def final_report(self) -> RunReport | None:
-            """Figures of the last run once it ended (normally, or through :meth:`guard`)."""
-            return self._core.final_report
-
         # ------------------------------------------------------ trainer hooks
         def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             # Remember which callback this Trainer was built with, so that an instance the
@@ -372,14 +341,8 @@ if _TrainerCallback is not None:
                 with callback.guard():
                     trainer.train()
             """
-            try:
+            with self._core.guarded(what="a training run"):
                 yield self
-            except BaseException as exc:
-                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                self._close_unfinished(status)
-                raise
-            # train() returned without on_train_end (its exception was caught inside the block)
-            self._close_unfinished("failed")
 
         def _close_unfinished(self, status: str) -> None:
             self._core.close_unfinished(status, what="a training run")

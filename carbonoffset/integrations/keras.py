@@ -21,10 +21,9 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from carbonoffset.core.config import OffsetConfig
-from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
+from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, missing_framework
+from carbonoffset.integrations._base import CallbackCore, CallbackViews, missing_framework
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ _keras, _IMPORT_PROBLEM = _import_keras()
 _CallbackBase: Any = _keras.callbacks.Callback if _keras is not None else object
 
 
-class CarbonOffsetCallback(_CallbackBase):  # type: ignore[misc]
+class CarbonOffsetCallback(CallbackViews, _CallbackBase):  # type: ignore[misc]
     """Measure the emissions of ``model.fit`` and offset them, exactly once.
 
     At ``on_train_begin`` a fresh tracker and a new ledger run start (every
@@ -146,32 +145,6 @@ class CarbonOffsetCallback(_CallbackBase):  # type: ignore[misc]
             **settings,
         )
 
-    # ------------------------------------------------------------ read-only
-    @property
-    def config(self) -> OffsetConfig:
-        """The resolved settings."""
-        return self._core.config
-
-    @property
-    def max_emissions_kg(self) -> float | None:
-        """The carbon budget per ``fit`` in kg CO2eq, or ``None``."""
-        return self._core.max_emissions_kg
-
-    @property
-    def session(self) -> OffsetSession | None:
-        """The session of the current (or last) ``fit``; ``None`` before the first."""
-        return self._core.session
-
-    @property
-    def last_report(self) -> EpochReport | None:
-        """Figures after the last epoch of the current (or last) ``fit``."""
-        return self._core.last_report
-
-    @property
-    def final_report(self) -> RunReport | None:
-        """Figures of the last ``fit`` once it ended (normally, or through :meth:`guard`)."""
-        return self._core.final_report
-
     # ---------------------------------------------------------- keras hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._close_unfinished("interrupted")
@@ -222,14 +195,8 @@ class CarbonOffsetCallback(_CallbackBase):  # type: ignore[misc]
             with callback.guard():
                 model.fit(x, y, epochs=10, callbacks=[callback])
         """
-        try:
+        with self._core.guarded(what="a Keras fit"):
             yield self
-        except BaseException as exc:
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            self._close_unfinished(status)
-            raise
-        # fit returned but was cut short (its exception caught inside the block)
-        self._close_unfinished("failed")
 
     def _close_unfinished(self, status: str) -> None:
         self._core.close_unfinished(status, what="a Keras fit")

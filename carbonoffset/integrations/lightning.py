@@ -25,10 +25,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from carbonoffset.core.config import OffsetConfig
-from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
+from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, Collective, missing_framework
+from carbonoffset.integrations._base import CallbackCore, CallbackViews, Collective, missing_framework
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def _collective(trainer: Any) -> Collective | None:
     return Collective(world_size=int(trainer.world_size), sum=sum_across, broadcast=broadcast)
 
 
-class _CarbonOffsetLogic:
+class _CarbonOffsetLogic(CallbackViews):
     """Measure each fit with CodeCarbon, log ``carbon/*`` metrics, offset through 1ClickImpact.
 
     One fit (``trainer.fit``) is one run in the ledger, measured by a fresh
@@ -187,37 +186,6 @@ class _CarbonOffsetLogic:
         # ranks saved at fit start when the strategy restores callback state after on_fit_start
         self._deferred_ranks: dict[str, Any] | None = None
         self._final_logged = True
-
-    # ------------------------------------------------------------- read-only
-    @property
-    def config(self) -> OffsetConfig:
-        """The validated settings in use."""
-        return self._core.config
-
-    @property
-    def max_emissions_kg(self) -> float | None:
-        """The carbon budget of one run, kg CO2eq (``None``: no budget)."""
-        return self._core.max_emissions_kg
-
-    @property
-    def log_metrics(self) -> bool:
-        """Whether the ``carbon/*`` metrics are logged."""
-        return self._core.log_metrics
-
-    @property
-    def session(self) -> OffsetSession | None:
-        """The session of the current (or last) fit; ``None`` before the first fit."""
-        return self._core.session
-
-    @property
-    def last_report(self) -> EpochReport | None:
-        """Cumulative figures after the last epoch of the current (or last) fit."""
-        return self._core.last_report
-
-    @property
-    def final_report(self) -> RunReport | None:
-        """Figures of the last fit once it ended (normally or not); ``None`` while a fit runs."""
-        return self._core.final_report
 
     @property
     def state_key(self) -> str:
