@@ -462,6 +462,16 @@ class _OffsetMixin:
         if handler is not None:
             handler.finish()  # a no-op when CodeCarbon already called exit()
 
+    # The tracker's own start() and stop() (next in the MRO), with the offset run around them.
+    def start(self) -> None:
+        self._begin_offset_run()
+        super().start()  # type: ignore[misc]
+
+    def stop(self) -> float | None:
+        emissions_kg: float | None = super().stop()  # type: ignore[misc]
+        self._finish_offset_run()
+        return emissions_kg
+
 
 _TRACKER_DOC_ARGS = """
     Args:
@@ -539,15 +549,6 @@ class EmissionsTracker(_OffsetMixin, _cc.EmissionsTracker):
         super().__init__(**kwargs)
         self._name_offset_runs()
 
-    def start(self) -> None:
-        self._begin_offset_run()
-        super().start()
-
-    def stop(self) -> float | None:
-        emissions_kg: float | None = super().stop()
-        self._finish_offset_run()
-        return emissions_kg
-
 
 class OfflineEmissionsTracker(_OffsetMixin, _cc.OfflineEmissionsTracker):
     __doc__ = (
@@ -585,15 +586,6 @@ class OfflineEmissionsTracker(_OffsetMixin, _cc.OfflineEmissionsTracker):
         kwargs = self._setup_offsetting(args, kwargs, settings)
         super().__init__(**kwargs)
         self._name_offset_runs()
-
-    def start(self) -> None:
-        self._begin_offset_run()
-        super().start()
-
-    def stop(self) -> float | None:
-        emissions_kg: float | None = super().stop()
-        self._finish_offset_run()
-        return emissions_kg
 
 
 # ----------------------------------------------------------------------- decorator
