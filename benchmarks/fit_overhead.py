@@ -56,7 +56,7 @@ VARIANTS = {
     "keras": ("none", "callback", "codecarbon"),
 }
 # epochs giving ~20-30 s fits on a 2-core CPU machine, and the --quick sizes
-FULL_EPOCHS = {"lightning": 400, "huggingface": 8, "keras": 170}
+FULL_EPOCHS = {"lightning": 400, "huggingface": 24, "keras": 170}
 QUICK_EPOCHS = {"lightning": 60, "huggingface": 2, "keras": 30}
 
 
