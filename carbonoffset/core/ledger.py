@@ -4,7 +4,10 @@ Accounting model (all masses in kg CO2eq):
 
 * A **run** holds the *cumulative* emissions measured for one training run.
   Recording a cumulative total keeps the maximum seen, so recording the same
-  total twice (or an older, smaller one) never double counts.
+  total twice (or an older, smaller one) never double counts. A run resumed
+  from a checkpoint continues in a **segment**: a row of its own that stores
+  only what was measured beyond its ``base`` (the run's figures it started
+  from), so that any number of segments, concurrent or not, simply add up.
 * An **offset** is a purchase of ``amount_lb`` whole pounds
   (``amount_kg = amount_lb * 0.45359237``) in one of four states:
   ``intent`` (written before the API call), ``unknown`` (the call's outcome
@@ -24,6 +27,7 @@ the same emissions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -40,10 +44,9 @@ from typing import Final, Literal
 from carbonoffset.core.errors import LedgerError
 from carbonoffset.core.units import KG_PER_LB
 
-SCHEMA_VERSION: Final[int] = 3
-"""2 added ``offsets.last_sent`` and the resume links of ``runs``; 3 puts those links to use
-(resumed segments, which a reader of version 2 would count twice) with an index on them.
-Older files are migrated in place."""
+SCHEMA_VERSION: Final[int] = 2
+"""2 added ``offsets.last_sent`` and the resume links of ``runs`` (migrated in place from 1).
+A resumed segment stores only what it measured, so every reader of version 2 sums runs right."""
 DEFAULT_RESEND_GRACE_S: Final[float] = 300.0
 """Seconds after a capture was sent during which no other process may take the offset over and
 look it up: a request abandoned at its deadline may still be acted on by the server for a while,
@@ -228,13 +231,14 @@ class RunRecord:
         account, environment, label: as given to :meth:`Ledger.start_run`.
         started_utc, ended_utc: ISO 8601 UTC times (``ended_utc`` ``None`` while running).
         status: ``running`` | ``finished`` | ``failed`` | ``interrupted`` (the latest segment's).
-        emissions_kg: cumulative emissions, kg CO2eq (a run: of all its segments).
-        energy_kwh: cumulative energy, kWh.
+        emissions_kg: cumulative emissions, kg CO2eq: of the run with all its segments, or
+            for a segment row only what that segment measured beyond its base.
+        energy_kwh: the same for energy, kWh.
         epochs: epochs recorded (the most any segment reached).
         nodes: nodes that measured it.
         resumed_from: for a segment row, the run it continues; ``None`` for a run.
         base_emissions_kg, base_energy_kwh: for a segment row, the run's figures it started
-            from (included in its own ``emissions_kg``/``energy_kwh``, counted once by the run).
+            from (not included in its own ``emissions_kg``/``energy_kwh``).
         segments: ledger rows of the run (1, plus one per resume).
     """
 
@@ -258,8 +262,9 @@ class RunRecord:
 def _whole_runs(rows: list[tuple[object, ...]]) -> list[RunRecord]:
     """Fold resumed segments (see :meth:`Ledger.resume_run`) into their runs, keeping the rows' order.
 
-    A run's totals add what each segment measured beyond its base; its status and end are
-    those of its latest segment; its epochs and nodes the most any segment reached.
+    A run's totals add up its rows (a segment stores only what it measured beyond its base);
+    its status and end are those of its latest segment; its epochs and nodes the most any
+    segment reached.
     """
     records = [RunRecord(*row) for row in rows]  # type: ignore[arg-type]
     parts: dict[str, list[RunRecord]] = {}
@@ -279,8 +284,8 @@ def _whole_runs(rows: list[tuple[object, ...]]) -> list[RunRecord]:
                 first,
                 ended_utc=latest.ended_utc,
                 status=latest.status,
-                emissions_kg=sum(r.emissions_kg - r.base_emissions_kg for r in rows_of_run),
-                energy_kwh=sum(r.energy_kwh - r.base_energy_kwh for r in rows_of_run),
+                emissions_kg=sum(r.emissions_kg for r in rows_of_run),
+                energy_kwh=sum(r.energy_kwh for r in rows_of_run),
                 epochs=max(r.epochs for r in rows_of_run),
                 nodes=max(r.nodes for r in rows_of_run),
                 resumed_from=None,
@@ -358,7 +363,10 @@ class Ledger:
         Other processes opening the same path at the same time (every rank of a
         job, for instance) then see either no file or a finished one: never a
         half-made file, and never a switch to WAL mode while they read it
-        (SQLite does not wait on its busy timeout for that switch).
+        (SQLite does not wait on its busy timeout for that switch). Where that
+        is not possible (no hard links, no room for a temporary file), the
+        file is created in place by :meth:`_connect`, which then retries the
+        switch.
         """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,7 +375,7 @@ class Ledger:
                 f"cannot create the ledger's folder {path.parent} ({exc.strerror}); point offset_ledger "
                 "(CODECARBON_OFFSET_LEDGER) at a writable path"
             ) from None
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.new")
+        tmp = path.with_name(f".carbonoffset-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         try:
             conn = sqlite3.connect(tmp, isolation_level=None)
             try:
@@ -375,27 +383,21 @@ class Ledger:
                 self._create_schema(conn)
             finally:
                 conn.close()
-            try:
-                os.link(tmp, path)  # fails if the name exists: never replaces another process's ledger
-            except FileExistsError:
-                pass  # another process created it first: open theirs
-            except OSError:
-                pass  # no hard links on this file system: created in place by _connect instead
-        except sqlite3.Error as exc:
-            raise LedgerError(
-                f"cannot create ledger {path} ({exc}); point offset_ledger (CODECARBON_OFFSET_LEDGER) at a "
-                "writable path"
-            ) from None
+            os.link(tmp, path)  # fails if the name exists: never replaces another process's ledger
+        except (OSError, sqlite3.Error):
+            pass  # another process created it first (open theirs), or create it in place
         finally:
             for suffix in ("", "-wal", "-shm", "-journal"):
-                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    Path(f"{tmp}{suffix}").unlink(missing_ok=True)
 
     def _check_existing(self, conn: sqlite3.Connection) -> None:
         path = self.path
         try:
             # tables first: the schema and the application id are committed together, so once
             # the tables are visible the id is too (another process may be creating the file)
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            objects = conn.execute("SELECT type, name FROM sqlite_master").fetchall()
+            tables = {name for kind, name in objects if kind == "table"}
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         except sqlite3.DatabaseError:
             raise LedgerError(
@@ -404,7 +406,7 @@ class Ledger:
                 "another file"
             ) from None
         user_version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if not tables and app_id in (0, APPLICATION_ID) and user_version == 0:
+        if not objects and app_id in (0, APPLICATION_ID) and user_version == 0:
             # An empty database nobody has claimed (e.g. created empty by a crash): adopt it.
             self._create_schema(conn)
             return
@@ -427,7 +429,8 @@ class Ledger:
             )
         # damage inside the file (not in its header) only shows when a page is read: check now,
         # read-only, before anything (a migration included) writes to it
-        if self._full_check or path.stat().st_size <= self.FULL_CHECK_MAX_BYTES:
+        # a file about to be migrated is always checked completely first (once per file)
+        if self._full_check or version < SCHEMA_VERSION or path.stat().st_size <= self.FULL_CHECK_MAX_BYTES:
             problems = self._quick_check(conn)
             self._verified = True
         else:  # the accounting tables now; the records (one row per epoch) in verify()
@@ -485,9 +488,8 @@ class Ledger:
                 conn.execute("ALTER TABLE runs ADD COLUMN resumed_from TEXT")
                 conn.execute("ALTER TABLE runs ADD COLUMN base_emissions_kg REAL NOT NULL DEFAULT 0")
                 conn.execute("ALTER TABLE runs ADD COLUMN base_energy_kwh REAL NOT NULL DEFAULT 0")
-            if current < 3:
                 conn.execute("CREATE INDEX IF NOT EXISTS runs_by_root ON runs(resumed_from)")
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -578,7 +580,8 @@ class Ledger:
 
         Args:
             run_id: a run created by :meth:`start_run`.
-            emissions_kg: cumulative emissions of the run so far, kg CO2eq, >= 0.
+            emissions_kg: cumulative emissions of the run so far, kg CO2eq, >= 0
+                (for a segment, its base included: the row stores what exceeds it).
             energy_kwh: cumulative energy of the run so far, kWh, >= 0.
             epoch: the epoch the figures belong to (0-based), if any.
 
@@ -595,12 +598,15 @@ class Ledger:
                 raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
         with self._write() as conn:
             row = conn.execute(
-                "SELECT emissions_kg, energy_kwh, epochs FROM runs WHERE run_id = ?", (run_id,)
+                "SELECT emissions_kg, energy_kwh, epochs, base_emissions_kg, base_energy_kwh FROM runs "
+                "WHERE run_id = ?",
+                (run_id,),
             ).fetchone()
             if row is None:
                 raise KeyError(f"unknown run {run_id!r}")
-            old_kg, old_kwh, old_epochs = row
-            new_kg, new_kwh = max(old_kg, emissions_kg), max(old_kwh, energy_kwh)
+            old_kg, old_kwh, old_epochs, base_kg, base_kwh = row  # bases: 0 except for segments
+            new_kg = max(old_kg, emissions_kg - base_kg)
+            new_kwh = max(old_kwh, energy_kwh - base_kwh)
             epochs = max(old_epochs, epoch + 1) if epoch is not None else old_epochs
             if new_kg == old_kg and new_kwh == old_kwh and epochs == old_epochs:
                 return 0.0
@@ -608,11 +614,7 @@ class Ledger:
                 "UPDATE runs SET emissions_kg = ?, energy_kwh = ?, epochs = ? WHERE run_id = ?",
                 (new_kg, new_kwh, epochs, run_id),
             )
-            conn.execute(
-                "INSERT INTO records (run_id, epoch, emissions_kg, energy_kwh, recorded_utc) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (run_id, epoch, new_kg, new_kwh, utc_now()),
-            )
+            self._insert_record(conn, run_id, epoch, new_kg, new_kwh, utc_now())
         return float(new_kg - old_kg)
 
     def end_run(self, run_id: str, *, status: str = "finished") -> None:
@@ -658,32 +660,41 @@ class Ledger:
         nodes: int = 1,
         at_least_kg: float = 0.0,
         at_least_kwh: float = 0.0,
+        checkpointed_by: str | None = None,
     ) -> RunRecord:
-        """Continue run ``run_id`` (e.g. from a checkpoint) in a new **segment** of it.
+        """Continue run ``run_id`` (e.g. from a checkpoint), in a new **segment** when it exists.
 
         A segment is a ledger row of its own that starts from the run's totals
-        (its *base*) and counts, for the run and the account, only what is
-        measured beyond them. So two fits resumed from the same checkpoint at
-        the same time both count in full, and a fit resumed again from an older
-        checkpoint after a crash adds what it measures to what the crashed
-        attempt recorded: nothing measured is lost or counted twice. Record the
-        segment's figures (cumulative, base included) under the returned
-        ``run_id``; offsets and checkpoints keep using the run's id.
+        (its *base*) and stores only what is measured beyond them; the run and
+        the account count every segment. So two fits resumed from the same
+        checkpoint at the same time both count in full, and a fit resumed again
+        from an older checkpoint after a crash adds what it measures to what the
+        crashed attempt recorded. Record cumulative figures (base included)
+        under the returned ``run_id``; offsets and checkpoints keep using the
+        run's id. Everything happens in one transaction, so processes resuming
+        at the same moment each get their own segment.
 
         Args:
             run_id: the run to continue (a segment's id means its run). When
-                the ledger does not know it (a checkpoint written with another
-                ledger), it is created, holding ``at_least_*``.
+                the ledger does not know it (a new run with a chosen id, or a
+                checkpoint written with another ledger) it is created, holding
+                ``at_least_*``, and returned itself: no segment.
             account, environment, label, nodes: as for :meth:`start_run`.
-            at_least_kg: emissions the run had reached, kg CO2eq, >= 0 (from
-                the checkpoint). If the ledger holds less for the run (its last
-                epochs were not written), the difference is added to the run.
+            at_least_kg: cumulative emissions the checkpoint holds, kg CO2eq,
+                >= 0. If the row that wrote the checkpoint (``checkpointed_by``)
+                holds less (its last epochs never reached the ledger), it is
+                brought up to that figure; recording it again later changes
+                nothing.
             at_least_kwh: the same for energy, kWh, >= 0.
+            checkpointed_by: the row (run or segment id) whose process saved
+                the checkpoint; ``None`` means the run's own row.
 
         Returns:
-            The new segment: ``run_id`` (where to record), ``resumed_from``
-            (the run), ``base_emissions_kg`` / ``base_energy_kwh`` (where its
-            figures start) and ``epochs`` (of the run so far).
+            The row to record to: ``run_id`` (a new segment's id, or the run's
+            when it was created), ``resumed_from`` (the run; ``None`` when it
+            was created), ``base_emissions_kg`` / ``base_energy_kwh`` (the
+            figures to start from: the checkpoint's or the run's totals,
+            whichever is larger) and ``epochs`` (of the run so far).
 
         Raises:
             ValueError: a negative or non-finite ``at_least_*``.
@@ -692,68 +703,67 @@ class Ledger:
             if not (value >= 0 and value != float("inf")):
                 raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
         now = utc_now()
-        segment = uuid.uuid4().hex
         with self._write() as conn:
             row = conn.execute(
                 "SELECT COALESCE(resumed_from, run_id) FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
-            if row is None:  # measured with another ledger: what the checkpoint holds counts here
+            if row is None:
                 conn.execute(
-                    "INSERT INTO runs (run_id, account, environment, label, started_utc, ended_utc, status, nodes) "
-                    "VALUES (?, ?, ?, ?, ?, ?, 'interrupted', ?)",
-                    (run_id, account, environment, label, now, now, nodes),
+                    "INSERT INTO runs (run_id, account, environment, label, started_utc, emissions_kg, "
+                    "energy_kwh, nodes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, account, environment, label, now, at_least_kg, at_least_kwh, nodes),
                 )
-                root = run_id
-            else:
-                root = row[0]
-            kg, kwh, epochs = conn.execute(
-                "SELECT SUM(emissions_kg - base_emissions_kg), SUM(energy_kwh - base_energy_kwh), MAX(epochs) "
-                "FROM runs WHERE run_id = ? OR resumed_from = ?",
+                if at_least_kg > 0 or at_least_kwh > 0:
+                    self._insert_record(conn, run_id, None, at_least_kg, at_least_kwh, now)
+                found = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                return dataclasses.replace(
+                    RunRecord(*found), base_emissions_kg=at_least_kg, base_energy_kwh=at_least_kwh
+                )
+            root = row[0]
+            writer = conn.execute(
+                "SELECT run_id, emissions_kg, energy_kwh, base_emissions_kg, base_energy_kwh FROM runs "
+                "WHERE run_id = ? AND (run_id = ? OR resumed_from = ?)",
+                (checkpointed_by or root, root, root),
+            ).fetchone()
+            if writer is not None:
+                # the checkpoint may hold more than its writer's row got (writes still queued when the
+                # process died): bring that row up to it, the way its own late write would have
+                writer_id, kg, kwh, base_kg, base_kwh = writer
+                new_kg, new_kwh = max(kg, at_least_kg - base_kg), max(kwh, at_least_kwh - base_kwh)
+                if (new_kg, new_kwh) != (kg, kwh):
+                    conn.execute(
+                        "UPDATE runs SET emissions_kg = ?, energy_kwh = ? WHERE run_id = ?",
+                        (new_kg, new_kwh, writer_id),
+                    )
+                    self._insert_record(conn, writer_id, None, new_kg, new_kwh, now)
+            total_kg, total_kwh, epochs = conn.execute(
+                "SELECT SUM(emissions_kg), SUM(energy_kwh), MAX(epochs) FROM runs "
+                "WHERE run_id = ? OR resumed_from = ?",
                 (root, root),
             ).fetchone()
-            lag_kg, lag_kwh = max(0.0, at_least_kg - kg), max(0.0, at_least_kwh - kwh)
-            if lag_kg > 0 or lag_kwh > 0:
-                # the checkpoint saw more than the ledger holds: the run gets the difference, once
-                conn.execute(
-                    "UPDATE runs SET emissions_kg = emissions_kg + ?, energy_kwh = energy_kwh + ? WHERE run_id = ?",
-                    (lag_kg, lag_kwh, root),
-                )
-                root_kg, root_kwh = conn.execute(
-                    "SELECT emissions_kg, energy_kwh FROM runs WHERE run_id = ?", (root,)
-                ).fetchone()
-                conn.execute(
-                    "INSERT INTO records (run_id, epoch, emissions_kg, energy_kwh, recorded_utc) "
-                    "VALUES (?, NULL, ?, ?, ?)",
-                    (root, root_kg, root_kwh, now),
-                )
-            base_kg, base_kwh = kg + lag_kg, kwh + lag_kwh
+            base_kg, base_kwh = max(total_kg, at_least_kg), max(total_kwh, at_least_kwh)
+            segment = uuid.uuid4().hex
             conn.execute(
-                "INSERT INTO runs (run_id, account, environment, label, started_utc, emissions_kg, energy_kwh, "
-                "epochs, nodes, resumed_from, base_emissions_kg, base_energy_kwh) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    segment,
-                    account,
-                    environment,
-                    label,
-                    now,
-                    base_kg,
-                    base_kwh,
-                    epochs,
-                    nodes,
-                    root,
-                    base_kg,
-                    base_kwh,
-                ),
+                "INSERT INTO runs (run_id, account, environment, label, started_utc, epochs, nodes, "
+                "resumed_from, base_emissions_kg, base_energy_kwh) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (segment, account, environment, label, now, epochs, nodes, root, base_kg, base_kwh),
             )
             found = conn.execute("SELECT * FROM runs WHERE run_id = ?", (segment,)).fetchone()
         return RunRecord(*found)
 
+    @staticmethod
+    def _insert_record(
+        conn: sqlite3.Connection, run_id: str, epoch: int | None, kg: float, kwh: float, when: str
+    ) -> None:
+        conn.execute(
+            "INSERT INTO records (run_id, epoch, emissions_kg, energy_kwh, recorded_utc) VALUES (?, ?, ?, ?, ?)",
+            (run_id, epoch, kg, kwh, when),
+        )
+
     def history(self, account: str | None = None) -> list[tuple[str, float]]:
         """``(recorded_utc, cumulative emissions_kg of the run)`` rows, oldest first (for plots)."""
         query = (
-            "SELECT r.recorded_utc, r.emissions_kg, r.run_id, u.base_emissions_kg FROM records r "
-            "JOIN runs u USING (run_id)" + (" WHERE u.account = ?" if account else "") + " ORDER BY r.id"
+            "SELECT r.recorded_utc, r.emissions_kg, r.run_id FROM records r JOIN runs u USING (run_id)" + (" WHERE u.account = ?" if account else "") + " ORDER BY r.id"
         )
         with self._lock:
             rows = self._conn.execute(query, (account,) if account else ()).fetchall()
@@ -761,8 +771,8 @@ class Ledger:
         last: dict[str, float] = {}
         total = 0.0
         series: list[tuple[str, float]] = []
-        for when, kg, run_id, base_kg in rows:
-            total += kg - last.get(run_id, base_kg)
+        for when, kg, run_id in rows:
+            total += kg - last.get(run_id, 0.0)
             last[run_id] = kg
             series.append((when, total))
         return series
@@ -776,7 +786,7 @@ class Ledger:
     @staticmethod
     def _balance(conn: sqlite3.Connection, account: str) -> Balance:
         recorded = conn.execute(
-            "SELECT COALESCE(SUM(emissions_kg - base_emissions_kg), 0) FROM runs WHERE account = ?",
+            "SELECT COALESCE(SUM(emissions_kg), 0) FROM runs WHERE account = ?",
             (account,),
         ).fetchone()[0]
         confirmed, in_flight = conn.execute(
@@ -975,8 +985,7 @@ class Ledger:
                 run_kg = offset_kg = 0.0
                 if run_id is not None:
                     row = conn.execute(
-                        "SELECT COALESCE(SUM(emissions_kg - base_emissions_kg), 0) FROM runs "
-                        "WHERE run_id = ? OR resumed_from = ?",
+                        "SELECT COALESCE(SUM(emissions_kg), 0) FROM runs WHERE run_id = ? OR resumed_from = ?",
                         (run_id, run_id),
                     ).fetchone()
                     run_kg = float(row[0])

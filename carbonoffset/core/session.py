@@ -316,6 +316,13 @@ class OffsetSession:
             self._position = _Position(balance.balance_kg, run_kg, run_offset_kg)
             return self._position
 
+    @property
+    def segment_id(self) -> str | None:
+        """The ledger row this session records to: :attr:`run_id` itself, or the segment of it
+        that a resumed run writes (see :meth:`Ledger.resume_run`); ``None`` on ranks that do
+        not write. Save it in checkpoints with the figures (``checkpointed_by`` of :meth:`start`)."""
+        return self._segment_id
+
     def _verify_job(self) -> None:
         """The complete check of a big ledger file, before this session writes any epoch to it."""
         if self._ledger is None:
@@ -332,7 +339,12 @@ class OffsetSession:
 
     # -------------------------------------------------------------- lifecycle
     def start(
-        self, *, run_id: str | None = None, resume: Measurement | None = None, nodes: int = 1
+        self,
+        *,
+        run_id: str | None = None,
+        resume: Measurement | None = None,
+        nodes: int = 1,
+        checkpointed_by: str | None = None,
     ) -> str | None:
         """Begin a run: a fresh tracker (local rank 0) and a ledger run (global rank 0).
 
@@ -347,6 +359,9 @@ class OffsetSession:
                 for ``run_id``, the ledger's figures are used, so nothing
                 measured is lost or counted twice.
             nodes: number of nodes measuring this run (stored in the ledger).
+            checkpointed_by: the :attr:`segment_id` of the session that saved
+                ``resume`` (from the checkpoint), so that figures it measured
+                but never wrote to the ledger are added to its row, once.
 
         Returns:
             The ledger run id (``None`` on ranks that do not write).
@@ -364,7 +379,7 @@ class OffsetSession:
             self._segment_id = None  # the ledger row this process records to (the run's, or a segment's)
             if self.is_writer and self._ledger is not None:
                 try:
-                    if run_id is not None and (resume is not None or self._ledger.run(run_id) is not None):
+                    if run_id is not None:  # one transaction: concurrent resumes each get a segment
                         segment = self._ledger.resume_run(
                             run_id,
                             account=self.config.account,
@@ -373,10 +388,12 @@ class OffsetSession:
                             nodes=nodes,
                             at_least_kg=self._base.emissions_kg,
                             at_least_kwh=self._base.energy_kwh,
+                            checkpointed_by=checkpointed_by,
                         )
                         self._base = Measurement(segment.base_emissions_kg, segment.base_energy_kwh)
                         self._epochs = segment.epochs
-                        self.run_id, self._segment_id = segment.resumed_from, segment.run_id
+                        self.run_id = segment.resumed_from or segment.run_id
+                        self._segment_id = segment.run_id
                     else:
                         self.run_id = self._segment_id = self._ledger.start_run(
                             account=self.config.account,

@@ -203,6 +203,7 @@ class CallbackCore:
                     float(resume.get("emissions_kg", 0.0)), float(resume.get("energy_kwh", 0.0))
                 ),
                 nodes=nodes,
+                checkpointed_by=resume.get("segment_id"),
             )
         else:
             session.start(nodes=nodes)
@@ -312,6 +313,7 @@ class CallbackCore:
         return {
             "version": STATE_VERSION,
             "run_id": session.run_id if session is not None else None,
+            "segment_id": session.segment_id if session is not None else None,
             "emissions_kg": report.emissions_kg if report else 0.0,
             "energy_kwh": report.energy_kwh if report else 0.0,
         }

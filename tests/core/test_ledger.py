@@ -595,3 +595,90 @@ def test_move_runs_refuses_to_cross_environments(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="different environments"):
             ledger.move_runs(from_account="production:no-key", to_account="sandbox:abc")
         assert len(ledger.runs("production:no-key")) == 1
+
+
+# ------------------------------------------------------------------ resumed runs
+def _raw_sum(path: Path) -> float:
+    """What any reader of schema 2, this version or an older one, counts for the runs."""
+    raw = sqlite3.connect(path)
+    try:
+        return float(raw.execute("SELECT SUM(emissions_kg) FROM runs").fetchone()[0])
+    finally:
+        raw.close()
+
+
+def test_resumed_segments_add_up_for_every_reader(ledger: Ledger, ledger_path: Path) -> None:
+    run = ledger.start_run(account=SANDBOX, environment="sandbox")
+    ledger.record(run, emissions_kg=10.0, energy_kwh=20.0, epoch=4)
+    # two branches resumed from the checkpoint at epoch 4 (10 kg), at the same time
+    a = ledger.resume_run(run, account=SANDBOX, environment="sandbox", at_least_kg=10.0, at_least_kwh=20.0)
+    b = ledger.resume_run(run, account=SANDBOX, environment="sandbox", at_least_kg=10.0, at_least_kwh=20.0)
+    assert (a.resumed_from, b.resumed_from, a.base_emissions_kg, b.base_emissions_kg) == (run, run, 10.0, 10.0)
+    assert a.epochs == b.epochs == 5
+    ledger.record(a.run_id, emissions_kg=15.0, energy_kwh=30.0, epoch=9)  # cumulative, base included
+    ledger.record(b.run_id, emissions_kg=14.0, energy_kwh=28.0, epoch=7)
+    assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(19.0)  # 10 + 5 + 4
+    assert _raw_sum(ledger_path) == pytest.approx(19.0)  # an older carbonoffset sees the same
+    whole = ledger.run(b.run_id)  # a segment's id gives its run
+    assert whole is not None
+    assert (whole.run_id, whole.segments, whole.epochs) == (run, 3, 10)
+    assert (whole.emissions_kg, whole.energy_kwh) == (pytest.approx(19.0), pytest.approx(38.0))
+    assert ledger.runs() == [whole]
+    assert ledger.history()[-1][1] == pytest.approx(19.0)
+    # a later resume starts from the run's total
+    c = ledger.resume_run(run, account=SANDBOX, environment="sandbox", at_least_kg=15.0, checkpointed_by=a.run_id)
+    assert c.base_emissions_kg == pytest.approx(19.0)
+
+
+def test_a_checkpoint_ahead_of_its_writer_row_is_caught_up_on_that_row_only(ledger: Ledger) -> None:
+    run = ledger.start_run(account=SANDBOX, environment="sandbox")
+    ledger.record(run, emissions_kg=10.0, energy_kwh=0.0)
+    a = ledger.resume_run(run, account=SANDBOX, environment="sandbox", at_least_kg=10.0)
+    b = ledger.resume_run(run, account=SANDBOX, environment="sandbox", at_least_kg=10.0)
+    ledger.record(a.run_id, emissions_kg=12.0, energy_kwh=0.0)  # a checkpointed 15, then died
+    ledger.record(b.run_id, emissions_kg=14.0, energy_kwh=0.0)
+    # a's checkpoint resumed (twice, at once): a's row gets its last 3 kg, once
+    for _ in range(2):
+        ledger.resume_run(run, account=SANDBOX, environment="sandbox", at_least_kg=15.0, checkpointed_by=a.run_id)
+    assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(19.0)  # 10 + 5 + 4: nothing lost
+    # a's own write of 15 arriving late changes nothing: not counted twice
+    assert ledger.record(a.run_id, emissions_kg=15.0, energy_kwh=0.0) == 0.0
+    assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(19.0)
+
+
+def test_resuming_a_run_this_ledger_does_not_know_creates_it_with_the_checkpoint_figures(
+    ledger: Ledger, ledger_path: Path
+) -> None:
+    first = ledger.resume_run("f" * 32, account=SANDBOX, environment="sandbox", at_least_kg=0.5, at_least_kwh=2.0)
+    assert (first.run_id, first.resumed_from, first.base_emissions_kg) == ("f" * 32, None, 0.5)
+    ledger.record(first.run_id, emissions_kg=0.75, energy_kwh=3.0)
+    second = ledger.resume_run("f" * 32, account=SANDBOX, environment="sandbox")  # same id, at once
+    assert second.resumed_from == "f" * 32 and second.base_emissions_kg == pytest.approx(0.75)
+    ledger.record(second.run_id, emissions_kg=1.0, energy_kwh=4.0)
+    assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(1.0) == _raw_sum(ledger_path)
+
+
+def test_a_database_holding_only_a_view_is_not_adopted(tmp_path: Path) -> None:
+    path = tmp_path / "view.sqlite3"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE VIEW answer AS SELECT 42 AS value")
+    raw.close()
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match="not a carbonoffset ledger"):
+        Ledger(path)
+    assert path.read_bytes() == before
+
+
+def test_a_ledger_is_created_in_place_where_hard_links_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    folder = tmp_path / "ledgers"
+    path = folder / ("long-name-" + "x" * 220 + ".sqlite3")  # valid, near the 255-byte limit
+    with Ledger(path) as ledger:
+        run = ledger.start_run(account=SANDBOX, environment="sandbox")
+        ledger.record(run, emissions_kg=0.5, energy_kwh=1.0)
+    with Ledger(path) as ledger:
+        assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.5)
+    assert {p.name for p in folder.iterdir()} <= {path.name, f"{path.name}-wal", f"{path.name}-shm"}

@@ -456,3 +456,22 @@ def test_big_healthy_ledger_verifies_and_records(ledger_path: Path) -> None:
         assert (balance.recorded_kg, run_kg, run_offset_kg) == (pytest.approx(1.0), pytest.approx(1.0), 0.0)
         other = uuid.uuid4().hex
         assert ledger.position(SANDBOX, other)[1:] == (0.0, 0.0)
+
+
+def test_big_damaged_ledger_of_an_older_schema_is_checked_completely_before_migrating(ledger_path: Path) -> None:
+    _big_ledger(ledger_path)
+    raw = sqlite3.connect(ledger_path)
+    with raw:  # what carbonoffset's first schema looked like
+        raw.execute("DROP INDEX runs_by_root")
+        raw.execute("ALTER TABLE offsets DROP COLUMN last_sent")
+        for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh"):
+            raw.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+        raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw.close()
+    _damage(ledger_path, page=ledger_path.stat().st_size // 4096 // 2)  # epoch records only
+    before = digest(ledger_path)
+    # a session opens big files with full_check=False; a migration would write to this one
+    with pytest.raises(LedgerError, match="(?s)corrupt.*not modified"):
+        Ledger(ledger_path, full_check=False)
+    assert digest(ledger_path) == before

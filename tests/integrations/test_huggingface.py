@@ -401,7 +401,13 @@ def test_state_rebuilds_without_the_key_and_takes_it_from_configuration(
     assert rebuilt.config.ledger_path == ledger_path
     assert rebuilt.config.offset_threshold == 0.75
     assert (rebuilt.max_emissions_kg, rebuilt.log_metrics) == (2.0, False)
-    assert rebuilt.resume_state == {"version": 1, "run_id": None, "emissions_kg": 0.0, "energy_kwh": 0.0}
+    assert rebuilt.resume_state == {
+        "version": 1,
+        "run_id": None,
+        "segment_id": None,
+        "emissions_kg": 0.0,
+        "energy_kwh": 0.0,
+    }
 
 
 def test_report_to_builds_the_callback_from_configuration(
