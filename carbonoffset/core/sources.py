@@ -9,11 +9,15 @@ their own (see :class:`carbonoffset.testing.ScriptedEmissions`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import platform
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
@@ -175,12 +179,109 @@ def _lower_priority() -> None:
         pass
 
 
+#: File (in the user cache folder) where the CPU model CodeCarbon detected is kept per machine.
+CPU_MODEL_CACHE = "cpu-model.json"
+_prime_lock = threading.Lock()
+
+
+def _machine_key() -> str:
+    """Identifies this machine's CPU: host name, architecture, CPU count and (Linux) model name."""
+    parts = [platform.node(), platform.machine(), platform.processor(), str(os.cpu_count())]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo_file:
+            parts += [line.split(":", 1)[1].strip() for line in cpuinfo_file if line.startswith("model name")][:1]
+    except OSError:
+        pass
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _cpu_model_cache() -> Path:
+    import platformdirs
+
+    return platformdirs.user_cache_path("carbonoffset", appauthor=False) / CPU_MODEL_CACHE
+
+
+def _prime_cpu_model() -> bool:
+    """Give CodeCarbon the CPU model it detected in an earlier process on this machine.
+
+    Almost all of a process's first ``tracker.start()`` (1-2 s of CPU) is
+    CodeCarbon's ``detect_cpu_model()``: py-cpuinfo runs a subprocess that
+    busy-waits to measure the clock. CodeCarbon caches the answer for the
+    process (``functools.lru_cache``); this fills that cache from
+    :data:`CPU_MODEL_CACHE` (written by :func:`_remember_cpu_model`), so later
+    processes skip the detection. CodeCarbon then measures exactly as it would
+    have. For the microseconds of the call, ``cpuinfo.get_cpu_info`` answers
+    with the cached model name only.
+
+    Returns:
+        Whether CodeCarbon knows the CPU model now (it did already, or the cache had it).
+    """
+    try:
+        import cpuinfo
+        from codecarbon.core import util as cc_util
+    except Exception:  # noqa: BLE001 -- another CodeCarbon layout: let it detect as usual
+        return False
+    detect = getattr(cc_util, "detect_cpu_model", None)
+    if detect is None or not hasattr(detect, "cache_info"):
+        return False
+    if detect.cache_info().currsize:
+        return True
+    try:
+        brand = json.loads(_cpu_model_cache().read_text(encoding="utf-8"))[_machine_key()]
+    except Exception:  # noqa: BLE001 -- no cache yet, or unreadable: detect as usual
+        return False
+    if not isinstance(brand, str) or not brand:
+        return False
+    with _prime_lock:
+        original = cpuinfo.get_cpu_info
+        cpuinfo.get_cpu_info = lambda: {"brand_raw": brand}
+        try:
+            detect()
+        finally:
+            cpuinfo.get_cpu_info = original
+    return True
+
+
+def _remember_cpu_model() -> None:
+    """Write the CPU model CodeCarbon detected in this process to :data:`CPU_MODEL_CACHE`."""
+    try:
+        from codecarbon.core import util as cc_util
+
+        detect = cc_util.detect_cpu_model
+        if not detect.cache_info().currsize:  # not detected (yet) in this process: never run it here
+            return
+        brand = detect()
+        if not isinstance(brand, str) or not brand:
+            return
+        path = _cpu_model_cache()
+        try:
+            known = json.loads(path.read_text(encoding="utf-8"))
+        except Exception:  # noqa: BLE001 -- missing or unreadable: start a new one
+            known = {}
+        if not isinstance(known, dict) or known.get(_machine_key()) == brand:
+            return
+        known[_machine_key()] = brand
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known), encoding="utf-8")
+        os.replace(tmp, path)
+    except Exception:  # noqa: BLE001 -- a cache only: never let it disturb tracking
+        logger.debug("could not remember the CPU model", exc_info=True)
+
+
 def _start_in_background(tracker: Any) -> None:
-    """``tracker.start()`` on a short-lived low-priority thread (see :func:`_lower_priority`); waits for it."""
+    """``tracker.start()`` on a short-lived low-priority thread (see :func:`_lower_priority`); waits for it.
+
+    The CPU model detected by an earlier process on this machine is reused
+    (:func:`_prime_cpu_model`); a new detection is remembered for the next.
+    """
 
     def start() -> None:
         _lower_priority()
+        primed = _prime_cpu_model()
         tracker.start()
+        if not primed:
+            _remember_cpu_model()
 
     thread = threading.Thread(target=start, name="carbonoffset-tracker-start", daemon=True)
     thread.start()
@@ -259,8 +360,11 @@ def _warm_up(tracker_kwargs: dict[str, Any], event: threading.Event) -> None:
             measure_power_secs=3600,
             **hardware,
         )
+        primed = _prime_cpu_model()  # an earlier process on this machine detected the CPU model
         tracker.start()
         tracker.stop()  # also loads the emissions data a first flush() would (~0.1 s)
+        if not primed:
+            _remember_cpu_model()
     except Exception:  # noqa: BLE001 -- the real tracker reports problems
         logger.debug("CodeCarbon warm-up failed", exc_info=True)
     finally:

@@ -242,6 +242,61 @@ def test_a_fork_waits_for_a_tracker_starting_in_the_background() -> None:
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"started_at_fork": True, "child_tracked": True}
 
 
+_CPU_MODEL_PROCESS = textwrap.dedent(
+    """
+    import json
+    import cpuinfo
+    from codecarbon.core import util
+    from carbonoffset.core.sources import CodeCarbonSource, _cpu_model_cache, warm_up_codecarbon
+
+    calls = []
+    original = cpuinfo.get_cpu_info
+
+    def counting():
+        calls.append(1)
+        return original()
+
+    cpuinfo.get_cpu_info = counting  # py-cpuinfo's slow detection (a busy-waiting subprocess)
+    assert warm_up_codecarbon().wait(120)
+    source = CodeCarbonSource(country_iso_code="FRA")
+    source.start()
+    kwh = source.stop().energy_kwh
+    print(json.dumps({"model": util.detect_cpu_model(), "detections": len(calls), "kwh": kwh,
+                      "cache": str(_cpu_model_cache())}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_cpu_model_is_detected_once_per_machine_not_once_per_process(tmp_path: Path) -> None:
+    env = {**subprocess_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def process() -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-c", _CPU_MODEL_PROCESS], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+
+    first = process()  # nothing cached: CodeCarbon detects, carbonoffset remembers
+    assert first["detections"] == 1 and first["kwh"] > 0
+    cache = Path(first["cache"])
+    assert cache.is_relative_to(tmp_path / "cache")
+    (key, model), *others = json.loads(cache.read_text()).items()
+    assert model == first["model"] and not others
+
+    cache.write_text(json.dumps({key: "Test CPU 9000"}))  # tell later processes something recognisable
+    second = process()
+    assert second["detections"] == 0  # no py-cpuinfo subprocess: the model came from the cache
+    assert second["model"] == "Test CPU 9000" and second["kwh"] > 0
+
+    cache.write_text("{not json")  # an unreadable cache: detect as usual, and write it anew
+    third = process()
+    assert third["detections"] == 1 and third["model"] == first["model"]
+    assert json.loads(cache.read_text()) == {key: first["model"]}
+
+
 class _CountingProbe:
     """A CodeCarbon output handler counting the totals it receives (one per flush or stop)."""
 
