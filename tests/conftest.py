@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,21 @@ def _codecarbon_hardware_detected() -> None:
     from carbonoffset.core.sources import warm_up_codecarbon
 
     assert warm_up_codecarbon().wait(120)
+
+
+@pytest.fixture
+def as_schema_1() -> Callable[[Path], None]:
+    """Turn a ledger file into what carbonoffset's first schema wrote (to test migrations)."""
+
+    def downgrade(path: Path) -> None:
+        raw = sqlite3.connect(path)
+        with raw:
+            raw.execute("DROP INDEX runs_by_root")
+            raw.execute("ALTER TABLE offsets DROP COLUMN last_sent")
+            for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh"):
+                raw.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+            raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        raw.close()
+
+    return downgrade

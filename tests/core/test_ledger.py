@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -445,7 +446,11 @@ def test_every_rank_opening_one_fresh_ledger_at_the_same_instant_succeeds(tmp_pa
     for trial in range(trials):
         folder = tmp_path / f"trial{trial}"
         # no temporary file left (SQLite may keep its -wal/-shm files when two closes coincide)
-        assert {p.name for p in folder.iterdir()} <= {"ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm"}
+        assert {p.name for p in folder.iterdir()} <= {
+            "ledger.sqlite3",
+            "ledger.sqlite3-wal",
+            "ledger.sqlite3-shm",
+        }
         with Ledger(folder / "ledger.sqlite3") as ledger:
             assert ledger.runs(SANDBOX) == []
 
@@ -497,19 +502,14 @@ def test_a_folder_in_place_of_the_file_is_refused(tmp_path: Path) -> None:
     assert folder.is_dir() and list(folder.iterdir()) == []
 
 
-def test_a_version_1_ledger_is_migrated_in_place_keeping_its_data(tmp_path: Path) -> None:
+def test_a_version_1_ledger_is_migrated_in_place_keeping_its_data(
+    tmp_path: Path, as_schema_1: Callable[[Path], None]
+) -> None:
     path = tmp_path / "v1.sqlite3"
     with Ledger(path) as ledger:
         run_id = ledger.start_run(account="sandbox:abc", environment="sandbox")
         ledger.record(run_id, emissions_kg=0.7, energy_kwh=1.0, epoch=0)
-    raw = sqlite3.connect(path)
-    with raw:  # what carbonoffset's first schema looked like
-        raw.execute("DROP INDEX runs_by_root")  # added by version 3
-        raw.execute("ALTER TABLE offsets DROP COLUMN last_sent")
-        for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh"):
-            raw.execute(f"ALTER TABLE runs DROP COLUMN {column}")
-        raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    raw.close()
+    as_schema_1(path)
     with Ledger(path) as ledger:
         assert ledger.balance("sandbox:abc").pending_kg == pytest.approx(0.7)
         intent = ledger.create_intent(
@@ -527,25 +527,21 @@ def test_a_version_1_ledger_is_migrated_in_place_keeping_its_data(tmp_path: Path
     assert raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
         SCHEMA_VERSION
     )
-    assert raw.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'runs_by_root'").fetchone()
+    assert raw.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'runs_by_root'"
+    ).fetchone()
     raw.close()
 
 
-def test_a_damaged_version_1_ledger_is_refused_before_it_is_migrated(tmp_path: Path) -> None:
+def test_a_damaged_version_1_ledger_is_refused_before_it_is_migrated(
+    tmp_path: Path, as_schema_1: Callable[[Path], None]
+) -> None:
     path = tmp_path / "v1.sqlite3"
     with Ledger(path) as ledger:
         run_id = ledger.start_run(account="sandbox:abc", environment="sandbox")
         for i in range(1500):
             ledger.record(run_id, emissions_kg=i * 0.001, energy_kwh=0.0, epoch=i)
-    raw = sqlite3.connect(path)
-    with raw:
-        raw.execute("DROP INDEX runs_by_root")  # added by version 3
-        raw.execute("ALTER TABLE offsets DROP COLUMN last_sent")
-        for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh"):
-            raw.execute(f"ALTER TABLE runs DROP COLUMN {column}")
-        raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    raw.close()
+    as_schema_1(path)
     data = bytearray(path.read_bytes())
     page = 4096
     # damage the records; the header and the meta table stay intact
@@ -613,7 +609,12 @@ def test_resumed_segments_add_up_for_every_reader(ledger: Ledger, ledger_path: P
     # two branches resumed from the checkpoint at epoch 4 (10 kg), at the same time
     a = ledger.resume_run(run, account=SANDBOX, environment="sandbox", at_least_kg=10.0, at_least_kwh=20.0)
     b = ledger.resume_run(run, account=SANDBOX, environment="sandbox", at_least_kg=10.0, at_least_kwh=20.0)
-    assert (a.resumed_from, b.resumed_from, a.base_emissions_kg, b.base_emissions_kg) == (run, run, 10.0, 10.0)
+    assert (a.resumed_from, b.resumed_from, a.base_emissions_kg, b.base_emissions_kg) == (
+        run,
+        run,
+        10.0,
+        10.0,
+    )
     assert a.epochs == b.epochs == 5
     ledger.record(a.run_id, emissions_kg=15.0, energy_kwh=30.0, epoch=9)  # cumulative, base included
     ledger.record(b.run_id, emissions_kg=14.0, energy_kwh=28.0, epoch=7)
@@ -626,7 +627,9 @@ def test_resumed_segments_add_up_for_every_reader(ledger: Ledger, ledger_path: P
     assert ledger.runs() == [whole]
     assert ledger.history()[-1][1] == pytest.approx(19.0)
     # a later resume starts from the run's total
-    c = ledger.resume_run(run, account=SANDBOX, environment="sandbox", at_least_kg=15.0, checkpointed_by=a.run_id)
+    c = ledger.resume_run(
+        run, account=SANDBOX, environment="sandbox", at_least_kg=15.0, checkpointed_by=a.run_id
+    )
     assert c.base_emissions_kg == pytest.approx(19.0)
 
 
@@ -639,7 +642,9 @@ def test_a_checkpoint_ahead_of_its_writer_row_is_caught_up_on_that_row_only(ledg
     ledger.record(b.run_id, emissions_kg=14.0, energy_kwh=0.0)
     # a's checkpoint resumed (twice, at once): a's row gets its last 3 kg, once
     for _ in range(2):
-        ledger.resume_run(run, account=SANDBOX, environment="sandbox", at_least_kg=15.0, checkpointed_by=a.run_id)
+        ledger.resume_run(
+            run, account=SANDBOX, environment="sandbox", at_least_kg=15.0, checkpointed_by=a.run_id
+        )
     assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(19.0)  # 10 + 5 + 4: nothing lost
     # a's own write of 15 arriving late changes nothing: not counted twice
     assert ledger.record(a.run_id, emissions_kg=15.0, energy_kwh=0.0) == 0.0
@@ -649,7 +654,9 @@ def test_a_checkpoint_ahead_of_its_writer_row_is_caught_up_on_that_row_only(ledg
 def test_resuming_a_run_this_ledger_does_not_know_creates_it_with_the_checkpoint_figures(
     ledger: Ledger, ledger_path: Path
 ) -> None:
-    first = ledger.resume_run("f" * 32, account=SANDBOX, environment="sandbox", at_least_kg=0.5, at_least_kwh=2.0)
+    first = ledger.resume_run(
+        "f" * 32, account=SANDBOX, environment="sandbox", at_least_kg=0.5, at_least_kwh=2.0
+    )
     assert (first.run_id, first.resumed_from, first.base_emissions_kg) == ("f" * 32, None, 0.5)
     ledger.record(first.run_id, emissions_kg=0.75, energy_kwh=3.0)
     second = ledger.resume_run("f" * 32, account=SANDBOX, environment="sandbox")  # same id, at once
@@ -669,7 +676,9 @@ def test_a_database_holding_only_a_view_is_not_adopted(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
-def test_a_ledger_is_created_in_place_where_hard_links_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_ledger_is_created_in_place_where_hard_links_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_links(src: object, dst: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 

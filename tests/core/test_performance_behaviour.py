@@ -23,6 +23,7 @@ import sys
 import textwrap
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,11 @@ _SHORT_COLD_RUN = textwrap.dedent(
 @pytest.mark.slow
 def test_a_first_run_shorter_than_the_hardware_detection_is_measured_at_a_real_power() -> None:
     done = subprocess.run(
-        [sys.executable, "-c", _SHORT_COLD_RUN], capture_output=True, text=True, timeout=120, env=subprocess_env()
+        [sys.executable, "-c", _SHORT_COLD_RUN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -236,10 +241,17 @@ _FORK_DURING_START = textwrap.dedent(
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
 def test_a_fork_waits_for_a_tracker_starting_in_the_background() -> None:
     done = subprocess.run(
-        [sys.executable, "-c", _FORK_DURING_START], capture_output=True, text=True, timeout=120, env=subprocess_env()
+        [sys.executable, "-c", _FORK_DURING_START],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"started_at_fork": True, "child_tracked": True}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "started_at_fork": True,
+        "child_tracked": True,
+    }
 
 
 _CPU_MODEL_PROCESS = textwrap.dedent(
@@ -513,17 +525,11 @@ def test_big_healthy_ledger_verifies_and_records(ledger_path: Path) -> None:
         assert ledger.position(SANDBOX, other)[1:] == (0.0, 0.0)
 
 
-def test_big_damaged_ledger_of_an_older_schema_is_checked_completely_before_migrating(ledger_path: Path) -> None:
+def test_big_damaged_ledger_of_an_older_schema_is_checked_completely_before_migrating(
+    ledger_path: Path, as_schema_1: Callable[[Path], None]
+) -> None:
     _big_ledger(ledger_path)
-    raw = sqlite3.connect(ledger_path)
-    with raw:  # what carbonoffset's first schema looked like
-        raw.execute("DROP INDEX runs_by_root")
-        raw.execute("ALTER TABLE offsets DROP COLUMN last_sent")
-        for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh"):
-            raw.execute(f"ALTER TABLE runs DROP COLUMN {column}")
-        raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    raw.close()
+    as_schema_1(ledger_path)
     _damage(ledger_path, page=ledger_path.stat().st_size // 4096 // 2)  # epoch records only
     before = digest(ledger_path)
     # a session opens big files with full_check=False; a migration would write to this one
