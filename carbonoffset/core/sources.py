@@ -132,6 +132,18 @@ def _wait_for_background_starts() -> None:
         event.wait(FORK_WAIT_S)
 
 
+def _forget_background_starts() -> None:
+    """``os.register_at_fork`` "after in child" hook: the threads running background starts
+    do not exist in the child, so nothing there will ever finish them. Forget them (later
+    forks in the child must not wait for them; a warm-up there starts anew), and renew the
+    lock guarding them, which such a thread may have held at the fork."""
+    global _warm_lock
+    _warm_lock = threading.Lock()
+    _unfinished.clear()
+    for key in [key for key, event in _warm.items() if not event.is_set()]:
+        del _warm[key]
+
+
 def _track_background_start(event: threading.Event) -> None:
     """Make forks wait for ``event`` (set when a background start is done) while it is unset.
 
@@ -146,7 +158,7 @@ def _track_background_start(event: threading.Event) -> None:
 
     with _warm_lock:
         if not _fork_hook and hasattr(os, "register_at_fork"):  # POSIX
-            os.register_at_fork(before=_wait_for_background_starts)
+            os.register_at_fork(before=_wait_for_background_starts, after_in_child=_forget_background_starts)
             _fork_hook.append(True)
         if not event.is_set():
             _unfinished.add(event)
@@ -185,13 +197,22 @@ _prime_lock = threading.Lock()
 
 
 def _machine_key() -> str:
-    """Identifies this machine's CPU: host name, architecture, CPU count and (Linux) model name."""
+    """Identifies this machine's CPU: host name, architecture, CPU count and, on Linux, the CPU's
+    identity in ``/proc/cpuinfo`` (x86 vendor, family, model and model name; Arm implementer,
+    architecture, variant and part)."""
     parts = [platform.node(), platform.machine(), platform.processor(), str(os.cpu_count())]
+    wanted = {"vendor_id", "cpu family", "model", "model name"}  # x86
+    wanted |= {"CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Hardware"}  # Arm
+    seen: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo_file:
-            parts += [line.split(":", 1)[1].strip() for line in cpuinfo_file if line.startswith("model name")][:1]
+            for line in cpuinfo_file:
+                name, _, value = line.partition(":")
+                if name.strip() in wanted:
+                    seen.setdefault(name.strip(), value.strip())
     except OSError:
         pass
+    parts += [f"{name}={value}" for name, value in sorted(seen.items())]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -230,8 +251,8 @@ def _prime_cpu_model() -> bool:
         brand = json.loads(_cpu_model_cache().read_text(encoding="utf-8"))[_machine_key()]
     except Exception:  # noqa: BLE001 -- no cache yet, or unreadable: detect as usual
         return False
-    if not isinstance(brand, str) or not brand:
-        return False
+    if not _plausible_model(brand):
+        return False  # detected anew, and the entry rewritten
     with _prime_lock:
         original = cpuinfo.get_cpu_info
         cpuinfo.get_cpu_info = lambda: {"brand_raw": brand}
@@ -240,6 +261,10 @@ def _prime_cpu_model() -> bool:
         finally:
             cpuinfo.get_cpu_info = original
     return True
+
+
+def _plausible_model(brand: object) -> bool:
+    return isinstance(brand, str) and 0 < len(brand.strip()) <= 256
 
 
 def _remember_cpu_model() -> None:
@@ -251,14 +276,16 @@ def _remember_cpu_model() -> None:
         if not detect.cache_info().currsize:  # not detected (yet) in this process: never run it here
             return
         brand = detect()
-        if not isinstance(brand, str) or not brand:
+        if not _plausible_model(brand):
             return
         path = _cpu_model_cache()
         try:
             known = json.loads(path.read_text(encoding="utf-8"))
         except Exception:  # noqa: BLE001 -- missing or unreadable: start a new one
             known = {}
-        if not isinstance(known, dict) or known.get(_machine_key()) == brand:
+        if not isinstance(known, dict):
+            known = {}
+        if known.get(_machine_key()) == brand:
             return
         known[_machine_key()] = brand
         path.parent.mkdir(parents=True, exist_ok=True)

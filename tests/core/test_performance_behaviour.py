@@ -303,10 +303,63 @@ def test_the_cpu_model_is_detected_once_per_machine_not_once_per_process(tmp_pat
     assert second["detections"] == 0  # no py-cpuinfo subprocess: the model came from the cache
     assert second["model"] == "Test CPU 9000" and second["kwh"] > 0
 
-    cache.write_text("{not json")  # an unreadable cache: detect as usual, and write it anew
-    third = process()
-    assert third["detections"] == 1 and third["model"] == first["model"]
-    assert json.loads(cache.read_text()) == {key: first["model"]}
+    for damaged in ("{not json", "[1]", json.dumps({key: " "}), json.dumps({key: 123})):
+        cache.write_text(damaged)  # unreadable or implausible: detect as usual, and write it anew
+        again = process()
+        assert again["detections"] == 1 and again["model"] == first["model"], damaged
+        assert json.loads(cache.read_text()) == {key: first["model"]}, damaged
+
+
+_FORK_AFTER_A_TIMED_OUT_WAIT = textwrap.dedent(
+    """
+    import json, os, time
+    import cpuinfo
+    from carbonoffset.core import sources
+
+    def slow_detection():
+        time.sleep(3)
+        return {"brand_raw": "Slow CPU"}
+
+    cpuinfo.get_cpu_info = slow_detection  # a hardware detection slower than the fork's wait
+    sources.FORK_WAIT_S = 0.3
+    sources.warm_up_codecarbon()
+    began = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        forks = []
+        for _ in range(2):  # e.g. DataLoader workers in a ddp_fork rank
+            began = time.monotonic()
+            child = os.fork()
+            if child == 0:
+                os._exit(0)
+            os.waitpid(child, 0)
+            forks.append(time.monotonic() - began)
+        print(json.dumps({"left_over": len(sources._unfinished), "forks_s": forks}), flush=True)
+        os._exit(0)
+    waited = time.monotonic() - began
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"parent_waited_s": waited}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_child_forked_while_a_start_ran_does_not_wait_for_it_again(tmp_path: Path) -> None:
+    env = {**subprocess_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_AFTER_A_TIMED_OUT_WAIT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    child, parent = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert 0.25 < parent["parent_waited_s"] < 2.5  # waited FORK_WAIT_S, not for the whole detection
+    # the start's thread does not exist in the child: nothing there waits for it
+    assert child["left_over"] == 0
+    assert all(seconds < 0.25 for seconds in child["forks_s"]), child
 
 
 class _CountingProbe:
