@@ -136,6 +136,13 @@ def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 60.0) -> None:
             conn.execute("PRAGMA journal_mode = WAL")
 
 
+def _check_amounts(**amounts: float) -> None:
+    """Raise ``ValueError`` naming the first amount that is negative, infinite or NaN."""
+    for name, value in amounts.items():
+        if not (value >= 0 and value != float("inf")):
+            raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
+
+
 def utc_now() -> str:
     """Current UTC time as ISO 8601 with microseconds and ``Z``."""
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -428,8 +435,7 @@ class Ledger:
                 "modified. Point offset_ledger (CODECARBON_OFFSET_LEDGER) at another file"
             )
         # damage inside the file (not in its header) only shows when a page is read: check now,
-        # read-only, before anything (a migration included) writes to it
-        # a file about to be migrated is always checked completely first (once per file)
+        # read-only, before anything writes to it (a file about to be migrated: completely)
         if self._full_check or version < SCHEMA_VERSION or path.stat().st_size <= self.FULL_CHECK_MAX_BYTES:
             problems = self._quick_check(conn)
             self._verified = True
@@ -593,29 +599,60 @@ class Ledger:
             ValueError: a negative or non-finite value.
             KeyError: unknown ``run_id``.
         """
-        for name, value in (("emissions_kg", emissions_kg), ("energy_kwh", energy_kwh)):
-            if not (value >= 0 and value != float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
+        _check_amounts(emissions_kg=emissions_kg, energy_kwh=energy_kwh)
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT emissions_kg, energy_kwh, epochs, base_emissions_kg, base_energy_kwh FROM runs "
-                "WHERE run_id = ?",
-                (run_id,),
-            ).fetchone()
-            if row is None:
-                raise KeyError(f"unknown run {run_id!r}")
-            old_kg, old_kwh, old_epochs, base_kg, base_kwh = row  # bases: 0 except for segments
-            new_kg = max(old_kg, emissions_kg - base_kg)
-            new_kwh = max(old_kwh, energy_kwh - base_kwh)
-            epochs = max(old_epochs, epoch + 1) if epoch is not None else old_epochs
-            if new_kg == old_kg and new_kwh == old_kwh and epochs == old_epochs:
-                return 0.0
-            conn.execute(
-                "UPDATE runs SET emissions_kg = ?, energy_kwh = ?, epochs = ? WHERE run_id = ?",
-                (new_kg, new_kwh, epochs, run_id),
-            )
-            self._insert_record(conn, run_id, epoch, new_kg, new_kwh, utc_now())
+            increase = self._raise_totals(conn, run_id, emissions_kg, energy_kwh, epoch)
+        if increase is None:
+            raise KeyError(f"unknown run {run_id!r}")
+        return increase
+
+    @classmethod
+    def _raise_totals(
+        cls, conn: sqlite3.Connection, row_id: str, emissions_kg: float, energy_kwh: float, epoch: int | None
+    ) -> float | None:
+        """In a write transaction: keep the larger of the row's figures and these cumulative ones
+        (minus the row's base: 0 except for segments), noting a change in ``records``.
+
+        Returns:
+            The increase in the row's emissions (kg), or ``None`` when there is no such row.
+        """
+        row = conn.execute(
+            "SELECT emissions_kg, energy_kwh, epochs, base_emissions_kg, base_energy_kwh FROM runs "
+            "WHERE run_id = ?",
+            (row_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        old_kg, old_kwh, old_epochs, base_kg, base_kwh = row
+        new_kg = max(old_kg, emissions_kg - base_kg)
+        new_kwh = max(old_kwh, energy_kwh - base_kwh)
+        epochs = max(old_epochs, epoch + 1) if epoch is not None else old_epochs
+        if new_kg == old_kg and new_kwh == old_kwh and epochs == old_epochs:
+            return 0.0
+        conn.execute(
+            "UPDATE runs SET emissions_kg = ?, energy_kwh = ?, epochs = ? WHERE run_id = ?",
+            (new_kg, new_kwh, epochs, row_id),
+        )
+        cls._insert_record(conn, row_id, epoch, new_kg, new_kwh, utc_now())
         return float(new_kg - old_kg)
+
+    @staticmethod
+    def _root_of(conn: sqlite3.Connection, run_id: str) -> str | None:
+        """The run a row belongs to (itself, or the run a segment continues); ``None``: no such row."""
+        row = conn.execute(
+            "SELECT COALESCE(resumed_from, run_id) FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    @staticmethod
+    def _run_totals(conn: sqlite3.Connection, root: str) -> tuple[float, float, int]:
+        """The emissions (kg), energy (kWh) and epochs of run ``root`` over all its rows."""
+        kg, kwh, epochs = conn.execute(
+            "SELECT COALESCE(SUM(emissions_kg), 0), COALESCE(SUM(energy_kwh), 0), COALESCE(MAX(epochs), 0) "
+            "FROM runs WHERE run_id = ?1 OR resumed_from = ?1",
+            (root,),
+        ).fetchone()
+        return float(kg), float(kwh), int(epochs)
 
     def end_run(self, run_id: str, *, status: str = "finished") -> None:
         """Mark a run ended (``status``: ``finished`` | ``failed`` | ``interrupted``)."""
@@ -630,13 +667,11 @@ class Ledger:
         A segment's id gives the run it belongs to.
         """
         with self._lock:
-            row = self._conn.execute(
-                "SELECT COALESCE(resumed_from, run_id) FROM runs WHERE run_id = ?", (run_id,)
-            ).fetchone()
-            if row is None:
+            root = self._root_of(self._conn, run_id)
+            if root is None:
                 return None
             rows = self._conn.execute(
-                "SELECT * FROM runs WHERE run_id = ?1 OR resumed_from = ?1 ORDER BY rowid", (row[0],)
+                "SELECT * FROM runs WHERE run_id = ?1 OR resumed_from = ?1 ORDER BY rowid", (root,)
             ).fetchall()
         return _whole_runs(rows)[0]
 
@@ -699,15 +734,11 @@ class Ledger:
         Raises:
             ValueError: a negative or non-finite ``at_least_*``.
         """
-        for name, value in (("at_least_kg", at_least_kg), ("at_least_kwh", at_least_kwh)):
-            if not (value >= 0 and value != float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
+        _check_amounts(at_least_kg=at_least_kg, at_least_kwh=at_least_kwh)
         now = utc_now()
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT COALESCE(resumed_from, run_id) FROM runs WHERE run_id = ?", (run_id,)
-            ).fetchone()
-            if row is None:
+            root = self._root_of(conn, run_id)
+            if root is None:
                 conn.execute(
                     "INSERT INTO runs (run_id, account, environment, label, started_utc, emissions_kg, "
                     "energy_kwh, nodes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -719,28 +750,12 @@ class Ledger:
                 return dataclasses.replace(
                     RunRecord(*found), base_emissions_kg=at_least_kg, base_energy_kwh=at_least_kwh
                 )
-            root = row[0]
-            writer = conn.execute(
-                "SELECT run_id, emissions_kg, energy_kwh, base_emissions_kg, base_energy_kwh FROM runs "
-                "WHERE run_id = ? AND (run_id = ? OR resumed_from = ?)",
-                (checkpointed_by or root, root, root),
-            ).fetchone()
-            if writer is not None:
+            writer = checkpointed_by or root
+            if self._root_of(conn, writer) == root:
                 # the checkpoint may hold more than its writer's row got (writes still queued when the
-                # process died): bring that row up to it, the way its own late write would have
-                writer_id, kg, kwh, base_kg, base_kwh = writer
-                new_kg, new_kwh = max(kg, at_least_kg - base_kg), max(kwh, at_least_kwh - base_kwh)
-                if (new_kg, new_kwh) != (kg, kwh):
-                    conn.execute(
-                        "UPDATE runs SET emissions_kg = ?, energy_kwh = ? WHERE run_id = ?",
-                        (new_kg, new_kwh, writer_id),
-                    )
-                    self._insert_record(conn, writer_id, None, new_kg, new_kwh, now)
-            total_kg, total_kwh, epochs = conn.execute(
-                "SELECT SUM(emissions_kg), SUM(energy_kwh), MAX(epochs) FROM runs "
-                "WHERE run_id = ? OR resumed_from = ?",
-                (root, root),
-            ).fetchone()
+                # process died): record it there now, as that row's own late write would have
+                self._raise_totals(conn, writer, at_least_kg, at_least_kwh, None)
+            total_kg, total_kwh, epochs = self._run_totals(conn, root)
             base_kg, base_kwh = max(total_kg, at_least_kg), max(total_kwh, at_least_kwh)
             segment = uuid.uuid4().hex
             conn.execute(
@@ -763,7 +778,9 @@ class Ledger:
     def history(self, account: str | None = None) -> list[tuple[str, float]]:
         """``(recorded_utc, cumulative emissions_kg of the run)`` rows, oldest first (for plots)."""
         query = (
-            "SELECT r.recorded_utc, r.emissions_kg, r.run_id FROM records r JOIN runs u USING (run_id)" + (" WHERE u.account = ?" if account else "") + " ORDER BY r.id"
+            "SELECT r.recorded_utc, r.emissions_kg, r.run_id FROM records r JOIN runs u USING (run_id)"
+            + (" WHERE u.account = ?" if account else "")
+            + " ORDER BY r.id"
         )
         with self._lock:
             rows = self._conn.execute(query, (account,) if account else ()).fetchall()
@@ -786,8 +803,7 @@ class Ledger:
     @staticmethod
     def _balance(conn: sqlite3.Connection, account: str) -> Balance:
         recorded = conn.execute(
-            "SELECT COALESCE(SUM(emissions_kg), 0) FROM runs WHERE account = ?",
-            (account,),
+            "SELECT COALESCE(SUM(emissions_kg), 0) FROM runs WHERE account = ?", (account,)
         ).fetchone()[0]
         confirmed, in_flight = conn.execute(
             "SELECT COALESCE(SUM(CASE WHEN state = 'confirmed' THEN amount_kg END), 0), "
@@ -984,11 +1000,7 @@ class Ledger:
                 balance = self._balance(conn, account)
                 run_kg = offset_kg = 0.0
                 if run_id is not None:
-                    row = conn.execute(
-                        "SELECT COALESCE(SUM(emissions_kg), 0) FROM runs WHERE run_id = ? OR resumed_from = ?",
-                        (run_id, run_id),
-                    ).fetchone()
-                    run_kg = float(row[0])
+                    run_kg = self._run_totals(conn, run_id)[0]
                     offset_kg = float(
                         conn.execute(
                             "SELECT COALESCE(SUM(amount_kg), 0) FROM offsets "
