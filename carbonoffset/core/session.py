@@ -406,10 +406,7 @@ class OffsetSession:
                     self._warn_once(
                         "ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc
                     )
-                try:
-                    self._refresh_position()
-                except Exception as exc:  # noqa: BLE001
-                    self._warn_once("ledger", "carbonoffset could not read its ledger (%s)", exc)
+                self._refresh_position_quietly()
                 self._writer.submit(self._verify_job)
             self._last = self._base
             if self.is_tracking:
@@ -717,7 +714,7 @@ class OffsetSession:
         self.record(total, epoch=None)
         deadline = time.monotonic() + self.config.offset_timeout
         if self.is_writer:
-            self._writer.wait(self.config.offset_timeout)  # the final figures are in the ledger
+            self.flush()  # the final figures are in the ledger
         if final_offset and self.is_writer and self.config.auto_offset and self._get_offsetter() is not None:
             round_up = self.config.offset_round_up
             self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=not round_up))
@@ -781,7 +778,7 @@ class OffsetSession:
         """
         if self.running:
             self.stop(final_offset=False, status="interrupted")
-        self._writer.wait(self.config.offset_timeout)  # epoch figures still queued are written first
+        self.flush()  # epoch figures still queued are written first
         self._writer.shutdown()
         if self._owns_ledger and self._ledger is not None:
             if self._worker.busy:

@@ -170,7 +170,6 @@ def _background_start_done(event: threading.Event) -> None:
         _unfinished.discard(event)
 
 
-
 #: How much lower (Linux ``nice`` steps) CodeCarbon's first hardware detection runs than training.
 BACKGROUND_NICE = 10
 
@@ -278,16 +277,16 @@ def _remember_cpu_model() -> None:
         brand = detect()
         if not _plausible_model(brand):
             return
-        path = _cpu_model_cache()
+        path, key = _cpu_model_cache(), _machine_key()
         try:
             known = json.loads(path.read_text(encoding="utf-8"))
         except Exception:  # noqa: BLE001 -- missing or unreadable: start a new one
             known = {}
         if not isinstance(known, dict):
             known = {}
-        if known.get(_machine_key()) == brand:
+        if known.get(key) == brand:
             return
-        known[_machine_key()] = brand
+        known[key] = brand
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(known), encoding="utf-8")
@@ -296,19 +295,22 @@ def _remember_cpu_model() -> None:
         logger.debug("could not remember the CPU model", exc_info=True)
 
 
-def _start_in_background(tracker: Any) -> None:
-    """``tracker.start()`` on a short-lived low-priority thread (see :func:`_lower_priority`); waits for it.
+def _start_knowing_the_cpu(tracker: Any) -> None:
+    """``tracker.start()``, reusing the CPU model an earlier process on this machine detected
+    (:func:`_prime_cpu_model`), or remembering the one this start detects for the next."""
+    primed = _prime_cpu_model()
+    tracker.start()
+    if not primed:
+        _remember_cpu_model()
 
-    The CPU model detected by an earlier process on this machine is reused
-    (:func:`_prime_cpu_model`); a new detection is remembered for the next.
-    """
+
+def _start_in_background(tracker: Any) -> None:
+    """:func:`_start_knowing_the_cpu` on a short-lived low-priority thread (see
+    :func:`_lower_priority`); waits for it."""
 
     def start() -> None:
         _lower_priority()
-        primed = _prime_cpu_model()
-        tracker.start()
-        if not primed:
-            _remember_cpu_model()
+        _start_knowing_the_cpu(tracker)
 
     thread = threading.Thread(target=start, name="carbonoffset-tracker-start", daemon=True)
     thread.start()
@@ -387,11 +389,8 @@ def _warm_up(tracker_kwargs: dict[str, Any], event: threading.Event) -> None:
             measure_power_secs=3600,
             **hardware,
         )
-        primed = _prime_cpu_model()  # an earlier process on this machine detected the CPU model
-        tracker.start()
+        _start_knowing_the_cpu(tracker)
         tracker.stop()  # also loads the emissions data a first flush() would (~0.1 s)
-        if not primed:
-            _remember_cpu_model()
     except Exception:  # noqa: BLE001 -- the real tracker reports problems
         logger.debug("CodeCarbon warm-up failed", exc_info=True)
     finally:
