@@ -39,11 +39,13 @@ Quick check (a few seconds per fit)::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +85,44 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _tracking(variant: str, folder: Path, settings: dict[str, Any]) -> tuple[Any, Any]:
-    """(callback or None, plain CodeCarbon tracker or None) for ``variant``."""
-    if variant == "codecarbon":
-        from codecarbon import OfflineEmissionsTracker
+class _Variant:
+    """What one variant adds to a fit: the callback (with its epoch hook timed) or a plain
+    CodeCarbon tracker used the documented way (started before the fit, stopped after).
 
-        return None, OfflineEmissionsTracker(
-            country_iso_code="FRA", output_dir=str(folder), log_level="error"
-        )
-    return None, None
+    Build it right after the timed region starts: importing the tracking is part of its cost.
+    """
+
+    def __init__(
+        self, variant: str, settings: dict[str, Any], folder: Path, integration: str, hook: str
+    ) -> None:
+        self.started = (
+            time.perf_counter()
+        )  # everything tracking adds is inside: import, construction, fit, stop
+        self.callbacks: list[Any] = []
+        self.hook_s: list[float] = []
+        self.callback: Any = None
+        self.tracker: Any = None
+        if variant == "callback":
+            module = importlib.import_module(f"carbonoffset.integrations.{integration}")
+            self.callback = module.CarbonOffsetCallback(**settings)
+            _timed_hook(self.callback, hook, self.hook_s)
+            self.callbacks.append(self.callback)
+        elif variant == "codecarbon":
+            from codecarbon import OfflineEmissionsTracker
+
+            self.tracker = OfflineEmissionsTracker(
+                country_iso_code="FRA", output_dir=str(folder), log_level="error"
+            )
+
+    def fit(self, fit: Callable[[], Any]) -> dict[str, Any]:
+        """Run ``fit`` (inside the plain tracker, if any) and return the timed region's figures."""
+        if self.tracker is not None:
+            self.tracker.start()
+        fit()
+        if self.tracker is not None:
+            self.tracker.stop()
+        fit_s = time.perf_counter() - self.started
+        return {"fit_s": fit_s, "hook_s": self.hook_s, **_report(self.callback)}
 
 
 def _lightning(variant: str, epochs: int, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -102,16 +133,7 @@ def _lightning(variant: str, epochs: int, settings: dict[str, Any], folder: Path
     from carbonoffset.demo.data import load_digits_split
     from carbonoffset.demo.lightning import _digits_module
 
-    callbacks, hook_s = [], []
-    callback = None
-    started = time.perf_counter()  # everything tracking adds is inside: import, construction, fit, stop
-    if variant == "callback":
-        from carbonoffset.integrations.lightning import CarbonOffsetCallback
-
-        callback = CarbonOffsetCallback(**settings)
-        _timed_hook(callback, "on_train_epoch_end", hook_s)
-        callbacks.append(callback)
-    _, tracker = _tracking(variant, folder, settings)
+    run = _Variant(variant, settings, folder, "lightning", "on_train_epoch_end")
     data = load_digits_split()
     torch.manual_seed(0)
     loader = DataLoader(
@@ -125,20 +147,14 @@ def _lightning(variant: str, epochs: int, settings: dict[str, Any], folder: Path
         accelerator="cpu",
         devices=1,
         max_epochs=epochs,
-        callbacks=callbacks,
+        callbacks=run.callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(folder),
     )
-    if tracker is not None:
-        tracker.start()
-    trainer.fit(model, loader)
-    if tracker is not None:
-        tracker.stop()
-    fit_s = time.perf_counter() - started
-    return {"fit_s": fit_s, "hook_s": hook_s, **_report(callback)}
+    return run.fit(lambda: trainer.fit(model, loader))
 
 
 def _huggingface(variant: str, epochs: int, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -147,16 +163,7 @@ def _huggingface(variant: str, epochs: int, settings: dict[str, Any], folder: Pa
 
     from carbonoffset.demo.huggingface import accuracy, build_datasets, build_model, training_arguments
 
-    callbacks, hook_s = [], []
-    callback = None
-    started = time.perf_counter()
-    if variant == "callback":
-        from carbonoffset.integrations.huggingface import CarbonOffsetCallback
-
-        callback = CarbonOffsetCallback(**settings)
-        _timed_hook(callback, "on_epoch_end", hook_s)
-        callbacks.append(callback)
-    _, tracker = _tracking(variant, folder, settings)
+    run = _Variant(variant, settings, folder, "huggingface", "on_epoch_end")
     report_to = ["codecarbon"] if variant == "hf_codecarbon" else "none"
     train_set, val_set = build_datasets()
     trainer = Trainer(
@@ -165,61 +172,31 @@ def _huggingface(variant: str, epochs: int, settings: dict[str, Any], folder: Pa
         train_dataset=train_set,
         eval_dataset=val_set,
         compute_metrics=accuracy,
-        callbacks=callbacks,
+        callbacks=run.callbacks,
     )
-    if tracker is not None:
-        tracker.start()
-    trainer.train()
-    if tracker is not None:
-        tracker.stop()
-    fit_s = time.perf_counter() - started
-    return {"fit_s": fit_s, "hook_s": hook_s, **_report(callback)}
+    return run.fit(trainer.train)
 
 
 def _keras(variant: str, epochs: int, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
     import keras
 
     from carbonoffset.demo.data import load_digits_split
+    from carbonoffset.demo.keras import build_model
 
-    callbacks, hook_s = [], []
-    callback = None
-    started = time.perf_counter()
-    if variant == "callback":
-        from carbonoffset.integrations.keras import CarbonOffsetCallback
-
-        callback = CarbonOffsetCallback(**settings)
-        _timed_hook(callback, "on_epoch_end", hook_s)
-        callbacks.append(callback)
-    _, tracker = _tracking(variant, folder, settings)
+    run = _Variant(variant, settings, folder, "keras", "on_epoch_end")
     data = load_digits_split()
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input(shape=(64,)),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
+    model = build_model(keras)
+    return run.fit(
+        lambda: model.fit(
+            data.x_train,
+            data.y_train,
+            validation_data=(data.x_val, data.y_val),
+            epochs=epochs,
+            batch_size=64,
+            verbose=0,
+            callbacks=run.callbacks,
+        )
     )
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=0.01),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    if tracker is not None:
-        tracker.start()
-    model.fit(
-        data.x_train,
-        data.y_train,
-        validation_data=(data.x_val, data.y_val),
-        epochs=epochs,
-        batch_size=64,
-        verbose=0,
-        callbacks=callbacks,
-    )
-    if tracker is not None:
-        tracker.stop()
-    fit_s = time.perf_counter() - started
-    return {"fit_s": fit_s, "hook_s": hook_s, **_report(callback)}
 
 
 def _report(callback: Any) -> dict[str, Any]:

@@ -9,6 +9,25 @@ from carbonoffset.demo import DemoResult
 from carbonoffset.demo.data import load_digits_split
 
 
+def build_model(keras: Any) -> Any:
+    """The compiled demo model, seeded: 64 -> 32 (ReLU) -> 10 (softmax), Adam (lr 0.01),
+    sparse categorical cross-entropy, accuracy. ``keras`` is the imported Keras 3 module."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(64,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=0.01),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
     """Train a 64-32-10 dense network on digits for ``epochs`` epochs with the Keras callback.
 
@@ -36,19 +55,7 @@ def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
     import keras
 
     data = load_digits_split()
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input(shape=(64,)),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=0.01),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    model = build_model(keras)
     with callback.guard():
         history = model.fit(
             data.x_train,
