@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _distributed import free_port, read_jsonl
 
 from carbonoffset.core.ledger import Ledger
 from carbonoffset.core.units import KG_PER_LB
@@ -157,18 +157,6 @@ for phase in CONFIG["phases"]:
 
 
 # ---------------------------------------------------------------- helpers
-def _lines(path: Path) -> list[dict[str, Any]]:
-    return (
-        [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _torchrun(*options: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *options]
 
@@ -222,7 +210,7 @@ def _only_run(path: Path) -> Any:
 
 
 def _same_on_both_ranks(folder: Path, phase: str) -> list[dict[str, Any]]:
-    rank0, rank1 = _lines(folder / f"{phase}.rank0.jsonl"), _lines(folder / f"{phase}.rank1.jsonl")
+    rank0, rank1 = read_jsonl(folder / f"{phase}.rank0.jsonl"), read_jsonl(folder / f"{phase}.rank1.jsonl")
     assert rank0 and rank0 == rank1
     return rank0
 
@@ -246,7 +234,7 @@ def test_torchrun_two_processes_one_tracker_one_run_one_offset_one_stop(
     config = _configure(tmp_path / "job", settings, phases)
     _launch([_torchrun("--standalone", "--nproc_per_node=2", str(config.parent / "train.py"), str(config))])
     out = config.parent
-    trackers = _lines(out / "trackers.jsonl")
+    trackers = read_jsonl(out / "trackers.jsonl")
 
     # real CodeCarbon: one tracker (local rank 0), one run of one node equal to that tracker's total ...
     real = [t for t in trackers if t["phase"] == "real"]
@@ -256,7 +244,7 @@ def test_torchrun_two_processes_one_tracker_one_run_one_offset_one_stop(
     assert run.emissions_kg == pytest.approx(real[1]["emissions_kg"], rel=1e-12) and run.emissions_kg > 0
     # ... and to one process measuring the node over the same training (same average power within
     # sampling noise; a tracker on each rank would count the node twice)
-    (reference,) = _lines(out / "reference.jsonl")
+    (reference,) = read_jsonl(out / "reference.jsonl")
     job_power_w = run.energy_kwh * 3.6e6 / (real[1]["t"] - real[0]["t"])
     reference_power_w = reference["energy_kwh"] * 3.6e6 / reference["duration_s"]
     assert 0.75 < job_power_w / reference_power_w < 1.33, (job_power_w, reference_power_w)
@@ -295,7 +283,7 @@ def test_two_nodes_two_trackers_summed_into_one_run_with_one_offset(
         },
     ]
     config = _configure(tmp_path / "job", settings, phases)
-    port = _free_port()
+    port = free_port()
     _launch(
         [
             _torchrun(
@@ -311,7 +299,7 @@ def test_two_nodes_two_trackers_summed_into_one_run_with_one_offset(
         ]
     )
     out = config.parent
-    trackers = _lines(out / "trackers.jsonl")
+    trackers = read_jsonl(out / "trackers.jsonl")
 
     for phase in ("real", "scripted"):
         mine = [t for t in trackers if t["phase"] == phase]

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import types
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _distributed import free_port, read_jsonl
 
 from carbonoffset.core.ledger import Ledger
 from carbonoffset.core.sources import CodeCarbonSource, EmissionsSource, Measurement
@@ -65,24 +65,12 @@ class Counting:
         return total
 
 
-def _lines(path: Path) -> list[dict[str, Any]]:
-    return (
-        [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(autouse=True)
 def _rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh loopback port per fit; Lightning writes MASTER_PORT into this process's environment."""
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +175,7 @@ def lx() -> Iterator[types.SimpleNamespace]:
 
 
 def _ranks(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    rank0, rank1 = _lines(folder / "rank0.jsonl"), _lines(folder / "rank1.jsonl")
+    rank0, rank1 = read_jsonl(folder / "rank0.jsonl"), read_jsonl(folder / "rank1.jsonl")
     assert rank0 and rank1
     return rank0, rank1
 
@@ -212,7 +200,7 @@ def test_one_tracker_measures_the_node_and_every_rank_logs_the_job_figures(
     lx.fit(tmp_path, [callback, recorder], epochs=15)
 
     # exactly one tracker, started and stopped in a worker (local rank 0), none in this process
-    events = _lines(trackers)
+    events = read_jsonl(trackers)
     assert [e["event"] for e in events] == ["start", "stop"]
     assert events[0]["pid"] == events[1]["pid"] != os.getpid()
     start, stop = events
@@ -255,7 +243,7 @@ def test_threshold_offsets_once_and_the_budget_stops_every_rank_at_the_same_epoc
     callback = lx.Callback(source=source, max_emissions_kg=0.65, **settings)
     lx.fit(tmp_path, [callback, lx.Recorder(callback, tmp_path)], epochs=10)
 
-    assert [e["event"] for e in _lines(trackers)] == ["start", "stop"]
+    assert [e["event"] for e in read_jsonl(trackers)] == ["start", "stop"]
     # exactly one offset at the server: 1 lb when 0.6 kg was pending; 0.7 - 0.4536 kg left is below 0.5 kg
     assert [c.carbon_captured for c in server.captures] == [1]
     run = _only_run(ledger_path)
