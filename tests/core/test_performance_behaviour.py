@@ -48,6 +48,20 @@ def subprocess_env() -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
+def run_script(script: str, *, env: dict[str, str] | None = None, lines: int = 1) -> list[Any]:
+    """Run ``script`` in a fresh Python process, fail on a non-zero exit with its stderr, and
+    return the JSON of the last ``lines`` lines it printed."""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env or subprocess_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.strip().splitlines()[-lines:]]
+
+
 # ------------------------------------------------------------- CodeCarbonSource
 _COLD_PROCESS = textwrap.dedent(
     """
@@ -115,15 +129,7 @@ _COLD_PROCESS = textwrap.dedent(
 @pytest.fixture(scope="module")
 def cold_process() -> dict[str, Any]:
     """One fresh process: its first CodeCarbon tracker (cold) and a second one (warm)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _COLD_PROCESS],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=subprocess_env(),
-    )
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    (result,) = run_script(_COLD_PROCESS)
     return result
 
 
@@ -194,15 +200,7 @@ _SHORT_COLD_RUN = textwrap.dedent(
 
 @pytest.mark.slow
 def test_a_first_run_shorter_than_the_hardware_detection_is_measured_at_a_real_power() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _SHORT_COLD_RUN],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=subprocess_env(),
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    (result,) = run_script(_SHORT_COLD_RUN)
     cold, warm = result["cold"], result["warm"]
     # the tracker measured almost nothing of this run itself: the estimate carries it ...
     assert cold["late_s"] > 0.5 * cold["wall_s"]
@@ -240,18 +238,7 @@ _FORK_DURING_START = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
 def test_a_fork_waits_for_a_tracker_starting_in_the_background() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _FORK_DURING_START],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=subprocess_env(),
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
-        "started_at_fork": True,
-        "child_tracked": True,
-    }
+    assert run_script(_FORK_DURING_START) == [{"started_at_fork": True, "child_tracked": True}]
 
 
 _CPU_MODEL_PROCESS = textwrap.dedent(
@@ -284,12 +271,8 @@ def test_the_cpu_model_is_detected_once_per_machine_not_once_per_process(tmp_pat
     env = {**subprocess_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
 
     def process() -> dict[str, Any]:
-        done = subprocess.run(
-            [sys.executable, "-c", _CPU_MODEL_PROCESS], capture_output=True, text=True, timeout=120, env=env
-        )
-        assert done.returncode == 0, done.stderr
-        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-        return result
+        (result,) = run_script(_CPU_MODEL_PROCESS, env=env)
+        return dict(result)
 
     first = process()  # nothing cached: CodeCarbon detects, carbonoffset remembers
     assert first["detections"] == 1 and first["kwh"] > 0
@@ -347,15 +330,7 @@ _FORK_AFTER_A_TIMED_OUT_WAIT = textwrap.dedent(
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
 def test_a_child_forked_while_a_start_ran_does_not_wait_for_it_again(tmp_path: Path) -> None:
     env = {**subprocess_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    done = subprocess.run(
-        [sys.executable, "-c", _FORK_AFTER_A_TIMED_OUT_WAIT],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr
-    child, parent = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    child, parent = run_script(_FORK_AFTER_A_TIMED_OUT_WAIT, env=env, lines=2)
     assert 0.25 < parent["parent_waited_s"] < 2.5  # waited FORK_WAIT_S, not for the whole detection
     # the start's thread does not exist in the child: nothing there waits for it
     assert child["left_over"] == 0
