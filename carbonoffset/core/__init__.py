@@ -3,6 +3,7 @@
 from carbonoffset.core.config import OffsetConfig, SecretKey, default_ledger_path
 from carbonoffset.core.errors import CarbonOffsetError, ConfigurationError, LedgerError, OffsetServiceError
 from carbonoffset.core.ledger import Balance, Ledger
+from carbonoffset.core.meter import MeterSource
 from carbonoffset.core.offsetter import OffsetOutcome, Offsetter
 from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
 from carbonoffset.core.sources import CodeCarbonSource, EmissionsSource, Measurement
@@ -19,6 +20,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "Measurement",
+    "MeterSource",
     "OffsetConfig",
     "OffsetOutcome",
     "OffsetServiceError",

@@ -27,8 +27,9 @@ from typing import Any
 
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.meter import MeterSource
 from carbonoffset.core.offsetter import OffsetOutcome, Offsetter
-from carbonoffset.core.sources import CodeCarbonSource, EmissionsSource, Measurement
+from carbonoffset.core.sources import EmissionsSource, Measurement
 from carbonoffset.core.units import KG_PER_LB
 
 logger = logging.getLogger(__name__)
@@ -183,8 +184,10 @@ class OffsetSession:
         config: ready settings; when omitted they are resolved from
             ``**settings``, ``CODECARBON_*`` variables and ``.codecarbon.config``
             (see :class:`~carbonoffset.core.config.OffsetConfig`).
-        source: emissions source; default :class:`CodeCarbonSource` with the
-            configured ``country_iso_code`` (a new CodeCarbon tracker per run).
+        source: emissions source; default :class:`~carbonoffset.core.meter.MeterSource`
+            with the configured ``country_iso_code``: a new CodeCarbon tracker per run,
+            in a measuring process (pass a
+            :class:`~carbonoffset.core.sources.CodeCarbonSource` to measure in this one).
         ledger: an open :class:`Ledger`; default opens ``config.ledger_path``.
         label: free text stored with each run (e.g. ``"lightning"``).
         max_emissions_kg: optional carbon budget per run, kg CO2eq (> 0);
@@ -412,7 +415,7 @@ class OffsetSession:
             if self.is_tracking:
                 try:
                     if self.source is None:
-                        self.source = CodeCarbonSource(country_iso_code=self.config.country_iso_code)
+                        self.source = MeterSource(country_iso_code=self.config.country_iso_code)
                     self.source.start()
                 except Exception as exc:  # noqa: BLE001
                     self._warn_once(

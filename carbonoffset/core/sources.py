@@ -484,11 +484,17 @@ class CodeCarbonSource:
         """Start CodeCarbon's hardware detection for this source's settings (see :func:`warm_up_codecarbon`)."""
         return warm_up_codecarbon(**self.tracker_kwargs)
 
-    def start(self) -> None:
-        """Build a new tracker and start it; never waits for CodeCarbon's first hardware detection."""
+    def start(self, *, started_ago_s: float = 0.0) -> None:
+        """Build a new tracker and start it; never waits for CodeCarbon's first hardware detection.
+
+        Args:
+            started_ago_s: seconds (>= 0) since the run really began, when it began before this
+                call (a measuring process told late, a tracker taking over from another one).
+                That time is estimated like a late start (see the class notes), never dropped.
+        """
         self.stop()  # a running tracker (if any) ends first
         with self._lock:
-            self._t0 = time.perf_counter()
+            self._t0 = time.perf_counter() - max(0.0, float(started_ago_s))
             self._handler = _TotalsHandler()
             self._gap = None
             self._cached = None
@@ -505,7 +511,8 @@ class CodeCarbonSource:
                 self.tracker = tracker = self._build()
                 tracker.start()  # ~5 ms once CodeCarbon knows the hardware
                 self._started.set()
-                self._gap = Measurement()  # started right here: nothing to estimate
+                if started_ago_s <= 0:
+                    self._gap = Measurement()  # started right here: nothing to estimate
             self._thread = threading.Thread(
                 target=self._run,
                 args=(tracker, self._halt, self._started, settled),

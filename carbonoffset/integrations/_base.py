@@ -19,17 +19,20 @@ import contextlib
 import dataclasses
 import logging
 import os
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.meter import warm_up_meter
 from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
-from carbonoffset.core.sources import EmissionsSource, Measurement, warm_up_codecarbon
+from carbonoffset.core.sources import EmissionsSource, Measurement
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
@@ -112,9 +115,10 @@ class CallbackCore:
         self._source = source
         self._offsetter_options = offsetter_options
         if session is None and source is None and os.environ.get("LOCAL_RANK", "0") == "0":
-            # CodeCarbon's first hardware detection (1-2 s per process) runs now, in the
-            # background, instead of delaying the fit's first step (only local rank 0 measures)
-            warm_up_codecarbon()  # forks wait for it meanwhile (see sources.FORK_WAIT_S)
+            # the measuring process starts now and runs CodeCarbon's imports and hardware
+            # detection while the fit is set up (only local rank 0 measures)
+            with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+                warm_up_meter()  # otherwise the session measures in process
         self.session: OffsetSession | None = session
         self.last_report: EpochReport | None = None
         self.final_report: RunReport | None = None
@@ -286,7 +290,9 @@ class CallbackCore:
         try:
             yield
         except BaseException as exc:
-            self.close_unfinished("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", what=what)
+            self.close_unfinished(
+                "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", what=what
+            )
             raise
         # the block returned but the fit was cut short (its exception caught inside the block)
         self.close_unfinished("failed", what=what)

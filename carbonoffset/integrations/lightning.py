@@ -23,7 +23,7 @@ threshold, offset and ledger write comes from the core.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import EmissionsSource
@@ -34,17 +34,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["CarbonOffsetCallback", "PLCarbonOffsetCallback"]
 
 _lightning_error: ImportError | None = None
-_pl_error: ImportError | None = None
 try:
     from lightning.pytorch import Callback as _LightningCallback
 except ImportError as exc:  # lightning not installed (or broken: the cause is kept)
     _LightningCallback = None  # type: ignore[assignment,misc]
     _lightning_error = exc
-try:
-    from pytorch_lightning import Callback as _PLCallback
-except ImportError as exc:
-    _PLCallback = None  # type: ignore[assignment,misc]
-    _pl_error = exc
 
 _STATE_NAME = "CarbonOffsetCallback"
 _LABEL = "lightning"
@@ -201,7 +195,7 @@ class _CarbonOffsetLogic(CallbackViews):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Start a run with a new tracker (continuing a restored run when resuming)."""
         self._final_logged = False
-        ranks = {
+        ranks: dict[str, Any] = {
             "global_rank": int(trainer.global_rank),
             "local_rank": int(trainer.local_rank),
             "nodes": int(trainer.num_nodes),
@@ -336,17 +330,41 @@ _PL_DOC = """:class:`CarbonOffsetCallback` bound to ``pytorch_lightning.Callback
         trainer = pl.Trainer(max_epochs=5, callbacks=[callback])
     """
 
-if _PLCallback is not None:
 
-    class PLCarbonOffsetCallback(_CarbonOffsetLogic, _PLCallback):
-        __doc__ = _PL_DOC
+def _pl_callback_class() -> type:
+    """Build :class:`PLCarbonOffsetCallback` (on first use: importing the standalone
+    ``pytorch_lightning`` package costs ~0.15 s of CPU that ``lightning.pytorch`` users need not pay)."""
+    try:
+        from pytorch_lightning import Callback as pl_callback
+    except ImportError as exc:
+        pl_error = exc
 
-else:  # pragma: no cover - exercised in a subprocess by the tests
+        class MissingPLCarbonOffsetCallback(_CarbonOffsetLogic):
+            __doc__ = _PL_DOC
 
-    class PLCarbonOffsetCallback(_CarbonOffsetLogic):  # type: ignore[no-redef]
-        __doc__ = _PL_DOC
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                raise missing_framework(
+                    "PLCarbonOffsetCallback", "PyTorch Lightning", "pytorch-lightning>=2.4", "lightning"
+                ) from pl_error
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            raise missing_framework(
-                "PLCarbonOffsetCallback", "PyTorch Lightning", "pytorch-lightning>=2.4", "lightning"
-            ) from _pl_error
+        cls: type = MissingPLCarbonOffsetCallback
+    else:
+
+        class BoundPLCarbonOffsetCallback(_CarbonOffsetLogic, pl_callback):
+            __doc__ = _PL_DOC
+
+        cls = BoundPLCarbonOffsetCallback
+    cls.__name__ = cls.__qualname__ = "PLCarbonOffsetCallback"
+    cls.__module__ = __name__
+    return cls
+
+
+if TYPE_CHECKING:  # built on first use by __getattr__ below
+    PLCarbonOffsetCallback = CarbonOffsetCallback
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PLCarbonOffsetCallback":
+        cls = globals()["PLCarbonOffsetCallback"] = _pl_callback_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import sqlite3
-import subprocess
 import sys
 import textwrap
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _scripts import run_script, subprocess_env
 
 from carbonoffset.core.errors import LedgerError
 from carbonoffset.core.ledger import Ledger
@@ -41,25 +41,6 @@ SANDBOX = "sandbox:feedfacecafe"
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODECARBON_")}
-    return {**env, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-
-def run_script(script: str, *, env: dict[str, str] | None = None, lines: int = 1) -> list[Any]:
-    """Run ``script`` in a fresh Python process, fail on a non-zero exit with its stderr, and
-    return the JSON of the last ``lines`` lines it printed."""
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env or subprocess_env(),
-    )
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.strip().splitlines()[-lines:]]
 
 
 # ------------------------------------------------------------- CodeCarbonSource

@@ -378,7 +378,10 @@ def test_codecarbon_source_measures_and_leaves_no_thread(
     # this test is about a tracker that starts at once: run CodeCarbon's hardware detection first
     assert warm_up_codecarbon().wait(120)
     before = set(threading.enumerate())
-    session = OffsetSession(offsetter_options=FAST, **settings)  # default source: CodeCarbon, offline (FRA)
+    # CodeCarbon in this process (the default, a measuring process, is tested in test_meter.py)
+    session = OffsetSession(
+        source=CodeCarbonSource(country_iso_code="FRA"), offsetter_options=FAST, **settings
+    )
     session.start()
     assert isinstance(session.source, CodeCarbonSource)
     assert type(session.source.tracker).__name__ == "OfflineEmissionsTracker"
@@ -409,7 +412,7 @@ def test_codecarbon_source_measures_and_leaves_no_thread(
         assert run.emissions_kg == pytest.approx(report.emissions_kg)
 
     # a second run gets a new tracker (trackers are single-use) and measures again
-    again = OffsetSession(offsetter_options=FAST, **settings)
+    again = OffsetSession(source=CodeCarbonSource(country_iso_code="FRA"), offsetter_options=FAST, **settings)
     again.start()
     first_tracker = again.source.tracker  # type: ignore[union-attr]
     again.record_epoch(0)
@@ -554,5 +557,10 @@ def test_a_run_unknown_to_this_ledger_resumes_with_the_checkpoint_figures(
     with Ledger(settings["offset_ledger"]) as ledger:
         (run,) = ledger.runs()
         assert ledger.balance(resumed.config.account).recorded_kg == pytest.approx(0.75)
-    assert (run.run_id, run.emissions_kg, run.epochs, run.status) == ("f" * 32, pytest.approx(0.75), 5, "finished")
+    assert (run.run_id, run.emissions_kg, run.epochs, run.status) == (
+        "f" * 32,
+        pytest.approx(0.75),
+        5,
+        "finished",
+    )
     assert run.energy_kwh > 2.0

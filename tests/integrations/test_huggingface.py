@@ -38,6 +38,7 @@ from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from carbonoffset.core.config import SecretKey  # noqa: E402
 from carbonoffset.core.ledger import Ledger  # noqa: E402
+from carbonoffset.core.sources import CodeCarbonSource  # noqa: E402
 from carbonoffset.core.units import KG_PER_LB  # noqa: E402
 from carbonoffset.demo import huggingface as demo  # noqa: E402
 from carbonoffset.integrations.huggingface import REPORT_TO_NAME, CarbonOffsetCallback  # noqa: E402
@@ -160,7 +161,8 @@ def test_metrics_reach_log_history_and_ledger_equals_tracker(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    callback = CarbonOffsetCallback(**settings)
+    # CodeCarbon in this process: the ledger is compared with the tracker's own final figures
+    callback = CarbonOffsetCallback(**settings, source=CodeCarbonSource(country_iso_code="FRA"))
     early, probe = Probe(callback), Probe(callback)
     trainer = make_trainer(datasets, tmp_path / "out", [early, callback, probe], epochs=3)
     # documented: move the callback first so every integration sees the metrics
@@ -250,7 +252,7 @@ def test_budget_stops_training_at_the_epoch_that_passes_it(
 def test_exception_in_forward_stops_the_tracker_and_keeps_the_measurement(
     datasets: Any, settings: dict[str, Any], ledger_path: Path, tmp_path: Path
 ) -> None:
-    callback = CarbonOffsetCallback(**settings)
+    callback = CarbonOffsetCallback(**settings, source=CodeCarbonSource(country_iso_code="FRA"))
     probe = Probe(callback)
     trainer = make_trainer(datasets, tmp_path / "out", [callback, probe], epochs=4)
     model, forward = trainer.model, trainer.model.forward

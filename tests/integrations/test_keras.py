@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.meter import MeterSource
+from carbonoffset.core.sources import CodeCarbonSource
 from carbonoffset.core.units import KG_PER_LB
 from carbonoffset.testing import FakeOneClickImpact, ScriptedEmissions
 
@@ -119,6 +121,12 @@ def _raise_at(kx: types.SimpleNamespace, epoch: int, exc: BaseException) -> Any:
     return RaiseAt()
 
 
+def _in_process() -> CodeCarbonSource:
+    """CodeCarbon in the test process, for the tests that compare the ledger with the tracker's own
+    final figures (the default source measures in a separate process: see tests/core/test_meter.py)."""
+    return CodeCarbonSource(country_iso_code="FRA")
+
+
 def _tracker_threads_alive(timeout: float = 2.0) -> list[threading.Thread]:
     """CodeCarbon samples on ``threading.Timer`` threads; give cancelled ones a moment to exit."""
     timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
@@ -136,7 +144,7 @@ def _runs(ledger_path: Path) -> list[Any]:
 def test_metrics_reach_history_and_ledger_run_equals_the_tracker(
     kx: types.SimpleNamespace, settings: dict[str, Any], ledger_path: Path, server: FakeOneClickImpact
 ) -> None:
-    callback = kx.Callback(**settings)
+    callback = kx.Callback(**settings, source=_in_process())
     spy = _spy(kx, callback)
     history = _fit(kx, _model(kx), [callback, spy], epochs=3)
 
@@ -167,24 +175,23 @@ def test_metrics_reach_history_and_ledger_run_equals_the_tracker(
 def test_two_consecutive_fits_are_both_tracked(
     kx: types.SimpleNamespace, settings: dict[str, Any], ledger_path: Path
 ) -> None:
-    callback = kx.Callback(**settings)
-    spy = _spy(kx, callback)
+    callback = kx.Callback(**settings)  # the default: CodeCarbon in a measuring process
     model = _model(kx)
-    first = _fit(kx, model, [callback, spy], epochs=2)
+    first = _fit(kx, model, [callback], epochs=2)
     first_report = callback.final_report
-    second = _fit(kx, model, [callback, spy], epochs=3)
+    second = _fit(kx, model, [callback], epochs=3)
     second_report = callback.final_report
 
+    assert isinstance(callback.session.source, MeterSource) and not callback.session.source.measuring
     assert len(first.history["carbon/emissions_kg"]) == 2
     assert len(second.history["carbon/emissions_kg"]) == 3
-    assert len(spy.trackers) == 2 and spy.trackers[0] is not spy.trackers[1]  # a fresh tracker per fit
     runs = _runs(ledger_path)
     assert [r.run_id for r in runs] == [first_report.run_id, second_report.run_id]
     assert first_report.run_id != second_report.run_id
-    for run, tracker, epochs in zip(runs, spy.trackers, (2, 3)):
+    for run, report, epochs in zip(runs, (first_report, second_report), (2, 3), strict=True):
         assert run.status == "finished" and run.epochs == epochs
         assert run.emissions_kg > 0
-        assert run.emissions_kg == pytest.approx(tracker.final_emissions_data.emissions, rel=1e-12)
+        assert run.emissions_kg == report.emissions_kg
     # the second run's figures start from zero again (cumulative per run, not per callback)
     assert second.history["carbon/emissions_kg"][0] < runs[0].emissions_kg + runs[1].emissions_kg
     assert _tracker_threads_alive() == []
@@ -208,7 +215,8 @@ def test_exception_inside_fit_with_guard_stops_the_tracker_and_keeps_the_emissio
     status: str,
     epochs: int,
 ) -> None:
-    callback = kx.Callback(**settings, offset_round_up=True)  # even so: no final offset for a failed fit
+    # even so: no final offset for a failed fit
+    callback = kx.Callback(**settings, offset_round_up=True, source=_in_process())
     spy = _spy(kx, callback)
     if where == "layer":
         boom = kx.Boom()
@@ -240,7 +248,7 @@ def test_exception_inside_fit_with_guard_stops_the_tracker_and_keeps_the_emissio
 def test_unguarded_exception_is_closed_by_the_next_fit(
     kx: types.SimpleNamespace, settings: dict[str, Any], ledger_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    callback = kx.Callback(**settings)
+    callback = kx.Callback(**settings, source=_in_process())
     spy = _spy(kx, callback)
     model = _model(kx)
     with pytest.raises(RuntimeError):

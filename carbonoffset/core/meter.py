@@ -1,0 +1,493 @@
+"""CodeCarbon in a measuring subprocess: the default emissions source of training sessions.
+
+Inside the training process CodeCarbon costs about 0.75 s of CPU per process
+(its imports, hardware set-up and emissions data) and a flush every second,
+all of it competing with the training for the GIL. :class:`MeterSource` runs
+a real :class:`~carbonoffset.core.sources.CodeCarbonSource` in a child
+process instead (``python -m carbonoffset.core._meter``, at a lower CPU
+priority), and the training process only reads one line of JSON per
+``refresh_s``. What is measured is the same: CodeCarbon's default
+``tracking_mode="machine"`` measures the whole machine (CPU, GPU, RAM) from
+any process on it.
+
+The protocol is JSON lines. Parent to meter: ``{"op": "start", ...}`` and
+``{"op": "stop"}``; end of input makes the meter stop its tracker and exit, so
+it never outlives the process that started it. Meter to parent:
+``{"event": "totals", ...}`` every ``refresh_s``, ``{"event": "stopped", ...}``
+with the exact final figures, or ``{"event": "refused", "reason": ...}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import IO, Any
+
+from carbonoffset.core.sources import BACKGROUND_NICE, CodeCarbonSource, Measurement
+
+logger = logging.getLogger(__name__)
+
+#: Longest :meth:`MeterSource.stop` waits for the measuring process's final figures, s.
+STOP_WAIT_S = 30.0
+
+
+class _Meter:
+    """One measuring process and the thread that reads what it sends."""
+
+    def __init__(self, tracker_kwargs: dict[str, Any]) -> None:
+        self.tracker_kwargs = dict(tracker_kwargs)
+        self.context = _context()
+        self.owner_pid = os.getpid()  # a forked copy of this object must not use the pipes
+        self.listener: Any = None  # called with every message, on the reader thread
+        self.alive = True
+        env = dict(os.environ)
+        # the meter imports this very package, even when it is not installed (a source checkout)
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "carbonoffset.core._meter", json.dumps(self.tracker_kwargs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            encoding="utf-8",
+            bufsize=1,
+        )
+        self._send_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._read, name="carbonoffset-meter", daemon=True)
+        self.thread.start()
+        _meters.add(self)
+
+    @property
+    def usable(self) -> bool:
+        return self.alive and self.owner_pid == os.getpid()
+
+    def _read(self) -> None:
+        stdout = self.process.stdout
+        assert stdout is not None
+        try:
+            for line in stdout:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(message, dict):
+                    self._tell(message)
+        except (OSError, ValueError):  # closed under us (fork, exit)
+            pass
+        self.alive = False
+        self._tell({"event": "gone"})
+
+    def _tell(self, message: dict[str, Any]) -> None:
+        listener = self.listener
+        if listener is not None:
+            try:
+                listener(message)
+            except Exception:  # noqa: BLE001 -- the reader must keep reading
+                logger.debug("meter message %r not handled", message, exc_info=True)
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Send one message; False when the meter is gone (or belongs to the parent of a fork)."""
+        if not self.usable:
+            return False
+        stdin = self.process.stdin
+        try:
+            with self._send_lock:
+                assert stdin is not None
+                stdin.write(json.dumps(message) + "\n")
+                stdin.flush()
+            return True
+        except (OSError, ValueError):
+            self.alive = False
+            return False
+
+    def close(self) -> None:
+        """End the meter: it sees the end of its input, stops any tracker and exits."""
+        self.alive = False
+        self.listener = None
+        if self.owner_pid == os.getpid() and self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+
+    def forget_in_child(self) -> None:
+        """In a forked child: drop this process's copies of the parent's pipes."""
+        self.alive = False
+        self.listener = None
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    os.close(stream.fileno())
+
+
+def _context() -> tuple[str, ...]:
+    """What a meter reads CodeCarbon's configuration from besides its arguments: the working
+    folder (``./.codecarbon.config``), the home folder and ``CODECARBON_*`` variables. A meter is
+    only reused where these are unchanged."""
+    env = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("CODECARBON_"))
+    return (os.getcwd(), os.path.expanduser("~"), *env)
+
+
+_pool_lock = threading.Lock()
+_idle: list[_Meter] = []  # started meters waiting for a run (guarded by _pool_lock)
+_meters: weakref.WeakSet[_Meter] = weakref.WeakSet()
+_fork_hook: list[bool] = []
+
+
+def _forget_meters() -> None:
+    """``os.register_at_fork`` "after in child" hook: the meters belong to the parent."""
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _idle.clear()
+    for meter in list(_meters):
+        meter.forget_in_child()
+
+
+def _take(tracker_kwargs: dict[str, Any]) -> _Meter:
+    """An idle meter started for these tracker arguments, or a new one."""
+    with _pool_lock:
+        if not _fork_hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_forget_meters)
+            _fork_hook.append(True)
+        for meter in list(_idle):
+            _idle.remove(meter)
+            if _fits(meter, tracker_kwargs):
+                return meter
+            meter.close()
+    return _Meter(tracker_kwargs)
+
+
+def _fits(meter: _Meter, tracker_kwargs: dict[str, Any]) -> bool:
+    return meter.usable and meter.tracker_kwargs == tracker_kwargs and meter.context == _context()
+
+
+def _give_back(meter: _Meter) -> None:
+    meter.listener = None
+    if not meter.usable:
+        meter.close()
+        return
+    with _pool_lock:
+        _idle.append(meter)
+
+
+def warm_up_meter(**tracker_kwargs: Any) -> None:
+    """Start a measuring process now, so that a later :class:`MeterSource` run finds it ready.
+
+    The process imports CodeCarbon and runs its one-time hardware detection
+    (1-2 s of CPU, at a lower priority) while the training is still being set
+    up. Costs the calling thread only the process start (a few ms); calling it
+    again while a started process is idle is free. Called when a framework
+    callback is built.
+
+    Args:
+        **tracker_kwargs: the CodeCarbon arguments the source will pass (JSON values).
+
+    Raises:
+        OSError: the process could not be started (callers fall back to measuring in process).
+    """
+    with _pool_lock:
+        if any(_fits(m, tracker_kwargs) for m in _idle):
+            return
+    meter = _take(tracker_kwargs)
+    _give_back(meter)
+
+
+class MeterSource:
+    """Measures with CodeCarbon in a separate measuring process (the default for training sessions).
+
+    Same figures as :class:`~carbonoffset.core.sources.CodeCarbonSource` (which
+    runs in that process, a new tracker for every ``start()``), without its cost
+    in the training process: no CodeCarbon import, no hardware detection, no
+    flushes there; ``read()`` returns the last figures the meter sent (at most
+    ``refresh_s`` seconds old plus a line of JSON). A fit is never blocked:
+    ``start()`` only sends a message.
+
+    Args:
+        country_iso_code: ISO 3166-1 alpha-3 code; when given, CodeCarbon's
+            ``OfflineEmissionsTracker`` is used (no network), otherwise the
+            online ``EmissionsTracker``.
+        refresh_s: seconds between two readings the meter sends (> 0, default 1.0).
+        **tracker_kwargs: passed to the CodeCarbon tracker; JSON values only
+            (numbers, strings, lists). ``tracking_mode="process"`` would measure
+            the meter itself: with it (here or in CodeCarbon's configuration)
+            the source measures in the training process instead.
+
+    Failures never lose a run's emissions. When the meter cannot be started,
+    refuses (process tracking mode) or dies, an in-process
+    :class:`~carbonoffset.core.sources.CodeCarbonSource` takes over, adding to
+    the meter's last figures; the time it was not measuring is estimated like a
+    late start (:attr:`late_start_s`). When the meter does not answer ``stop()``
+    within :data:`STOP_WAIT_S`, its last figures are extrapolated to the end of
+    the run at the run's average power, and a warning says so.
+
+    Raises:
+        ValueError: ``refresh_s`` is not a number > 0, or a tracker argument is not JSON.
+    """
+
+    def __init__(
+        self, country_iso_code: str | None = None, *, refresh_s: float = 1.0, **tracker_kwargs: Any
+    ) -> None:
+        if not (isinstance(refresh_s, (int, float)) and refresh_s > 0):
+            raise ValueError(f"refresh_s must be a number of seconds > 0 (got {refresh_s!r})")
+        try:
+            json.dumps(tracker_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"tracker arguments for the measuring process must be JSON values ({exc}); "
+                "use CodeCarbonSource to pass other objects"
+            ) from None
+        self.country_iso_code = country_iso_code
+        self.refresh_s = float(refresh_s)
+        self.tracker_kwargs = tracker_kwargs
+        #: seconds the run was not measured by a tracker (estimated, see the class notes)
+        self.late_start_s = 0.0
+        #: the figures estimated for that time (included in every figure returned)
+        self.late_start_estimate = Measurement()
+        self._lock = threading.Lock()
+        self._meter: _Meter | None = None
+        self._fallback: CodeCarbonSource | None = None
+        self._base = Measurement()  # the meter's figures, when a fallback took over
+        self._cached = Measurement()
+        self._last_at = 0.0  # perf_counter() of the measurement behind _cached
+        self._t0 = 0.0
+        self._run = 0  # messages from an earlier run are ignored
+        self._stopping = False
+        self._final: Measurement | None = None
+        self._answered = threading.Event()
+
+    @property
+    def measuring(self) -> bool:
+        """True between :meth:`start` and :meth:`stop` (in the measuring process or, after a
+        fall-back, in this one)."""
+        return self._meter is not None or self._fallback is not None
+
+    # ----------------------------------------------------------------- protocol
+    def start(self) -> None:
+        """Begin a new run in the measuring process (starting one when none is idle)."""
+        self.stop()
+        with self._lock:
+            self._run += 1
+            self._t0 = self._last_at = time.perf_counter()
+            self._cached = self._base = self.late_start_estimate = Measurement()
+            self.late_start_s = 0.0
+            self._fallback = None
+            self._stopping = False
+            self._final = None
+            self._answered = threading.Event()
+            try:
+                meter = _take(self.tracker_kwargs)
+            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                self._fall_back_locked(f"the measuring process could not be started ({exc})")
+                return
+            self._meter = meter
+            run = self._run
+            meter.listener = lambda message: self._on_message(run, message)
+            sent = meter.send(
+                {
+                    "op": "start",
+                    "sent": time.time(),
+                    "country_iso_code": self.country_iso_code,
+                    "refresh_s": self.refresh_s,
+                    "tracker_kwargs": self.tracker_kwargs,
+                }
+            )
+            if not sent:
+                self._fall_back_locked("the measuring process ended")
+
+    def _on_message(self, run: int, message: dict[str, Any]) -> None:
+        """On the meter's reader thread."""
+        event = message.get("event")
+        with self._lock:
+            if run != self._run or self._fallback is not None:
+                return
+            if event in ("totals", "stopped"):
+                figures = Measurement(float(message["emissions_kg"]), float(message["energy_kwh"]))
+                self._cached = figures
+                self._last_at = time.perf_counter() - max(0.0, time.time() - float(message["at"]))
+                self.late_start_s = float(message.get("late_start_s", 0.0))
+                self.late_start_estimate = Measurement(
+                    float(message.get("late_start_kg", 0.0)), float(message.get("late_start_kwh", 0.0))
+                )
+                if event == "stopped":
+                    self._final = figures
+                    self._answered.set()
+            elif event in ("refused", "gone"):
+                if self._stopping:
+                    self._answered.set()  # stop() extrapolates the last figures
+                elif self._meter is not None:
+                    reason = message.get("reason") or "the measuring process ended"
+                    self._fall_back_locked(str(reason))
+
+    def _fall_back_locked(self, reason: str) -> None:
+        """Measure in this process from now on, on top of the meter's last figures; the time since
+        those figures were measured is estimated like a late start."""
+        meter, self._meter = self._meter, None
+        if meter is not None:
+            meter.close()
+        logger.warning("carbonoffset measures in the training process instead: %s", reason)
+        self._base = self._cached
+        fallback = CodeCarbonSource(self.country_iso_code, refresh_s=self.refresh_s, **self.tracker_kwargs)
+        fallback.start(started_ago_s=time.perf_counter() - self._last_at)
+        self._fallback = fallback
+
+    def read(self) -> Measurement:
+        """Cumulative figures since :meth:`start`: the meter's last reading (zeros until its first)."""
+        fallback = self._fallback
+        if fallback is not None:
+            return self._base + fallback.read()
+        return self._cached
+
+    def stop(self) -> Measurement:
+        """Stop the run and return its exact final figures (see the class notes for the exceptions)."""
+        with self._lock:
+            meter, fallback = self._meter, self._fallback
+            if meter is None and fallback is None:
+                return self._final if self._final is not None else self._cached
+            self._stopping = True
+            answered = self._answered
+        if fallback is not None:
+            final = self._base + fallback.stop()
+            with self._lock:
+                self.late_start_s += fallback.late_start_s
+                self.late_start_estimate += fallback.late_start_estimate
+                self._fallback, self._final = None, final
+            return final
+        assert meter is not None
+        if meter.send({"op": "stop"}):
+            answered.wait(STOP_WAIT_S)
+        with self._lock:
+            self._meter = None
+            if self._final is None:
+                self._final = self._extrapolated_locked()
+                meter.close()
+            else:
+                _give_back(meter)
+            return self._final
+
+    def _extrapolated_locked(self) -> Measurement:
+        now = time.perf_counter()
+        measured_s = self._last_at - self._t0
+        if measured_s <= 0:
+            logger.warning(
+                "the measuring process gave no figures for this run before it ended; "
+                "nothing was measured (%.1f s)",
+                now - self._t0,
+            )
+            return self._cached
+        scale = (now - self._t0) / measured_s
+        logger.warning(
+            "the measuring process did not give this run's final figures; its last figures (%.1f s "
+            "before the end) are extrapolated to the end at the run's average power",
+            now - self._last_at,
+        )
+        return Measurement(self._cached.emissions_kg * scale, self._cached.energy_kwh * scale)
+
+
+# ------------------------------------------------------------------ the meter itself
+def _tracking_mode(tracker_kwargs: dict[str, Any]) -> str:
+    mode = tracker_kwargs.get("tracking_mode")
+    if mode is None:
+        from codecarbon.core.config import get_hierarchical_config
+
+        mode = get_hierarchical_config().get(  # type: ignore[no-untyped-call]
+            "tracking_mode", "machine"
+        )
+    return str(mode)
+
+
+def _serve(inbox: queue.Queue[str | None], send: Any) -> None:
+    """Run trackers as the parent asks until its input ends."""
+    source: CodeCarbonSource | None = None
+    next_at = float("inf")
+    while True:
+        try:
+            line = inbox.get(timeout=max(0.0, next_at - time.monotonic()) if source else None)
+        except queue.Empty:
+            line = ""
+        if line is None:  # the parent closed our input (it stopped, exited or died)
+            if source is not None:
+                source.stop()
+            return
+        if source is not None and time.monotonic() >= next_at:
+            send("totals", source)
+            next_at = time.monotonic() + source.refresh_s
+        if not line:
+            continue
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        op = message.get("op")
+        if op == "start":
+            if source is not None:
+                source.stop()
+                source = None
+            kwargs = dict(message.get("tracker_kwargs") or {})
+            if _tracking_mode(kwargs) == "process":
+                send("refused", None, reason="tracking_mode 'process' would measure the measuring process")
+                continue
+            source = CodeCarbonSource(
+                message.get("country_iso_code"), refresh_s=float(message.get("refresh_s", 1.0)), **kwargs
+            )
+            source.start(started_ago_s=max(0.0, time.time() - float(message.get("sent", time.time()))))
+            next_at = time.monotonic() + min(source.refresh_s, 0.2)  # a first reading soon
+        elif op == "stop":
+            send("stopped", source)  # stops it: the exact final figures
+            source = None
+
+
+def main(argv: list[str]) -> int:
+    """The measuring process: ``python -m carbonoffset.core._meter [TRACKER_KWARGS_JSON]``."""
+    protocol: IO[str] = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)  # anything CodeCarbon prints goes to stderr, never into the protocol
+    with contextlib.suppress(AttributeError, OSError):
+        os.nice(BACKGROUND_NICE)  # yields to the training
+    logging.basicConfig(level=logging.WARNING, format="carbonoffset meter: %(levelname)s %(message)s")
+    send_lock = threading.Lock()
+
+    def send(event: str, source: CodeCarbonSource | None, **extra: Any) -> None:
+        message: dict[str, Any] = {"event": event, **extra}
+        if source is not None:
+            figures = source.read() if event == "totals" else source.stop()
+            handler = source._handler  # when CodeCarbon measured the figures  # noqa: SLF001
+            measured_at = time.time() - (time.perf_counter() - handler.at) if handler.count else time.time()
+            message.update(
+                emissions_kg=figures.emissions_kg,
+                energy_kwh=figures.energy_kwh,
+                at=measured_at,
+                late_start_s=source.late_start_s,
+                late_start_kg=source.late_start_estimate.emissions_kg,
+                late_start_kwh=source.late_start_estimate.energy_kwh,
+            )
+        elif event == "stopped":
+            message.update(emissions_kg=0.0, energy_kwh=0.0, at=time.time())
+        try:
+            with send_lock:
+                protocol.write(json.dumps(message) + "\n")
+        except (OSError, ValueError):  # the parent is gone
+            os._exit(0)
+
+    inbox: queue.Queue[str | None] = queue.Queue()
+
+    def read_input() -> None:
+        for line in sys.stdin:
+            inbox.put(line)
+        inbox.put(None)
+
+    threading.Thread(target=read_input, name="meter-input", daemon=True).start()
+    tracker_kwargs = json.loads(argv[1]) if len(argv) > 1 else {}
+    import codecarbon  # noqa: F401 -- here, not concurrently on the warm-up thread and in _serve
+
+    from carbonoffset.core.sources import warm_up_codecarbon
+
+    warm_up_codecarbon(**tracker_kwargs)  # before the first run asks
+    _serve(inbox, send)
+    return 0

@@ -1,0 +1,274 @@
+"""MeterSource: CodeCarbon measuring in a separate process (the default source of sessions).
+
+Real CodeCarbon (offline, France) runs in a real measuring process; its
+failures are real too: the process is killed, stopped (SIGSTOP), refused by a
+CodeCarbon configuration, or cannot be started at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from _scripts import run_script
+
+from carbonoffset.core import meter as meter_module
+from carbonoffset.core.meter import MeterSource, warm_up_meter
+from carbonoffset.core.sources import Measurement
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals and fork are POSIX")
+
+
+def _busy(seconds: float) -> None:
+    until = time.monotonic() + seconds
+    x = 0
+    while time.monotonic() < until:
+        x += 1
+
+
+def _first_reading(source: MeterSource, timeout_s: float = 60.0) -> Measurement:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reading = source.read()
+        if reading.energy_kwh > 0:
+            return reading
+        time.sleep(0.05)
+    raise AssertionError("the measuring process sent no figures")
+
+
+def _meter_pid(source: MeterSource) -> int:
+    meter = source._meter  # the process behind the run  # noqa: SLF001
+    assert meter is not None
+    return meter.process.pid
+
+
+def _gone(pid: int, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+_DEFAULT_SESSION = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import psutil
+    from carbonoffset.core import Ledger, MeterSource, OffsetSession
+
+    session = OffsetSession(offset_ledger=sys.argv[1], country_iso_code="FRA", offset_api_key="test_SECRET_meter_key",
+                            offset_environment="sandbox", auto_offset=False)
+    session.start()
+    meter = session.source._meter.process.pid
+    command = psutil.Process(meter).cmdline()
+    until = time.monotonic() + 2.5
+    x = 0
+    while time.monotonic() < until:
+        x += 1
+    epoch = session.record_epoch(0)
+    report = session.stop()
+    session.close()
+    with Ledger(sys.argv[1]) as ledger:
+        (run,) = ledger.runs()
+    print(json.dumps({
+        "source": type(session.source).__name__, "codecarbon_imported": "codecarbon" in sys.modules,
+        "meter_pid": meter, "own_pid": os.getpid(), "command": command, "epoch_kg": epoch.emissions_kg,
+        "final_kg": report.emissions_kg, "final_kwh": report.energy_kwh, "ledger_kg": run.emissions_kg,
+        "ledger_kwh": run.energy_kwh,
+    }))
+    """
+)
+
+
+def test_a_default_session_measures_in_a_measuring_process_and_imports_no_codecarbon(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.sqlite3"
+    (out,) = run_script(_DEFAULT_SESSION.replace("sys.argv[1]", repr(str(ledger))))
+    assert out["source"] == "MeterSource"
+    assert out["codecarbon_imported"] is False  # all of CodeCarbon's cost is in the other process
+    assert out["meter_pid"] != out["own_pid"]
+    assert out["command"][1:3] == ["-m", "carbonoffset.core._meter"]
+    assert not any("SECRET" in part for part in out["command"])  # the key never goes to the meter
+    assert 0 < out["epoch_kg"] <= out["final_kg"]
+    assert out["final_kg"] < 1e-3  # seconds of CPU: micrograms
+    assert out["ledger_kg"] == out["final_kg"] and out["ledger_kwh"] == out["final_kwh"] > 0
+    assert _gone(out["meter_pid"])  # it ended with the process that started it
+
+
+def test_consecutive_runs_reuse_one_warm_meter_and_start_from_zero() -> None:
+    warm_up_meter()
+    source = MeterSource("FRA", refresh_s=0.2)
+    source.start()
+    first_pid = _meter_pid(source)
+    _first_reading(source)
+    _busy(1.0)
+    first = source.stop()
+    assert first.energy_kwh > 0 and not source.measuring
+    # the first run began while the meter was still starting: that time is estimated, not lost
+    assert source.late_start_s > 0 and 0 < source.late_start_estimate.energy_kwh < first.energy_kwh
+
+    source.start()
+    assert _meter_pid(source) == first_pid  # the same, already warm, measuring process
+    assert source.read() == Measurement()  # a new run starts from zero
+    _first_reading(source)
+    _busy(1.0)
+    second = source.stop()
+    assert second.energy_kwh > 0
+    assert source.late_start_s < 0.5  # a warm meter starts its tracker at once (a line of JSON late)
+
+
+def test_a_meter_killed_mid_run_is_replaced_in_process_and_nothing_is_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source = MeterSource("FRA", refresh_s=0.2)
+    source.start()
+    before = _first_reading(source)
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        os.kill(_meter_pid(source), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while source._fallback is None and time.monotonic() < deadline:  # noqa: SLF001
+            time.sleep(0.02)
+        _busy(2.5)
+        final = source.stop()
+    assert any("measures in the training process instead" in r.getMessage() for r in caplog.records)
+    assert final.energy_kwh > before.energy_kwh and final.emissions_kg > before.emissions_kg
+    # the time between the meter's last reading and the in-process tracker's start is estimated
+    assert source.late_start_s > 0 and source.late_start_estimate.energy_kwh > 0
+    # figures never went back: the replacement adds to what the meter had measured
+    assert final.energy_kwh >= before.energy_kwh + source.late_start_estimate.energy_kwh
+
+
+def test_process_tracking_mode_from_codecarbon_config_is_measured_in_process(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # tracking_mode=process would measure the meter itself; CodeCarbon's own config file asks for it
+    Path(".codecarbon.config").write_text("[codecarbon]\ntracking_mode = process\n", encoding="utf-8")
+    source = MeterSource("FRA", refresh_s=0.2)
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        source.start()
+        deadline = time.monotonic() + 60
+        while source._fallback is None and time.monotonic() < deadline:  # noqa: SLF001
+            time.sleep(0.02)
+        _busy(1.0)
+        final = source.stop()
+    assert any("tracking_mode 'process'" in r.getMessage() for r in caplog.records)
+    assert final.energy_kwh > 0
+
+
+def test_a_meter_that_cannot_start_falls_back_to_measuring_in_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    source = MeterSource("FRA", refresh_s=0.2)
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        source.start()
+    monkeypatch.undo()
+    assert any("could not be started" in r.getMessage() for r in caplog.records)
+    assert source.measuring
+    _busy(1.0)
+    assert source.stop().energy_kwh > 0
+
+
+def test_a_meter_that_stops_answering_is_extrapolated_at_the_runs_average_power(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(meter_module, "STOP_WAIT_S", 1.0)
+    source = MeterSource("FRA", refresh_s=0.2)
+    source.start()
+    _first_reading(source)
+    _busy(1.0)
+    pid = _meter_pid(source)
+    os.kill(pid, signal.SIGSTOP)  # alive but answering nothing
+    try:
+        last = source.read()
+        _busy(1.0)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+            final = source.stop()
+        assert time.monotonic() - started < 5  # bounded by STOP_WAIT_S
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert any("extrapolated" in r.getMessage() for r in caplog.records)
+    assert final.energy_kwh > last.energy_kwh and final.emissions_kg > last.emissions_kg
+    assert not source.measuring
+
+
+_FORK = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from carbonoffset.core.meter import MeterSource
+
+    def busy(s):
+        until = time.monotonic() + s
+        while time.monotonic() < until:
+            pass
+
+    def first_reading(source):
+        while source.read().energy_kwh == 0:
+            time.sleep(0.05)
+
+    parent = MeterSource("FRA", refresh_s=0.2)
+    parent.start()
+    first_reading(parent)
+    parent_meter = parent._meter.process.pid
+    read_r, read_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        inherited = parent.stop()  # a copy: must not stop the parent's run
+        own = MeterSource("FRA", refresh_s=0.2)
+        own.start()
+        own_meter = own._meter.process.pid
+        first_reading(own)
+        busy(0.5)
+        final = own.stop()
+        os.write(read_w, json.dumps({"own_meter": own_meter, "child_kwh": final.energy_kwh,
+                                     "inherited_kwh": inherited.energy_kwh}).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = json.loads(os.read(read_r, 10000))
+    before = parent.read()
+    busy(1.0)
+    while parent.read() == before:
+        time.sleep(0.05)
+    final = parent.stop()
+    print(json.dumps({"parent_meter": parent_meter, "parent_kwh": final.energy_kwh,
+                      "before_kwh": before.energy_kwh, **child}))
+    """
+)
+
+
+def test_a_forked_child_measures_with_its_own_meter_and_leaves_the_parents_alone() -> None:
+    (out,) = run_script(_FORK)
+    assert out["own_meter"] != out["parent_meter"]
+    assert out["child_kwh"] > 0
+    assert out["parent_kwh"] > out["before_kwh"] > 0  # the parent's run went on measuring after the fork
+
+
+def test_tracker_arguments_must_be_json_values() -> None:
+    with pytest.raises(ValueError, match="JSON values.*CodeCarbonSource"):
+        MeterSource("FRA", output_handlers=[object()])
+    with pytest.raises(ValueError, match="refresh_s"):
+        MeterSource("FRA", refresh_s=0)
+
+
+def test_messages_from_an_earlier_run_are_ignored() -> None:
+    source = MeterSource("FRA", refresh_s=0.2)
+    source.start()
+    _first_reading(source)
+    run = source._run  # noqa: SLF001
+    source.stop()
+    source.start()
+    # a reading of the previous run arriving late does not leak into the new one
+    source._on_message(run, {"event": "totals", "emissions_kg": 1.0, "energy_kwh": 1.0, "at": time.time()})  # noqa: SLF001
+    assert source.read().emissions_kg < 1.0
+    source.stop()
