@@ -19,6 +19,7 @@ with the exact final figures, or ``{"event": "refused", "reason": ...}``.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import json
 import logging
@@ -50,9 +51,11 @@ class _Meter:
         self.listener: Any = None  # called with every message, on the reader thread
         self.alive = True
         env = dict(os.environ)
-        # the meter imports this very package, even when it is not installed (a source checkout)
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        package_root = Path(__file__).resolve().parents[2]
+        if not _in_site_packages(package_root):
+            # a source checkout on sys.path only: the meter must import this very package (an
+            # installed one is found anyway, and site-packages must not come before the stdlib)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_root), env.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "carbonoffset.core._meter", json.dumps(self.tracker_kwargs)],
             stdin=subprocess.PIPE,
@@ -86,6 +89,9 @@ class _Meter:
             pass
         self.alive = False
         self._tell({"event": "gone"})
+        if self.owner_pid == os.getpid():
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                self.process.wait(STOP_WAIT_S)  # reap it (no zombie)
 
     def _tell(self, message: dict[str, Any]) -> None:
         listener = self.listener
@@ -118,14 +124,25 @@ class _Meter:
             with contextlib.suppress(OSError):
                 self.process.stdin.close()
 
+    def kill(self) -> None:
+        """End a meter that may not be answering: close its input and kill it."""
+        self.close()
+        if self.owner_pid == os.getpid():
+            with contextlib.suppress(OSError):
+                self.process.kill()
+
     def forget_in_child(self) -> None:
         """In a forked child: drop this process's copies of the parent's pipes."""
         self.alive = False
         self.listener = None
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None:
+                # not stream.close(): the parent's reader thread may have held the stream's lock at
+                # the fork, forever here; the file descriptor itself is pointed at /dev/null
                 with contextlib.suppress(OSError, ValueError):
-                    os.close(stream.fileno())
+                    null = os.open(os.devnull, os.O_RDWR)
+                    os.dup2(null, stream.fileno())
+                    os.close(null)
 
 
 def _context() -> tuple[str, ...]:
@@ -139,16 +156,54 @@ def _context() -> tuple[str, ...]:
 _pool_lock = threading.Lock()
 _idle: list[_Meter] = []  # started meters waiting for a run (guarded by _pool_lock)
 _meters: weakref.WeakSet[_Meter] = weakref.WeakSet()
+_sources: weakref.WeakSet[MeterSource] = weakref.WeakSet()
 _fork_hook: list[bool] = []
 
 
 def _forget_meters() -> None:
-    """``os.register_at_fork`` "after in child" hook: the meters belong to the parent."""
+    """``os.register_at_fork`` "after in child" hook: the meters belong to the parent, and a lock
+    held by one of its threads at the fork would never be released here."""
     global _pool_lock
     _pool_lock = threading.Lock()
     _idle.clear()
     for meter in list(_meters):
         meter.forget_in_child()
+    for source in list(_sources):
+        source._lock = threading.Lock()  # noqa: SLF001
+
+
+def _in_site_packages(path: Path) -> bool:
+    import site
+
+    folders = [*site.getsitepackages(), site.getusersitepackages()]
+    return any(str(path) == str(Path(folder).resolve()) for folder in folders)
+
+
+def _in_process_reason(tracker_kwargs: dict[str, Any]) -> str | None:
+    """Why a measuring process would not work for these settings, or None."""
+    if getattr(sys, "frozen", False) or not sys.executable:
+        return "a frozen application cannot start a Python measuring process"
+    mode = tracker_kwargs.get("tracking_mode") or _configured_tracking_mode()
+    if str(mode).strip().lower() == "process":
+        return "tracking_mode 'process' measures the process CodeCarbon runs in"
+    return None
+
+
+def _configured_tracking_mode() -> str | None:
+    """CodeCarbon's ``tracking_mode`` setting: ``CODECARBON_TRACKING_MODE`` > ``./.codecarbon.config``
+    > ``~/.codecarbon.config`` (CodeCarbon's order), read without importing CodeCarbon."""
+    value = os.environ.get("CODECARBON_TRACKING_MODE")
+    if value:
+        return value
+    for folder in (Path.cwd(), Path.home()):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(folder / ".codecarbon.config", encoding="utf-8")
+            if parser.has_option("codecarbon", "tracking_mode"):
+                return parser.get("codecarbon", "tracking_mode")
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue  # reported by the configuration's own reader; CodeCarbon decides
+    return None
 
 
 def _take(tracker_kwargs: dict[str, Any]) -> _Meter:
@@ -193,6 +248,8 @@ def warm_up_meter(**tracker_kwargs: Any) -> None:
     Raises:
         OSError: the process could not be started (callers fall back to measuring in process).
     """
+    if _in_process_reason(tracker_kwargs) is not None:
+        return
     with _pool_lock:
         if any(_fits(m, tracker_kwargs) for m in _idle):
             return
@@ -207,8 +264,9 @@ class MeterSource:
     runs in that process, a new tracker for every ``start()``), without its cost
     in the training process: no CodeCarbon import, no hardware detection, no
     flushes there; ``read()`` returns the last figures the meter sent (at most
-    ``refresh_s`` seconds old plus a line of JSON). A fit is never blocked:
-    ``start()`` only sends a message.
+    ``refresh_s`` seconds old plus a line of JSON; zeros until its tracker
+    runs). ``start()`` only sends a message (a few ms when it must start the
+    process); ``stop()`` waits for the exact final figures.
 
     Args:
         country_iso_code: ISO 3166-1 alpha-3 code; when given, CodeCarbon's
@@ -216,17 +274,22 @@ class MeterSource:
             online ``EmissionsTracker``.
         refresh_s: seconds between two readings the meter sends (> 0, default 1.0).
         **tracker_kwargs: passed to the CodeCarbon tracker; JSON values only
-            (numbers, strings, lists). ``tracking_mode="process"`` would measure
-            the meter itself: with it (here or in CodeCarbon's configuration)
-            the source measures in the training process instead.
+            (numbers, strings, lists).
+
+    The source measures in the training process (a ``CodeCarbonSource``) from
+    the start when a measuring process would measure the wrong thing or cannot
+    work: ``tracking_mode="process"`` (here, in ``CODECARBON_TRACKING_MODE`` or
+    in a ``.codecarbon.config``), which measures the process it runs in, and a
+    frozen application (PyInstaller and the like), whose ``sys.executable`` is
+    the application itself.
 
     Failures never lose a run's emissions. When the meter cannot be started,
-    refuses (process tracking mode) or dies, an in-process
-    :class:`~carbonoffset.core.sources.CodeCarbonSource` takes over, adding to
-    the meter's last figures; the time it was not measuring is estimated like a
-    late start (:attr:`late_start_s`). When the meter does not answer ``stop()``
-    within :data:`STOP_WAIT_S`, its last figures are extrapolated to the end of
-    the run at the run's average power, and a warning says so.
+    refuses or dies, or does not give the final figures within
+    :data:`STOP_WAIT_S` (it is then killed), an in-process
+    :class:`~carbonoffset.core.sources.CodeCarbonSource` takes over on top of
+    the meter's last complete figures, and the time they do not cover is
+    estimated like a late start (:attr:`late_start_s`), at the power that
+    tracker measures.
 
     Raises:
         ValueError: ``refresh_s`` is not a number > 0, or a tracker argument is not JSON.
@@ -247,7 +310,7 @@ class MeterSource:
         self.country_iso_code = country_iso_code
         self.refresh_s = float(refresh_s)
         self.tracker_kwargs = tracker_kwargs
-        #: seconds the run was not measured by a tracker (estimated, see the class notes)
+        #: seconds of the run no tracker measured (estimated, see the class notes)
         self.late_start_s = 0.0
         #: the figures estimated for that time (included in every figure returned)
         self.late_start_estimate = Measurement()
@@ -256,12 +319,13 @@ class MeterSource:
         self._fallback: CodeCarbonSource | None = None
         self._base = Measurement()  # the meter's figures, when a fallback took over
         self._cached = Measurement()
-        self._last_at = 0.0  # perf_counter() of the measurement behind _cached
+        self._covered_to = 0.0  # perf_counter(): the meter's figures cover the run up to here
         self._t0 = 0.0
         self._run = 0  # messages from an earlier run are ignored
         self._stopping = False
         self._final: Measurement | None = None
         self._answered = threading.Event()
+        _sources.add(self)
 
     @property
     def measuring(self) -> bool:
@@ -275,13 +339,17 @@ class MeterSource:
         self.stop()
         with self._lock:
             self._run += 1
-            self._t0 = self._last_at = time.perf_counter()
+            self._t0 = self._covered_to = time.perf_counter()
             self._cached = self._base = self.late_start_estimate = Measurement()
             self.late_start_s = 0.0
             self._fallback = None
             self._stopping = False
             self._final = None
             self._answered = threading.Event()
+            reason = _in_process_reason(self.tracker_kwargs)
+            if reason is not None:
+                self._fall_back_locked(reason, quiet=True)
+                return
             try:
                 meter = _take(self.tracker_kwargs)
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
@@ -293,7 +361,7 @@ class MeterSource:
             sent = meter.send(
                 {
                     "op": "start",
-                    "sent": time.time(),
+                    "sent": time.monotonic(),
                     "country_iso_code": self.country_iso_code,
                     "refresh_s": self.refresh_s,
                     "tracker_kwargs": self.tracker_kwargs,
@@ -311,7 +379,12 @@ class MeterSource:
             if event in ("totals", "stopped"):
                 figures = Measurement(float(message["emissions_kg"]), float(message["energy_kwh"]))
                 self._cached = figures
-                self._last_at = time.perf_counter() - max(0.0, time.time() - float(message["at"]))
+                # the figures cover the run up to when CodeCarbon measured them, except a late
+                # start not estimated yet (its seconds are "unmeasured_s")
+                age_s = max(0.0, time.monotonic() - float(message["at"]))
+                self._covered_to = max(
+                    self._t0, time.perf_counter() - age_s - float(message.get("unmeasured_s", 0.0))
+                )
                 self.late_start_s = float(message.get("late_start_s", 0.0))
                 self.late_start_estimate = Measurement(
                     float(message.get("late_start_kg", 0.0)), float(message.get("late_start_kwh", 0.0))
@@ -321,21 +394,25 @@ class MeterSource:
                     self._answered.set()
             elif event in ("refused", "gone"):
                 if self._stopping:
-                    self._answered.set()  # stop() extrapolates the last figures
+                    self._answered.set()  # stop() goes on in process
                 elif self._meter is not None:
-                    reason = message.get("reason") or "the measuring process ended"
-                    self._fall_back_locked(str(reason))
+                    self._fall_back_locked(str(message.get("reason") or "the measuring process ended"))
 
-    def _fall_back_locked(self, reason: str) -> None:
-        """Measure in this process from now on, on top of the meter's last figures; the time since
-        those figures were measured is estimated like a late start."""
+    def _fall_back_locked(self, reason: str, *, quiet: bool = False) -> None:
+        """Measure in this process from now on, on top of the meter's last figures; the part of
+        the run they do not cover is estimated like a late start."""
         meter, self._meter = self._meter, None
         if meter is not None:
-            meter.close()
-        logger.warning("carbonoffset measures in the training process instead: %s", reason)
+            meter.kill()
+        (logger.info if quiet else logger.warning)(
+            "carbonoffset measures in the training process: %s", reason
+        )
         self._base = self._cached
         fallback = CodeCarbonSource(self.country_iso_code, refresh_s=self.refresh_s, **self.tracker_kwargs)
-        fallback.start(started_ago_s=time.perf_counter() - self._last_at)
+        try:
+            fallback.start(started_ago_s=time.perf_counter() - self._covered_to)
+        except Exception as exc:  # noqa: BLE001 -- e.g. arguments CodeCarbon refuses
+            logger.warning("emissions tracking failed to start (%s); training continues", exc)
         self._fallback = fallback
 
     def read(self) -> Measurement:
@@ -346,49 +423,34 @@ class MeterSource:
         return self._cached
 
     def stop(self) -> Measurement:
-        """Stop the run and return its exact final figures (see the class notes for the exceptions)."""
+        """Stop the run and return its exact final figures (see the class notes for failures)."""
         with self._lock:
-            meter, fallback = self._meter, self._fallback
-            if meter is None and fallback is None:
+            meter = self._meter
+            if meter is None and self._fallback is None:
                 return self._final if self._final is not None else self._cached
+            if meter is not None and meter.owner_pid != os.getpid():
+                # a forked copy of a run the parent measures: the parent stops it, not this process
+                self._meter = None
+                return self._cached
             self._stopping = True
             answered = self._answered
-        if fallback is not None:
-            final = self._base + fallback.stop()
-            with self._lock:
-                self.late_start_s += fallback.late_start_s
-                self.late_start_estimate += fallback.late_start_estimate
-                self._fallback, self._final = None, final
-            return final
-        assert meter is not None
-        if meter.send({"op": "stop"}):
+        if meter is not None and meter.send({"op": "stop"}):
             answered.wait(STOP_WAIT_S)
         with self._lock:
-            self._meter = None
-            if self._final is None:
-                self._final = self._extrapolated_locked()
-                meter.close()
-            else:
-                _give_back(meter)
-            return self._final
-
-    def _extrapolated_locked(self) -> Measurement:
-        now = time.perf_counter()
-        measured_s = self._last_at - self._t0
-        if measured_s <= 0:
-            logger.warning(
-                "the measuring process gave no figures for this run before it ended; "
-                "nothing was measured (%.1f s)",
-                now - self._t0,
-            )
-            return self._cached
-        scale = (now - self._t0) / measured_s
-        logger.warning(
-            "the measuring process did not give this run's final figures; its last figures (%.1f s "
-            "before the end) are extrapolated to the end at the run's average power",
-            now - self._last_at,
-        )
-        return Measurement(self._cached.emissions_kg * scale, self._cached.energy_kwh * scale)
+            if self._meter is not None and self._final is not None:
+                _give_back(self._meter)
+                self._meter = None
+                return self._final
+            if self._fallback is None:  # no final figures: the rest of the run is measured here
+                self._fall_back_locked("the measuring process did not give the run's final figures")
+            fallback = self._fallback
+        assert fallback is not None
+        final = self._base + fallback.stop()
+        with self._lock:
+            self.late_start_s += fallback.late_start_s
+            self.late_start_estimate += fallback.late_start_estimate
+            self._fallback, self._final = None, final
+        return final
 
 
 # ------------------------------------------------------------------ the meter itself
@@ -437,7 +499,8 @@ def _serve(inbox: queue.Queue[str | None], send: Any) -> None:
             source = CodeCarbonSource(
                 message.get("country_iso_code"), refresh_s=float(message.get("refresh_s", 1.0)), **kwargs
             )
-            source.start(started_ago_s=max(0.0, time.time() - float(message.get("sent", time.time()))))
+            sent = float(message.get("sent", time.monotonic()))  # the parent's clock: system-wide
+            source.start(started_ago_s=max(0.0, time.monotonic() - sent))
             next_at = time.monotonic() + min(source.refresh_s, 0.2)  # a first reading soon
         elif op == "stop":
             send("stopped", source)  # stops it: the exact final figures
@@ -447,7 +510,10 @@ def _serve(inbox: queue.Queue[str | None], send: Any) -> None:
 def main(argv: list[str]) -> int:
     """The measuring process: ``python -m carbonoffset.core._meter [TRACKER_KWARGS_JSON]``."""
     protocol: IO[str] = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
-    os.dup2(2, 1)  # anything CodeCarbon prints goes to stderr, never into the protocol
+    try:
+        os.dup2(2, 1)  # anything CodeCarbon prints goes to stderr, never into the protocol
+    except OSError:  # no stderr (pythonw)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     with contextlib.suppress(AttributeError, OSError):
         os.nice(BACKGROUND_NICE)  # yields to the training
     logging.basicConfig(level=logging.WARNING, format="carbonoffset meter: %(levelname)s %(message)s")
@@ -457,18 +523,26 @@ def main(argv: list[str]) -> int:
         message: dict[str, Any] = {"event": event, **extra}
         if source is not None:
             figures = source.read() if event == "totals" else source.stop()
-            handler = source._handler  # when CodeCarbon measured the figures  # noqa: SLF001
-            measured_at = time.time() - (time.perf_counter() - handler.at) if handler.count else time.time()
+            handler = source._handler  # noqa: SLF001 -- the totals CodeCarbon gave, and when
+            if not handler.count:  # nothing measured: a zero would claim the run so far was covered
+                if event == "stopped":
+                    send("refused", None, reason="CodeCarbon gave no figures for the run")
+                return
+            measured_at = time.monotonic() - (time.perf_counter() - handler.at)
+            unmeasured_s = 0.0
+            if source._gap is None:  # noqa: SLF001 -- a late start not estimated yet
+                unmeasured_s = max(0.0, handler.at - handler.duration_s - source._t0)  # noqa: SLF001
             message.update(
                 emissions_kg=figures.emissions_kg,
                 energy_kwh=figures.energy_kwh,
                 at=measured_at,
+                unmeasured_s=unmeasured_s,
                 late_start_s=source.late_start_s,
                 late_start_kg=source.late_start_estimate.emissions_kg,
                 late_start_kwh=source.late_start_estimate.energy_kwh,
             )
         elif event == "stopped":
-            message.update(emissions_kg=0.0, energy_kwh=0.0, at=time.time())
+            message.update(emissions_kg=0.0, energy_kwh=0.0, at=time.monotonic())
         try:
             with send_lock:
                 protocol.write(json.dumps(message) + "\n")

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -140,7 +141,7 @@ def test_a_meter_killed_mid_run_is_replaced_in_process_and_nothing_is_lost(
             time.sleep(0.02)
         _busy(2.5)
         final = source.stop()
-    assert any("measures in the training process instead" in r.getMessage() for r in caplog.records)
+    assert any("measures in the training process:" in r.getMessage() for r in caplog.records)
     assert final.energy_kwh > before.energy_kwh and final.emissions_kg > before.emissions_kg
     # the time between the meter's last reading and the in-process tracker's start is estimated
     assert source.late_start_s > 0 and source.late_start_estimate.energy_kwh > 0
@@ -148,21 +149,28 @@ def test_a_meter_killed_mid_run_is_replaced_in_process_and_nothing_is_lost(
     assert final.energy_kwh >= before.energy_kwh + source.late_start_estimate.energy_kwh
 
 
-def test_process_tracking_mode_from_codecarbon_config_is_measured_in_process(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize("where", ["config file", "environment", "argument"])
+def test_process_tracking_mode_is_measured_in_process_without_starting_a_meter(
+    where: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # tracking_mode=process would measure the meter itself; CodeCarbon's own config file asks for it
-    Path(".codecarbon.config").write_text("[codecarbon]\ntracking_mode = process\n", encoding="utf-8")
-    source = MeterSource("FRA", refresh_s=0.2)
-    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+    # tracking_mode=process measures the process CodeCarbon runs in: a meter would measure itself
+    kwargs: dict[str, Any] = {}
+    if where == "config file":
+        Path(".codecarbon.config").write_text("[codecarbon]\ntracking_mode = process\n", encoding="utf-8")
+    elif where == "environment":
+        monkeypatch.setenv("CODECARBON_TRACKING_MODE", "process")
+    else:
+        kwargs["tracking_mode"] = "process"
+    warm_up_meter(**kwargs)
+    assert not [m for m in meter_module._idle if m.context == meter_module._context()]  # noqa: SLF001
+    source = MeterSource("FRA", refresh_s=0.2, **kwargs)
+    with caplog.at_level(logging.INFO, logger="carbonoffset"):
         source.start()
-        deadline = time.monotonic() + 60
-        while source._fallback is None and time.monotonic() < deadline:  # noqa: SLF001
-            time.sleep(0.02)
-        _busy(1.0)
-        final = source.stop()
+    assert source._meter is None and source._fallback is not None  # noqa: SLF001
     assert any("tracking_mode 'process'" in r.getMessage() for r in caplog.records)
-    assert final.energy_kwh > 0
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)  # a choice, not a failure
+    _busy(1.0)
+    assert source.stop().energy_kwh > 0
 
 
 def test_a_meter_that_cannot_start_falls_back_to_measuring_in_process(
@@ -179,7 +187,7 @@ def test_a_meter_that_cannot_start_falls_back_to_measuring_in_process(
     assert source.stop().energy_kwh > 0
 
 
-def test_a_meter_that_stops_answering_is_extrapolated_at_the_runs_average_power(
+def test_a_meter_that_stops_answering_is_killed_and_the_run_completed_in_process(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(meter_module, "STOP_WAIT_S", 1.0)
@@ -189,18 +197,36 @@ def test_a_meter_that_stops_answering_is_extrapolated_at_the_runs_average_power(
     _busy(1.0)
     pid = _meter_pid(source)
     os.kill(pid, signal.SIGSTOP)  # alive but answering nothing
-    try:
-        last = source.read()
-        _busy(1.0)
-        started = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="carbonoffset"):
-            final = source.stop()
-        assert time.monotonic() - started < 5  # bounded by STOP_WAIT_S
-    finally:
-        os.kill(pid, signal.SIGKILL)
-    assert any("extrapolated" in r.getMessage() for r in caplog.records)
-    assert final.energy_kwh > last.energy_kwh and final.emissions_kg > last.emissions_kg
+    last = source.read()
+    _busy(1.5)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        final = source.stop()
+    assert time.monotonic() - started < 30  # STOP_WAIT_S, then an in-process tracker's start and stop
+    assert any("did not give the run's final figures" in r.getMessage() for r in caplog.records)
+    assert _gone(pid)  # killed, not left stopped
+    # the time since the meter's last reading is estimated at the power measured here, added to it
+    assert source.late_start_s > 1.5 and source.late_start_estimate.energy_kwh > 0
+    assert final.energy_kwh >= last.energy_kwh + source.late_start_estimate.energy_kwh
+    assert final.emissions_kg > last.emissions_kg
     assert not source.measuring
+
+
+def test_a_meter_that_never_gave_figures_leaves_nothing_unmeasured(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(meter_module, "STOP_WAIT_S", 1.0)
+    source = MeterSource("FRA", refresh_s=0.2)
+    source.start()
+    pid = _meter_pid(source)
+    os.kill(pid, signal.SIGSTOP)  # before it could send anything
+    _busy(2.0)
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        final = source.stop()
+    assert _gone(pid)
+    # the whole run is estimated (at the power an in-process tracker measures), never zero
+    assert source.late_start_s > 2.0
+    assert final.energy_kwh >= source.late_start_estimate.energy_kwh > 0
 
 
 _FORK = textwrap.dedent(
