@@ -32,7 +32,14 @@ built (callback or tracker) and ends after ``fit`` (and the tracker's
 variant alike, the frameworks' own imports are not.
 
 The callback variant also times its own per-epoch hook (the framework's
-epoch-end method of the callback) and reports median and p99.
+epoch-end method of the callback) and reports median and p99, and what
+carbonoffset itself costs, bottom-up and free of the machine's noise: "own
+CPU / fit" is the CPU time of carbonoffset's threads in the training process
+(``carbonoffset-*``: ledger writer, offset worker, the measuring process's
+reader; sampled from ``/proc`` every 0.25 s) plus the time spent in its epoch
+hooks, over the fit's wall time; "meter CPU s" is the CPU time of the measuring
+process (a separate process at low priority: it competes with the training
+only for a CPU core, never for its GIL).
 
 Usage (full, about 20-30 s per fit on 2 cores; ~1 h in all)::
 
@@ -110,7 +117,9 @@ class _Variant:
         self.hook_s: list[float] = []
         self.callback: Any = None
         self.tracker: Any = None
+        self.sampler: _ThreadCpu | None = None
         if variant == "callback":
+            self.sampler = _ThreadCpu("carbonoffset")
             module = importlib.import_module(f"carbonoffset.integrations.{integration}")
             self.callback = module.CarbonOffsetCallback(**settings)
             _timed_hook(self.callback, hook, self.hook_s)
@@ -130,13 +139,67 @@ class _Variant:
         if self.tracker is not None:
             self.tracker.stop()
         fit_s = time.perf_counter() - self.started
+        own = self.sampler.stop() if self.sampler is not None else None
         return {
             "fit_s": fit_s,
+            "threads_cpu_s": own,
+            "meter_cpu_s": _meter_cpu_s() if self.sampler is not None else None,
             "cpu_s": time.process_time() - self.cpu_started,
             "steal_s": _steal_s() - self.steal_started,
             "hook_s": self.hook_s,
             **_report(self.callback),
         }
+
+
+class _ThreadCpu:
+    """CPU seconds of this process's threads whose name starts with ``prefix`` (Linux), sampled
+    every 0.25 s so that threads which end before the fit does are counted too."""
+
+    def __init__(self, prefix: str) -> None:
+        import threading
+
+        self.prefix = prefix
+        self.cpu: dict[int, float] = {}
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        import threading
+
+        for thread in threading.enumerate():
+            if thread.name.startswith(self.prefix) and thread.native_id:
+                try:
+                    with open(f"/proc/self/task/{thread.native_id}/stat", encoding="ascii") as file:
+                        fields = file.read().rsplit(")", 1)[1].split()
+                    self.cpu[thread.native_id] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                except (OSError, IndexError, ValueError):
+                    pass
+
+    def _run(self) -> None:
+        while not self.halt.wait(0.25):
+            self._sample()
+
+    def stop(self) -> float:
+        self.halt.set()
+        self.thread.join()
+        self._sample()
+        return sum(self.cpu.values())
+
+
+def _meter_cpu_s() -> float | None:
+    """CPU seconds of this process's measuring process(es) so far (user + system)."""
+    try:
+        import psutil
+
+        total = 0.0
+        for child in psutil.Process().children():
+            if "carbonoffset.core._meter" in " ".join(child.cmdline()):
+                times = child.cpu_times()
+                total += times.user + times.system
+        return total
+    except Exception:  # noqa: BLE001 -- not measurable here
+        return None
 
 
 def _steal_s() -> float:
@@ -311,8 +374,20 @@ def main() -> None:
                 "hook_median_ms": median(hooks) * 1e3 if hooks else None,
                 "hook_p99_ms": percentile(hooks, 99) * 1e3 if hooks else None,
                 "late_start_s": [r.get("late_start_s") for r in runs[variant]],
+                "threads_cpu_s": [r.get("threads_cpu_s") for r in runs[variant]],
+                "meter_cpu_s": [r.get("meter_cpu_s") for r in runs[variant]],
+                "hook_total_s": [sum(r.get("hook_s", [])) for r in runs[variant]],
+                "cpu_s": [r.get("cpu_s") for r in runs[variant]],
                 "emissions_kg": [r.get("emissions_kg") for r in runs[variant]],
             }
+            own = [
+                (r["threads_cpu_s"] + sum(r.get("hook_s", []))) / r["fit_s"]
+                for r in runs[variant]
+                if r.get("threads_cpu_s") is not None
+            ]
+            meter = [r["meter_cpu_s"] for r in runs[variant] if r.get("meter_cpu_s") is not None]
+            summary[variant]["own_cpu_share"] = median(own) if own else None
+            summary[variant]["median_meter_cpu_s"] = median(meter) if meter else None
             rows.append(
                 [
                     framework,
@@ -322,6 +397,8 @@ def main() -> None:
                     summary[variant]["median_ratio"],
                     summary[variant]["hook_median_ms"] if hooks else "",
                     summary[variant]["hook_p99_ms"] if hooks else "",
+                    f"{100 * median(own):.2f} %" if own else "",
+                    median(meter) if meter else "",
                 ]
             )
         results["frameworks"][framework] = summary
@@ -329,7 +406,17 @@ def main() -> None:
         table(
             f"Fit overhead ({args.rounds} interleaved rounds, fresh process per fit; ratio = median of per-round "
             "ratios to 'none')",
-            ["framework", "variant", "epochs", "median fit s", "ratio", "hook median ms", "hook p99 ms"],
+            [
+                "framework",
+                "variant",
+                "epochs",
+                "median fit s",
+                "ratio",
+                "hook median ms",
+                "hook p99 ms",
+                "own CPU / fit",
+                "meter CPU s",
+            ],
             rows,
         )
     )

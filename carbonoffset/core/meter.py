@@ -4,8 +4,7 @@ Inside the training process CodeCarbon costs about 0.75 s of CPU per process
 (its imports, hardware set-up and emissions data) and a flush every second,
 all of it competing with the training for the GIL. :class:`MeterSource` runs
 a real :class:`~carbonoffset.core.sources.CodeCarbonSource` in a child
-process instead (``python -m carbonoffset.core._meter``, at a lower CPU
-priority), and the training process only reads one line of JSON per
+process instead (``python -m carbonoffset.core._meter``), and the training process only reads one line of JSON per
 ``refresh_s``. What is measured is the same: CodeCarbon's default
 ``tracking_mode="machine"`` measures the whole machine (CPU, GPU, RAM) from
 any process on it.
@@ -33,7 +32,7 @@ import weakref
 from pathlib import Path
 from typing import IO, Any
 
-from carbonoffset.core.sources import BACKGROUND_NICE, CodeCarbonSource, Measurement
+from carbonoffset.core.sources import CodeCarbonSource, Measurement
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +235,9 @@ def _give_back(meter: _Meter) -> None:
 def warm_up_meter(**tracker_kwargs: Any) -> None:
     """Start a measuring process now, so that a later :class:`MeterSource` run finds it ready.
 
-    The process imports CodeCarbon and runs its one-time hardware detection
-    (1-2 s of CPU, at a lower priority) while the training is still being set
-    up. Costs the calling thread only the process start (a few ms); calling it
+    The process imports CodeCarbon and runs its one-time hardware set-up (about
+    0.9 s of CPU; CodeCarbon's CPU-model detection, 1-2 s more on a machine's
+    first run, at a lower priority) while the training is still being set up. Costs the calling thread only the process start (a few ms); calling it
     again while a started process is idle is free. Called when a framework
     callback is built.
 
@@ -514,8 +513,10 @@ def main(argv: list[str]) -> int:
         os.dup2(2, 1)  # anything CodeCarbon prints goes to stderr, never into the protocol
     except OSError:  # no stderr (pythonw)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    with contextlib.suppress(AttributeError, OSError):
-        os.nice(BACKGROUND_NICE)  # yields to the training
+    # Normal priority: a lower one only postpones the ~0.9 s of CPU the start needs (the training
+    # loses the same CPU either way) and, on a machine the training keeps busy, starts the
+    # tracker at the very end of the run, its energy all estimated. CodeCarbon's CPU-model
+    # detection (1-2 s, once per machine) still runs at a lower priority (sources._lower_priority).
     logging.basicConfig(level=logging.WARNING, format="carbonoffset meter: %(levelname)s %(message)s")
     send_lock = threading.Lock()
 
