@@ -153,6 +153,12 @@ for phase in CONFIG["phases"]:
         callbacks=[callback, RankRecorder(callback, name, phase.get("reference", False))],
     )
     trainer.train()
+
+# a clean end for the process group, as PyTorch asks: without it, a rank exiting while gloo's threads
+# still run can abort ("terminate called without an active exception") after everything passed
+if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 '''
 
 
