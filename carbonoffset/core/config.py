@@ -307,7 +307,9 @@ def read_external_settings(
         (home or Path.home()) / ".codecarbon.config",
         (cwd or Path.cwd()) / ".codecarbon.config",
     ):
-        merged.update(_read_config_file(path))
+        values = read_codecarbon_section(path)
+        _warn_unknown_offset_keys(values, where=str(path))
+        merged.update({key: value for key, value in values.items() if key in CONFIG_KEYS})
     _warn_unknown_offset_keys(
         (name[len("CODECARBON_") :].lower() for name in environ if name.startswith("CODECARBON_OFFSET_")),
         where="the environment (CODECARBON_*)",
@@ -319,7 +321,17 @@ def read_external_settings(
     return {key: merged[key] for key in CONFIG_KEYS if key in merged}
 
 
-def _read_config_file(path: Path) -> dict[str, str]:
+def read_codecarbon_section(path: Path) -> dict[str, str]:
+    """Every option of the ``[codecarbon]`` section of a ``.codecarbon.config`` file, read as
+    CodeCarbon reads it (``configparser``, ``%`` interpolation included).
+
+    Returns:
+        ``{option: raw string}``; ``{}`` when the file does not exist or has no such section.
+
+    Raises:
+        ConfigurationError: the file cannot be parsed (the message never quotes its lines: they
+            may hold the API key).
+    """
     if not path.is_file():
         return {}
     # the same reader CodeCarbon uses (``%`` interpolation included), so both tools see the same values
@@ -344,8 +356,7 @@ def _read_config_file(path: Path) -> dict[str, str]:
             f"{path} is not a valid INI file ({problem}); fix or remove it. "
             "carbonoffset reads its [codecarbon] section"
         )
-    _warn_unknown_offset_keys(values, where=str(path))
-    return {key: value for key, value in values.items() if key in CONFIG_KEYS}
+    return values
 
 
 def _warn_unknown_offset_keys(keys: Any, *, where: str) -> None:

@@ -18,7 +18,6 @@ with the exact final figures, or ``{"event": "refused", "reason": ...}``.
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import json
 import logging
@@ -32,6 +31,8 @@ import weakref
 from pathlib import Path
 from typing import IO, Any
 
+from carbonoffset.core.config import read_codecarbon_section
+from carbonoffset.core.errors import ConfigurationError
 from carbonoffset.core.sources import CodeCarbonSource, Measurement
 
 logger = logging.getLogger(__name__)
@@ -195,13 +196,12 @@ def _configured_tracking_mode() -> str | None:
     if value:
         return value
     for folder in (Path.cwd(), Path.home()):
-        parser = configparser.ConfigParser()
         try:
-            parser.read(folder / ".codecarbon.config", encoding="utf-8")
-            if parser.has_option("codecarbon", "tracking_mode"):
-                return parser.get("codecarbon", "tracking_mode")
-        except (configparser.Error, OSError, UnicodeDecodeError):
-            continue  # reported by the configuration's own reader; CodeCarbon decides
+            mode = read_codecarbon_section(folder / ".codecarbon.config").get("tracking_mode")
+        except ConfigurationError:
+            continue  # reported when the settings are read; CodeCarbon decides
+        if mode:
+            return mode
     return None
 
 
@@ -524,19 +524,16 @@ def main(argv: list[str]) -> int:
         message: dict[str, Any] = {"event": event, **extra}
         if source is not None:
             figures = source.read() if event == "totals" else source.stop()
-            handler = source._handler  # noqa: SLF001 -- the totals CodeCarbon gave, and when
-            if not handler.count:  # nothing measured: a zero would claim the run so far was covered
+            coverage = source.coverage()
+            if coverage is None:  # nothing measured: a zero would claim the run so far was covered
                 if event == "stopped":
                     send("refused", None, reason="CodeCarbon gave no figures for the run")
                 return
-            measured_at = time.monotonic() - (time.perf_counter() - handler.at)
-            unmeasured_s = 0.0
-            if source._gap is None:  # noqa: SLF001 -- a late start not estimated yet
-                unmeasured_s = max(0.0, handler.at - handler.duration_s - source._t0)  # noqa: SLF001
+            measured_at, unmeasured_s = coverage
             message.update(
                 emissions_kg=figures.emissions_kg,
                 energy_kwh=figures.energy_kwh,
-                at=measured_at,
+                at=time.monotonic() - (time.perf_counter() - measured_at),
                 unmeasured_s=unmeasured_s,
                 late_start_s=source.late_start_s,
                 late_start_kg=source.late_start_estimate.emissions_kg,

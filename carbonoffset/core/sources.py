@@ -574,13 +574,28 @@ class CodeCarbonSource:
         or until its power is known); included in every figure returned."""
         return self._gap or Measurement()
 
+    def _late_by_s(self, handler: _TotalsHandler) -> float:
+        """Seconds between the run's start and the moment the tracker began measuring."""
+        began = handler.at - handler.duration_s  # from the duration CodeCarbon reports
+        return max(0.0, began - self._t0)
+
+    def coverage(self) -> tuple[float, float] | None:
+        """What the figures :meth:`read` returns cover: ``(measured_at, unmeasured_s)``, with
+        ``measured_at`` the ``time.perf_counter()`` at which CodeCarbon measured them and
+        ``unmeasured_s`` the seconds of a late start before that not estimated yet (0 once the
+        estimate is included, see :attr:`late_start_estimate`); ``None`` until the tracker's first
+        figures (zeros cover nothing)."""
+        handler = self._handler
+        if not handler.count:
+            return None
+        return handler.at, (self._late_by_s(handler) if self._gap is None else 0.0)
+
     def _update_locked(self, *, final: bool) -> None:
         handler = self._handler
         if not handler.count:
             return
         if self._gap is None:
-            began = handler.at - handler.duration_s  # when the tracker's measurement began
-            gap_s = max(0.0, began - self._t0)
+            gap_s = self._late_by_s(handler)
             if gap_s <= 0.0:
                 self._gap = Measurement()
             elif final or (handler.duration_s >= self.GAP_POWER_MIN_S and handler.last.energy_kwh > 0):
