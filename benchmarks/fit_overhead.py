@@ -268,22 +268,12 @@ def _keras(variant: str, epochs: int, settings: dict[str, Any], folder: Path) ->
     import keras
 
     from carbonoffset.demo.data import load_digits_split
-    from carbonoffset.demo.keras import build_model
+    from carbonoffset.demo.keras import build_model, fit_digits
 
     run = _Variant(variant, settings, folder, "keras", "on_epoch_end")
     data = load_digits_split()
     model = build_model(keras)
-    return run.fit(
-        lambda: model.fit(
-            data.x_train,
-            data.y_train,
-            validation_data=(data.x_val, data.y_val),
-            epochs=epochs,
-            batch_size=64,
-            verbose=0,
-            callbacks=run.callbacks,
-        )
-    )
+    return run.fit(lambda: fit_digits(model, data, epochs=epochs, callbacks=run.callbacks))
 
 
 def _report(callback: Any) -> dict[str, Any]:

@@ -28,6 +28,21 @@ def build_model(keras: Any) -> Any:
     return model
 
 
+def fit_digits(model: Any, data: Any, *, epochs: int, callbacks: list[Any]) -> Any:
+    """``model.fit`` on the digits split (a :func:`~carbonoffset.demo.data.load_digits_split`
+    result) as the demo trains: batches of 64, validation on its held-out part, silent.
+    Returns the Keras ``History``."""
+    return model.fit(
+        data.x_train,
+        data.y_train,
+        validation_data=(data.x_val, data.y_val),
+        epochs=epochs,
+        batch_size=64,
+        verbose=0,
+        callbacks=callbacks,
+    )
+
+
 def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
     """Train a 64-32-10 dense network on digits for ``epochs`` epochs with the Keras callback.
 
@@ -57,15 +72,7 @@ def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
     data = load_digits_split()
     model = build_model(keras)
     with callback.guard():
-        history = model.fit(
-            data.x_train,
-            data.y_train,
-            validation_data=(data.x_val, data.y_val),
-            epochs=epochs,
-            batch_size=64,
-            verbose=0,
-            callbacks=[callback],
-        )
+        history = fit_digits(model, data, epochs=epochs, callbacks=[callback])
     report = callback.final_report
     if report is None:  # on_train_end always runs after a fit that returns
         raise RuntimeError("the Keras fit ended without a final report")
