@@ -554,10 +554,17 @@ def test_a_damaged_version_1_ledger_is_refused_before_it_is_migrated(
     raw.close()
 
 
-def test_an_empty_database_claimed_by_another_application_is_not_adopted(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "PRAGMA application_id = 1234",  # an empty database claimed by another application
+        "CREATE VIEW answer AS SELECT 42 AS value",  # a database holding only a view
+    ],
+)
+def test_a_database_that_is_not_an_empty_one_of_ours_is_not_adopted(tmp_path: Path, statement: str) -> None:
     path = tmp_path / "other.sqlite3"
     raw = sqlite3.connect(path)
-    raw.execute("PRAGMA application_id = 1234")
+    raw.execute(statement)
     raw.close()
     before = path.read_bytes()
     with pytest.raises(LedgerError, match="not a carbonoffset ledger"):
@@ -663,17 +670,6 @@ def test_resuming_a_run_this_ledger_does_not_know_creates_it_with_the_checkpoint
     assert second.resumed_from == "f" * 32 and second.base_emissions_kg == pytest.approx(0.75)
     ledger.record(second.run_id, emissions_kg=1.0, energy_kwh=4.0)
     assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(1.0) == _raw_sum(ledger_path)
-
-
-def test_a_database_holding_only_a_view_is_not_adopted(tmp_path: Path) -> None:
-    path = tmp_path / "view.sqlite3"
-    raw = sqlite3.connect(path)
-    raw.execute("CREATE VIEW answer AS SELECT 42 AS value")
-    raw.close()
-    before = path.read_bytes()
-    with pytest.raises(LedgerError, match="not a carbonoffset ledger"):
-        Ledger(path)
-    assert path.read_bytes() == before
 
 
 def test_a_ledger_is_created_in_place_where_hard_links_fail(

@@ -223,6 +223,7 @@ def test_a_meter_that_never_gave_figures_leaves_nothing_unmeasured(
     _busy(2.0)
     with caplog.at_level(logging.WARNING, logger="carbonoffset"):
         final = source.stop()
+    assert any("did not give the run's final figures" in r.getMessage() for r in caplog.records)
     assert _gone(pid)
     # the whole run is estimated (at the power an in-process tracker measures), never zero
     assert source.late_start_s > 2.0
