@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from carbonoffset.core.ledger import SCHEMA_VERSION, Ledger
 from carbonoffset.core.meter import MeterSource
 from carbonoffset.core.sources import DETAIL_FIELDS, CodeCarbonSource, Measurement
 
@@ -54,3 +58,64 @@ def test_the_measuring_process_sends_the_details_with_its_final_figures() -> Non
     assert final.details["country_iso_code"] == "FRA"
     assert final.details["codecarbon_version"] and final.details["cpu_model"]
     assert final.details["duration"] > 0
+
+
+# ------------------------------------------------------------------------ ledger
+def test_set_run_details_merges_keys_and_runs_without_any_read_empty(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        bare = ledger.start_run(account="sandbox:a", environment="sandbox")
+        run_id = ledger.start_run(account="sandbox:a", environment="sandbox")
+        ledger.set_run_details(run_id, {"cpu_model": "A", "gpu_count": 0})
+        ledger.set_run_details(run_id, {"gpu_count": 2, "region": None})
+        assert ledger.run(run_id).details == {"cpu_model": "A", "gpu_count": 2, "region": None}  # type: ignore[union-attr]
+        assert ledger.run(bare).details == {}  # type: ignore[union-attr]
+        assert {r.run_id: r.details for r in ledger.runs()}[run_id]["gpu_count"] == 2
+        with pytest.raises(KeyError, match="unknown run"):
+            ledger.set_run_details("nope", {"a": 1})
+        with pytest.raises(ValueError, match="JSON"):
+            ledger.set_run_details(run_id, {"a": object()})
+        assert ledger.run(run_id).details["cpu_model"] == "A"  # type: ignore[union-attr]
+
+
+def test_a_resumed_run_merges_its_segments_details_latest_last(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        run_id = ledger.start_run(account="sandbox:a", environment="sandbox")
+        ledger.set_run_details(run_id, {"cpu_model": "first", "country_iso_code": "FRA"})
+        segment = ledger.resume_run(run_id, account="sandbox:a", environment="sandbox")
+        assert segment.details == {}
+        ledger.set_run_details(segment.run_id, {"cpu_model": "second"})
+        assert ledger.run(run_id).details == {"cpu_model": "second", "country_iso_code": "FRA"}  # type: ignore[union-attr]
+
+
+def test_a_version_2_ledger_gets_the_details_column_keeping_its_runs(tmp_path: Path) -> None:
+    path = tmp_path / "v2.sqlite3"
+    with Ledger(path) as ledger:
+        run_id = ledger.start_run(account="sandbox:a", environment="sandbox")
+        ledger.record(run_id, emissions_kg=0.25, energy_kwh=1.0, epoch=0)
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.execute("ALTER TABLE runs DROP COLUMN details")
+        raw.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    raw.close()
+    with Ledger(path) as ledger:
+        assert ledger.run(run_id).emissions_kg == pytest.approx(0.25)  # type: ignore[union-attr]
+        assert ledger.run(run_id).details == {}  # type: ignore[union-attr]
+        ledger.set_run_details(run_id, {"cpu_model": "A"})
+        assert ledger.run(run_id).details == {"cpu_model": "A"}  # type: ignore[union-attr]
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(
+        SCHEMA_VERSION
+    )
+    raw.close()
+
+
+def test_a_version_1_ledger_is_migrated_to_the_details_column_too(
+    tmp_path: Path, as_schema_1: Callable[[Path], None]
+) -> None:
+    path = tmp_path / "v1.sqlite3"
+    with Ledger(path) as ledger:
+        run_id = ledger.start_run(account="sandbox:a", environment="sandbox")
+    as_schema_1(path)
+    with Ledger(path) as ledger:
+        ledger.set_run_details(run_id, {"region": "x"})
+        assert ledger.run(run_id).details == {"region": "x"}  # type: ignore[union-attr]
