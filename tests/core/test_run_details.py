@@ -12,7 +12,11 @@ import pytest
 
 from carbonoffset.core.ledger import SCHEMA_VERSION, Ledger
 from carbonoffset.core.meter import MeterSource
+from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import DETAIL_FIELDS, CodeCarbonSource, Measurement
+from carbonoffset.testing import ScriptedEmissions
+
+HARDWARE = {"cpu_model": "Test CPU 9000", "cpu_count": 8, "country_iso_code": "FRA", "country_name": "France"}
 
 
 def _busy(seconds: float) -> None:
@@ -119,3 +123,35 @@ def test_a_version_1_ledger_is_migrated_to_the_details_column_too(
     with Ledger(path) as ledger:
         ledger.set_run_details(run_id, {"region": "x"})
         assert ledger.run(run_id).details == {"region": "x"}  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------- session
+def test_a_session_stores_its_tracker_details_when_it_stops(ledger_path: Path) -> None:
+    session = OffsetSession(
+        source=ScriptedEmissions([0.001, 0.002], details=HARDWARE), offset_ledger=ledger_path
+    )
+    run_id = session.start()
+    session.record_epoch(0)
+    session.stop()
+    session.close()
+    with Ledger(ledger_path) as ledger:
+        details = ledger.run(run_id).details  # type: ignore[arg-type,union-attr]
+    assert {k: details[k] for k in HARDWARE} == HARDWARE
+    from carbonoffset import __version__
+
+    assert details["carbonoffset_version"] == __version__
+    assert "late_start_s" not in details
+
+
+@pytest.mark.slow
+def test_a_session_measured_by_codecarbon_stores_where_and_on_what(ledger_path: Path) -> None:
+    session = OffsetSession(offset_ledger=ledger_path, country_iso_code="FRA")
+    run_id = session.start()
+    _busy(1.0)
+    report = session.stop()
+    session.close()
+    with Ledger(ledger_path) as ledger:
+        run = ledger.run(run_id)  # type: ignore[arg-type]
+    assert run is not None and run.emissions_kg == report.emissions_kg > 0
+    assert run.details["country_iso_code"] == "FRA" and run.details["cpu_model"]
+    assert run.details["codecarbon_version"] and run.details["tracking_mode"] == "machine"
