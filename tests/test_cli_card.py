@@ -70,6 +70,13 @@ def test_card_on_a_lightning_run_merges_into_its_readme_once(
     card = _card_twice(CliRunner(), ledger_path, run_id, readme)
     _check_card(card, ledger_path, run_id, "pytorch-lightning")
     assert settings["offset_api_key"] not in readme.read_text()
+    # the docs' two lines after training, from Python: the same card
+    from carbonoffset.core.card import update_model_card
+
+    update_model_card(tmp_path / "my-model" / "README.md", result.report)
+    same = ModelCard.load(tmp_path / "my-model" / "README.md")
+    assert same.data.co2_eq_emissions == card.data.co2_eq_emissions
+    assert same.text.strip() == card.text[card.text.index(SECTION_BEGIN) :].strip()
 
 
 def test_card_on_a_keras_run_merges_into_its_readme_once(

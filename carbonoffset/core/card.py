@@ -387,8 +387,8 @@ def card_section(carbon: RunCarbon) -> str:
         lines += ["> **The run is still in progress:** these are its figures so far.", ""]
     if carbon.sandbox:
         lines += [
-            "> **Sandbox:** the offsets of this run's account were bought in 1ClickImpact's sandbox "
-            "(test mode). No carbon was captured: none of these emissions is offset.",
+            "> **Sandbox:** this run's account uses 1ClickImpact's sandbox (test mode), whose purchases "
+            "capture no carbon: none of these emissions is offset.",
             "",
         ]
     lines += [
