@@ -44,7 +44,11 @@ class Measurement:
     details: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __add__(self, other: Measurement) -> Measurement:
-        details = {**self.details, **other.details} if other.details else self.details
+        details = (
+            {**self.details, **other.details}
+            if other.details and self.details
+            else other.details or self.details
+        )
         return Measurement(
             self.emissions_kg + other.emissions_kg, self.energy_kwh + other.energy_kwh, details
         )
