@@ -385,6 +385,8 @@ def card_section(carbon: RunCarbon) -> str:
     lines = [SECTION_BEGIN, f"## {SECTION_TITLE}", ""]
     if run.status == "running":
         lines += ["> **The run is still in progress:** these are its figures so far.", ""]
+    elif run.status in ("failed", "interrupted"):
+        lines += [f"> The training run {run.status} before its end: these are its figures up to then.", ""]
     if carbon.sandbox:
         lines += [
             "> **Sandbox:** this run's account uses 1ClickImpact's sandbox (test mode), whose purchases "
@@ -567,6 +569,7 @@ def statement(carbon: RunCarbon) -> str:
         f"Training this model (carbonoffset run {run.run_id[:8]}, {epochs}"
         + (f", {took}" if took else "")
         + (", still running: figures so far" if run.status == "running" else "")
+        + (f", {run.status} before its end" if run.status in ("failed", "interrupted") else "")
         + f") used {format_energy(carbon.energy_kwh)} of electricity and emitted "
         f"{format_mass(carbon.emissions_kg)} CO2eq, {_measured_by(carbon)}."
     )

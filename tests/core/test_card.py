@@ -250,3 +250,14 @@ def test_the_statement_of_a_run_without_offsets_says_so(tmp_path: Path) -> None:
 def server_production() -> FakeOneClickImpact:
     with FakeOneClickImpact(environment="production") as fake:
         yield fake  # type: ignore[misc]
+
+
+def test_a_failed_run_is_stated_as_one(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.sqlite3") as ledger:
+        run_id = ledger.start_run(account="production:abc", environment="production")
+        ledger.record(run_id, emissions_kg=0.002, energy_kwh=0.04, epoch=1)
+        ledger.end_run(run_id, status="failed")
+        carbon = card.run_carbon(ledger, run_id)
+    assert f"(carbonoffset run {run_id[:8]}, 2 epochs, " in card.statement(carbon)
+    assert ", failed before its end)" in card.statement(carbon)
+    assert "> The training run failed before its end" in card.card_section(carbon)
