@@ -36,7 +36,7 @@ from carbonoffset.integrations._base import CallbackCore, CallbackViews, Collect
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REPORT_TO_NAME", "CarbonOffsetCallback"]
+__all__ = ["REPORT_TO_NAME", "CarbonOffsetCallback", "add_to_model_card"]
 
 #: The name to use in ``TrainingArguments(report_to=[...])``.
 REPORT_TO_NAME = "carbonoffset"
@@ -363,7 +363,8 @@ if _TrainerCallback is not None:
             @functools.wraps(write_card)
             def create_model_card(*args: Any, **kwargs: Any) -> Any:
                 result = write_card(*args, **kwargs)
-                this = callback()
+                # the Trainer may have replaced this instance by one rebuilt from a checkpoint
+                this = _callback_of(trainer) or callback()
                 if this is not None and trainer.is_world_process_zero():
                     this._complete_card(trainer, training_type)
                 return result
@@ -476,6 +477,29 @@ if _TrainerCallback is not None:
             if restored:
                 self._core.load_state_dict(restored)
 
+    def _callback_of(trainer: Any) -> CarbonOffsetCallback | None:
+        """The :class:`CarbonOffsetCallback` among ``trainer.callback_handler.callbacks``, if any."""
+        handler = getattr(trainer, "callback_handler", None)
+        for candidate in getattr(handler, "callbacks", None) or ():
+            if isinstance(candidate, CarbonOffsetCallback):
+                return candidate
+        return None
+
+    def add_to_model_card(trainer: Any, *, training_type: str | None = None) -> None:
+        """:meth:`CarbonOffsetCallback.add_to_model_card` for the callback ``trainer`` holds (e.g. built by
+        the Trainer from ``report_to=["carbonoffset"]``).
+
+        Raises:
+            ValueError: ``trainer`` has no :class:`CarbonOffsetCallback`.
+        """
+        callback = _callback_of(trainer)
+        if callback is None:
+            raise ValueError(
+                "this Trainer has no CarbonOffsetCallback: pass callbacks=[CarbonOffsetCallback(...)] or "
+                'report_to=["carbonoffset"] when building it'
+            )
+        callback.add_to_model_card(trainer, training_type=training_type)
+
     def _register_report_to() -> None:
         """Make ``TrainingArguments(report_to=["carbonoffset"])`` build :class:`CarbonOffsetCallback`."""
         try:
@@ -510,3 +534,9 @@ else:
             raise missing_framework(
                 "CarbonOffsetCallback", "Hugging Face Transformers", "transformers>=4.45", "transformers"
             )
+
+    def add_to_model_card(trainer: Any, *, training_type: str | None = None) -> None:
+        """Placeholder: transformers is not importable here."""
+        raise missing_framework(
+            "add_to_model_card", "Hugging Face Transformers", "transformers>=4.45", "transformers"
+        )

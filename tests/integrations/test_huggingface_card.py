@@ -33,7 +33,7 @@ from carbonoffset.core.card import SECTION_BEGIN, SECTION_TITLE  # noqa: E402
 from carbonoffset.core.ledger import Ledger  # noqa: E402
 from carbonoffset.core.units import kg_to_g  # noqa: E402
 from carbonoffset.demo import huggingface as demo  # noqa: E402
-from carbonoffset.integrations.huggingface import CarbonOffsetCallback  # noqa: E402
+from carbonoffset.integrations.huggingface import REPORT_TO_NAME, CarbonOffsetCallback, add_to_model_card  # noqa: E402
 from carbonoffset.testing import FakeOneClickImpact, ScriptedEmissions  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")]
@@ -149,3 +149,37 @@ def test_a_card_without_a_run_is_left_as_the_trainer_wrote_it(
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert "co2_eq_emissions" not in card.data.to_dict()
     assert "no training run was recorded yet" in caplog.text
+
+
+def test_a_trainer_built_callback_from_report_to_completes_the_card_too(
+    datasets: tuple[Any, Any],
+    tmp_path: Path,
+    server: FakeOneClickImpact,
+    ledger_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CODECARBON_OFFSET_API_KEY", "test_card_report_to_SECRET")
+    monkeypatch.setenv("CODECARBON_OFFSET_ENVIRONMENT", "sandbox")
+    monkeypatch.setenv("CODECARBON_OFFSET_API_URL", server.url)
+    monkeypatch.setenv("CODECARBON_OFFSET_LEDGER", str(ledger_path))
+    monkeypatch.setenv("CODECARBON_COUNTRY_ISO_CODE", "FRA")
+    train_set, val_set = datasets
+    trainer = Trainer(
+        model=demo.build_model(),
+        args=demo.training_arguments(str(tmp_path / "out"), epochs=1, report_to=[REPORT_TO_NAME]),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+    )
+    add_to_model_card(trainer, training_type="fine-tuning")
+    trainer.train()
+    trainer.create_model_card()
+    co2 = ModelCard.load(tmp_path / "out" / "README.md").data.co2_eq_emissions
+    with Ledger(ledger_path) as ledger:
+        (run,) = ledger.runs()
+    assert co2["emissions"] == kg_to_g(run.emissions_kg) and co2["training_type"] == "fine-tuning"
+    bare = Trainer(
+        model=demo.build_model(),
+        args=demo.training_arguments(str(tmp_path / "b"), epochs=1, eval_strategy="no"),
+    )
+    with pytest.raises(ValueError, match="no CarbonOffsetCallback"):
+        add_to_model_card(bare)
