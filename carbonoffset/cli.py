@@ -139,6 +139,10 @@ def report(
     plot: Annotated[
         Optional[Path], typer.Option("--plot", help="Write a PNG of cumulative emissions vs offsets.")
     ] = None,
+    run: RunOption = None,
+    statement: Annotated[
+        bool, typer.Option("--statement", help="With --run: print one paragraph for a paper.")
+    ] = False,
 ) -> None:
     """Show, per account (environment + key fingerprint): runs, emissions, offsets, pending and credit."""
     path = ledger or _ledger_setting()
@@ -146,6 +150,9 @@ def report(
         raise _fail(
             EXIT_LEDGER, f"no ledger at {path}; run a training with carbonoffset first or pass --ledger"
         )
+    if run is not None or statement:
+        _report_run(path, run, statement=statement, as_json=as_json)
+        return
     with _open_ledger(path) as book:
         rows = _report_data(book)
         if plot is not None:
@@ -182,6 +189,84 @@ def report(
     console.print(table if rows else f"The ledger {path} has no runs yet.")
     if plot is not None:
         console.print(f"Plot written to {plot}")
+
+
+# ------------------------------------------------------------ one run: card, statement
+RunOption = Annotated[
+    Optional[str],
+    typer.Option("--run", help="Run id (or a unique prefix of it, or 'latest'), as the ledger holds it."),
+]
+
+
+def _run_carbon(path: Path, run: str | None) -> Any:
+    from carbonoffset.core import card
+
+    if run is None:
+        raise _fail(EXIT_CONFIG, "--run RUN_ID is needed (a run id, a unique prefix of one, or 'latest')")
+    with _open_ledger(path) as book:
+        try:
+            return card.run_carbon(book, card.resolve_run_id(book, run))
+        except KeyError as exc:
+            raise _fail(EXIT_CONFIG, str(exc.args[0])) from None
+
+
+def _report_run(path: Path, run: str | None, *, statement: bool, as_json: bool) -> None:
+    """``report --run RUN_ID [--statement] [--json]``."""
+    from carbonoffset.core import card
+
+    carbon = _run_carbon(path, run)
+    if as_json:
+        print(json.dumps(card.as_json(carbon), indent=2))
+    elif statement:
+        print(card.statement(carbon))
+    else:
+        print(card.card_section(carbon), end="")
+
+
+@app.command("card")
+def card_command(
+    run: RunOption = None,
+    ledger: LedgerOption = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="markdown (a card: front matter + section), yaml or json.")
+    ] = "markdown",
+    update: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--update", help="Merge into this model card (README.md): front matter kept, section replaced."
+        ),
+    ] = None,
+    training_type: Annotated[
+        Optional[str],
+        typer.Option("--training-type", help="e.g. pre-training or fine-tuning (left out if unset)."),
+    ] = None,
+) -> None:
+    """A run's co2_eq_emissions model-card metadata (grams) and its "Carbon emissions and offsets" section."""
+    from carbonoffset.core import card
+
+    if output_format not in ("markdown", "yaml", "json"):
+        raise _fail(EXIT_CONFIG, "--format must be markdown, yaml or json")
+    path = ledger or _ledger_setting()
+    if not path.exists():
+        raise _fail(
+            EXIT_LEDGER, f"no ledger at {path}; pass --ledger with the ledger the run was recorded in"
+        )
+    carbon = _run_carbon(path, run)
+    try:
+        if update is not None:
+            card.write_card(update, carbon, training_type=training_type)
+            err_console.print(f"Updated {update} (co2_eq_emissions and the section for run {carbon.run_id})")
+            return
+        if output_format == "json":
+            print(json.dumps(card.as_json(carbon, training_type=training_type), indent=2))
+        elif output_format == "yaml":
+            print(card.metadata_yaml(carbon, training_type=training_type), end="")
+        else:
+            print(card.new_card(carbon, training_type=training_type), end="")
+    except ModuleNotFoundError as exc:
+        raise _fail(EXIT_CONFIG, str(exc)) from None
+    except ValueError as exc:  # a card whose front matter is not a mapping
+        raise _fail(EXIT_CONFIG, f"cannot update {update}: {exc}") from None
 
 
 def _plot(book: Ledger, target: Path) -> None:

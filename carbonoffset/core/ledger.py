@@ -30,13 +30,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import os
 import socket
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final, Literal
@@ -44,9 +45,10 @@ from typing import Final, Literal
 from carbonoffset.core.errors import LedgerError
 from carbonoffset.core.units import KG_PER_LB
 
-SCHEMA_VERSION: Final[int] = 2
+SCHEMA_VERSION: Final[int] = 3
 """2 added ``offsets.last_sent`` and the resume links of ``runs`` (migrated in place from 1).
-A resumed segment stores only what it measured, so every reader of version 2 sums runs right."""
+A resumed segment stores only what it measured, so every reader of version 2 sums runs right.
+3 added ``runs.details`` (JSON text: hardware, location; migrated in place)."""
 DEFAULT_RESEND_GRACE_S: Final[float] = 300.0
 """Seconds after a capture was sent during which no other process may take the offset over and
 look it up: a request abandoned at its deadline may still be acted on by the server for a while,
@@ -71,7 +73,8 @@ CREATE TABLE runs (
     nodes INTEGER NOT NULL DEFAULT 1,
     resumed_from TEXT,
     base_emissions_kg REAL NOT NULL DEFAULT 0,
-    base_energy_kwh REAL NOT NULL DEFAULT 0
+    base_energy_kwh REAL NOT NULL DEFAULT 0,
+    details TEXT
 );
 CREATE INDEX runs_by_account ON runs(account);
 CREATE INDEX runs_by_root ON runs(resumed_from);
@@ -247,6 +250,9 @@ class RunRecord:
         base_emissions_kg, base_energy_kwh: for a segment row, the run's figures it started
             from (not included in its own ``emissions_kg``/``energy_kwh``).
         segments: ledger rows of the run (1, plus one per resume).
+        details: what the run was measured on and where (JSON values, see
+            :meth:`Ledger.set_run_details`); empty when none were stored. For a run, its rows'
+            details merged in order (a later segment's keys win).
     """
 
     run_id: str
@@ -264,6 +270,18 @@ class RunRecord:
     base_emissions_kg: float = 0.0
     base_energy_kwh: float = 0.0
     segments: int = 1
+    details: dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+_RUN_COLUMNS: Final[int] = 14  # the columns of ``runs`` before ``details``, in RunRecord's order
+
+
+def _run_record(row: tuple[object, ...]) -> RunRecord:
+    """A ``SELECT * FROM runs`` row as a :class:`RunRecord` (``details`` parsed)."""
+    text = row[_RUN_COLUMNS] if len(row) > _RUN_COLUMNS else None
+    details = json.loads(text) if isinstance(text, str) and text else {}
+    record = RunRecord(*row[:_RUN_COLUMNS])  # type: ignore[arg-type]
+    return dataclasses.replace(record, details=details) if isinstance(details, dict) and details else record
 
 
 def _whole_runs(rows: list[tuple[object, ...]]) -> list[RunRecord]:
@@ -273,7 +291,7 @@ def _whole_runs(rows: list[tuple[object, ...]]) -> list[RunRecord]:
     its status and end are those of its latest segment; its epochs and nodes the most any
     segment reached.
     """
-    records = [RunRecord(*row) for row in rows]  # type: ignore[arg-type]
+    records = [_run_record(row) for row in rows]
     parts: dict[str, list[RunRecord]] = {}
     for record in records:
         parts.setdefault(record.resumed_from or record.run_id, []).append(record)
@@ -299,6 +317,7 @@ def _whole_runs(rows: list[tuple[object, ...]]) -> list[RunRecord]:
                 base_emissions_kg=0.0,
                 base_energy_kwh=0.0,
                 segments=len(rows_of_run),
+                details={k: v for r in rows_of_run for k, v in r.details.items()},
             )
         )
     return runs
@@ -496,6 +515,9 @@ class Ledger:
                 conn.execute("ALTER TABLE runs ADD COLUMN base_energy_kwh REAL NOT NULL DEFAULT 0")
                 conn.execute("CREATE INDEX IF NOT EXISTS runs_by_root ON runs(resumed_from)")
                 conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+            if current < 3:
+                conn.execute("ALTER TABLE runs ADD COLUMN details TEXT")
+                conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -661,6 +683,30 @@ class Ledger:
                 "UPDATE runs SET status = ?, ended_utc = ? WHERE run_id = ?", (status, utc_now(), run_id)
             )
 
+    def set_run_details(self, run_id: str, details: Mapping[str, object]) -> None:
+        """Merge ``details`` into the run's stored details (keys given replace those stored).
+
+        Args:
+            run_id: a run or segment id (the row written is that one; :meth:`run` merges its run's rows).
+            details: JSON values keyed by name, e.g. :attr:`Measurement.details
+                <carbonoffset.core.sources.Measurement.details>` (hardware, location, versions).
+
+        Raises:
+            ValueError: ``details`` is not JSON-serialisable.
+            KeyError: unknown ``run_id``.
+        """
+        try:
+            json.dumps(dict(details), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"run details must be JSON values ({exc})") from None
+        with self._write() as conn:
+            row = conn.execute("SELECT details FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"unknown run {run_id!r}")
+            stored = json.loads(row[0]) if row[0] else {}
+            merged = {**(stored if isinstance(stored, dict) else {}), **details}
+            conn.execute("UPDATE runs SET details = ? WHERE run_id = ?", (json.dumps(merged), run_id))
+
     def run(self, run_id: str) -> RunRecord | None:
         """The run ``run_id`` with its resumed segments folded in, or ``None``.
 
@@ -748,7 +794,7 @@ class Ledger:
                     self._insert_record(conn, run_id, None, at_least_kg, at_least_kwh, now)
                 found = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
                 return dataclasses.replace(
-                    RunRecord(*found), base_emissions_kg=at_least_kg, base_energy_kwh=at_least_kwh
+                    _run_record(found), base_emissions_kg=at_least_kg, base_energy_kwh=at_least_kwh
                 )
             writer = checkpointed_by or root
             if self._root_of(conn, writer) == root:
@@ -764,7 +810,7 @@ class Ledger:
                 (segment, account, environment, label, now, epochs, nodes, root, base_kg, base_kwh),
             )
             found = conn.execute("SELECT * FROM runs WHERE run_id = ?", (segment,)).fetchone()
-        return RunRecord(*found)
+        return _run_record(found)
 
     @staticmethod
     def _insert_record(

@@ -13,7 +13,8 @@ The protocol is JSON lines. Parent to meter: ``{"op": "start", ...}`` and
 ``{"op": "stop"}``; end of input makes the meter stop its tracker and exit, so
 it never outlives the process that started it. Meter to parent:
 ``{"event": "totals", ...}`` every ``refresh_s``, ``{"event": "stopped", ...}``
-with the exact final figures, or ``{"event": "refused", "reason": ...}``.
+with the exact final figures (and their ``details``, see
+:attr:`~carbonoffset.core.sources.Measurement.details`), or ``{"event": "refused", "reason": ...}``.
 """
 
 from __future__ import annotations
@@ -376,7 +377,9 @@ class MeterSource:
             if run != self._run or self._fallback is not None:
                 return
             if event in ("totals", "stopped"):
-                figures = Measurement(float(message["emissions_kg"]), float(message["energy_kwh"]))
+                figures = Measurement(
+                    float(message["emissions_kg"]), float(message["energy_kwh"]), message.get("details") or {}
+                )
                 self._cached = figures
                 # the figures cover the run up to when CodeCarbon measured them, except a late
                 # start not estimated yet (its seconds are "unmeasured_s")
@@ -539,6 +542,8 @@ def main(argv: list[str]) -> int:
                 late_start_kg=source.late_start_estimate.emissions_kg,
                 late_start_kwh=source.late_start_estimate.energy_kwh,
             )
+            if event == "stopped":
+                message["details"] = dict(figures.details)  # hardware, location (Measurement.details)
         elif event == "stopped":
             message.update(emissions_kg=0.0, energy_kwh=0.0, at=time.monotonic())
         try:

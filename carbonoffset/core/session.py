@@ -730,11 +730,28 @@ class OffsetSession:
         if self.is_writer and self._ledger is not None and self._segment_id is not None:
             try:
                 self._ledger.end_run(self._segment_id, status=status)
+                self._ledger.set_run_details(self._segment_id, self._run_details())
             except Exception as exc:  # noqa: BLE001
                 self._warn_once("ledger", "carbonoffset could not write its ledger (%s)", exc)
         self._worker.shutdown()  # nothing left running after a run: the thread ends once idle
         self._writer.shutdown()
         return self.report()
+
+    def _run_details(self) -> dict[str, Any]:
+        """What this run was measured on and where, for the ledger (see :meth:`Ledger.set_run_details`):
+        the tracker's final :attr:`Measurement.details`, the carbonoffset version and, when the tracker
+        started late, the seconds (``late_start_s``) and kg CO2eq (``late_start_kg``) estimated for it."""
+        from carbonoffset import __version__
+
+        final = self._tracker_final
+        details: dict[str, Any] = {**(final.details if final is not None else {})}
+        details["carbonoffset_version"] = __version__
+        late_s = getattr(self.source, "late_start_s", 0.0)
+        if isinstance(late_s, (int, float)) and late_s > 0:
+            details["late_start_s"] = float(late_s)
+            estimate = getattr(self.source, "late_start_estimate", None)
+            details["late_start_kg"] = float(getattr(estimate, "emissions_kg", 0.0))
+        return details
 
     def report(self) -> RunReport:
         """The current :class:`RunReport` (cheap; reads the ledger once the figures recorded so far

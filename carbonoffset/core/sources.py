@@ -12,11 +12,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import numbers
 import os
 import platform
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,13 +33,68 @@ class Measurement:
     Attributes:
         emissions_kg: emissions since the run started, kg CO2eq (>= 0).
         energy_kwh: energy since the run started, kWh (>= 0).
+        details: what the figures were measured on and where, as JSON values: for CodeCarbon the
+            :data:`DETAIL_FIELDS` of its ``EmissionsData`` (hardware, location, tracking mode,
+            versions; ``ram_total_size`` in GB, ``duration`` in s); empty when the source gives none.
+            Not compared by ``==``. A sum keeps both sides' details (the right side's win).
     """
 
     emissions_kg: float = 0.0
     energy_kwh: float = 0.0
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __add__(self, other: Measurement) -> Measurement:
-        return Measurement(self.emissions_kg + other.emissions_kg, self.energy_kwh + other.energy_kwh)
+        details = (
+            {**self.details, **other.details}
+            if other.details and self.details
+            else other.details or self.details
+        )
+        return Measurement(
+            self.emissions_kg + other.emissions_kg, self.energy_kwh + other.energy_kwh, details
+        )
+
+
+#: The fields of CodeCarbon's public ``EmissionsData`` kept in :attr:`Measurement.details`: what the
+#: run was measured on and where (never its coordinates, nor CodeCarbon's own run ids).
+DETAIL_FIELDS = (
+    "country_name",
+    "country_iso_code",
+    "region",
+    "cloud_provider",
+    "cloud_region",
+    "on_cloud",
+    "os",
+    "python_version",
+    "codecarbon_version",
+    "cpu_count",
+    "cpu_model",
+    "gpu_count",
+    "gpu_model",
+    "ram_total_size",
+    "tracking_mode",
+    "pue",
+    "duration",
+)
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON value for ``value`` (numbers stay numbers; NaN and infinities, which JSON lacks, become None)."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return str(value)
+
+
+def codecarbon_details(total: Any) -> dict[str, Any]:
+    """The :data:`DETAIL_FIELDS` of a CodeCarbon ``EmissionsData`` that it has, as JSON values."""
+    return {
+        name: _json_value(getattr(total, name))
+        for name in DETAIL_FIELDS
+        if getattr(total, name, None) is not None
+    }
 
 
 @runtime_checkable
@@ -73,7 +131,9 @@ class _TotalsHandler:
 
     def out(self, total: Any, delta: Any) -> None:
         try:
-            last = Measurement(float(total.emissions or 0.0), float(total.energy_consumed or 0.0))
+            last = Measurement(
+                float(total.emissions or 0.0), float(total.energy_consumed or 0.0), codecarbon_details(total)
+            )
             duration_s = float(getattr(total, "duration", 0.0) or 0.0)
             power_w = sum(
                 float(getattr(total, name, 0.0) or 0.0) for name in ("cpu_power", "gpu_power", "ram_power")

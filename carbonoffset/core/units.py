@@ -8,15 +8,20 @@ Constants:
     ``KG_PER_LB = 0.45359237`` -- 1 international avoirdupois pound is exactly
     0.45359237 kg (International Yard and Pound Agreement, 1959; exact by
     definition).
+    ``G_PER_KG = 1000`` -- model cards take grams (Hugging Face ``co2_eq_emissions``).
 """
 
 from __future__ import annotations
 
+import decimal
 import math
 from typing import Final
 
 KG_PER_LB: Final[float] = 0.45359237
 """Kilograms in one pound, exact by definition (1959 international agreement)."""
+
+G_PER_KG: Final[int] = 1000
+"""Grams in one kilogram (SI, exact)."""
 
 MIN_OFFSET_LB: Final[int] = 1
 """Smallest amount the API accepts for ``capture_carbon`` (whole pounds)."""
@@ -83,3 +88,24 @@ def whole_lb_ceil(emissions_kg: float) -> int:
     if emissions_kg <= _EPS_KG:
         return 0
     return min(MAX_OFFSET_LB, int(math.ceil((emissions_kg - _EPS_KG) / KG_PER_LB)))
+
+
+def kg_to_g(emissions_kg: float) -> float:
+    """Convert kilograms to grams exactly: the decimal point of ``emissions_kg`` moves three places.
+
+    ``emissions_kg * 1000`` in binary floating point can add noise to the last digit
+    (``0.0041 * 1000 == 4.1000000000000005``); this shifts the shortest decimal form of the
+    value instead, so ``kg_to_g(0.0041) == 4.1`` and ``kg_to_g(1.0) == 1000.0``.
+
+    Args:
+        emissions_kg: a finite mass in kg.
+
+    Returns:
+        The mass in grams, the float nearest to ``emissions_kg`` (as written) times 1000.
+
+    Raises:
+        ValueError: ``emissions_kg`` is NaN or infinite.
+    """
+    if not math.isfinite(emissions_kg):
+        raise ValueError(f"emissions_kg must be a finite number (got {emissions_kg!r})")
+    return float(decimal.Decimal(repr(float(emissions_kg))).scaleb(3))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from carbonoffset.integrations._base import CallbackCore, CallbackViews, Collect
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REPORT_TO_NAME", "CarbonOffsetCallback"]
+__all__ = ["REPORT_TO_NAME", "CarbonOffsetCallback", "add_to_model_card"]
 
 #: The name to use in ``TrainingArguments(report_to=[...])``.
 REPORT_TO_NAME = "carbonoffset"
@@ -78,6 +79,18 @@ def _rebuild_settings(config: OffsetConfig, explicit: dict[str, Any] | None) -> 
             value = str(value)
         out[name] = value
     return out
+
+
+def _training_type(model: Any) -> str | None:
+    """``"fine-tuning"`` for a model loaded with weights (``from_pretrained`` sets its public
+    ``name_or_path``), ``"pre-training"`` for one built from a config (empty ``name_or_path``),
+    ``None`` when the model does not say."""
+    name = getattr(model, "name_or_path", None)
+    if not isinstance(name, str):
+        name = getattr(getattr(model, "config", None), "name_or_path", None)
+    if not isinstance(name, str):
+        return None
+    return "fine-tuning" if name.strip() else "pre-training"
 
 
 def _nodes(args: Any) -> int:
@@ -317,6 +330,67 @@ if _TrainerCallback is not None:
                 report.pending_kg,
             )
 
+        # ---------------------------------------------------------- model card
+        def add_to_model_card(self, trainer: Any, *, training_type: str | None = None) -> None:
+            """Make the model cards ``trainer`` writes carry this callback's run: emissions and offsets.
+
+            The Trainer writes its card (``README.md`` in ``output_dir``) in ``create_model_card()``,
+            which ``push_to_hub()`` calls just before uploading (``save_model()`` writes none), and
+            rewrites it whole each time; no callback event follows. So this wraps that public method of
+            this ``trainer`` instance: once it has written the card, the card's front matter gets
+            ``co2_eq_emissions`` (**grams**, with source, training type, location, hardware) and its
+            text the section "Carbon emissions and offsets" (energy, emissions, what is offset and
+            pending, the 1ClickImpact receipts, sandbox stated plainly), from the ledger's figures of
+            the last run (see :mod:`carbonoffset.core.card`). Only the main process writes. A card
+            that cannot be completed (no run yet, ledger unreadable) is left as the Trainer wrote
+            it, with a warning: it never fails the push.
+
+            Args:
+                trainer: the ``transformers.Trainer`` this callback was given to.
+                training_type: the card's ``training_type``; default ``"fine-tuning"`` when the model
+                    was loaded with weights (``from_pretrained``: it has a ``name_or_path``),
+                    ``"pre-training"`` when it was built from a config, else left out.
+
+            Raises:
+                ModuleNotFoundError: ``huggingface_hub`` is missing (transformers installs it).
+            """
+            from carbonoffset.core import card
+
+            card._hub()  # fail here, not at push time, if huggingface_hub is missing
+            write_card = trainer.create_model_card
+            callback = weakref.ref(self)
+
+            @functools.wraps(write_card)
+            def create_model_card(*args: Any, **kwargs: Any) -> Any:
+                result = write_card(*args, **kwargs)
+                # the Trainer may have replaced this instance by one rebuilt from a checkpoint
+                this = _callback_of(trainer) or callback()
+                if this is not None and trainer.is_world_process_zero():
+                    this._complete_card(trainer, training_type)
+                return result
+
+            trainer.create_model_card = create_model_card
+
+        def _complete_card(self, trainer: Any, training_type: str | None) -> None:
+            from carbonoffset.core import card
+
+            report = self._core.final_report
+            session = self._core.session
+            run_id = (
+                report.run_id if report is not None else (session.run_id if session is not None else None)
+            )
+            ledger = report.ledger_path if report is not None else None
+            if run_id is None:
+                logger.warning("model card written without carbon figures: no training run was recorded yet")
+                return
+            path = Path(trainer.args.output_dir) / "README.md"
+            try:
+                card.update_model_card(
+                    path, run_id, ledger=ledger, training_type=training_type or _training_type(trainer.model)
+                )
+            except Exception as exc:  # noqa: BLE001 -- never fail the Trainer's card or push
+                logger.warning("could not add the carbon figures to the model card %s: %s", path, exc)
+
         # ---------------------------------------------------------- safety net
         @contextlib.contextmanager
         def guard(self) -> Iterator[CarbonOffsetCallback]:
@@ -403,6 +477,29 @@ if _TrainerCallback is not None:
             if restored:
                 self._core.load_state_dict(restored)
 
+    def _callback_of(trainer: Any) -> CarbonOffsetCallback | None:
+        """The :class:`CarbonOffsetCallback` among ``trainer.callback_handler.callbacks``, if any."""
+        handler = getattr(trainer, "callback_handler", None)
+        for candidate in getattr(handler, "callbacks", None) or ():
+            if isinstance(candidate, CarbonOffsetCallback):
+                return candidate
+        return None
+
+    def add_to_model_card(trainer: Any, *, training_type: str | None = None) -> None:
+        """:meth:`CarbonOffsetCallback.add_to_model_card` for the callback ``trainer`` holds (e.g. built by
+        the Trainer from ``report_to=["carbonoffset"]``).
+
+        Raises:
+            ValueError: ``trainer`` has no :class:`CarbonOffsetCallback`.
+        """
+        callback = _callback_of(trainer)
+        if callback is None:
+            raise ValueError(
+                "this Trainer has no CarbonOffsetCallback: pass callbacks=[CarbonOffsetCallback(...)] or "
+                'report_to=["carbonoffset"] when building it'
+            )
+        callback.add_to_model_card(trainer, training_type=training_type)
+
     def _register_report_to() -> None:
         """Make ``TrainingArguments(report_to=["carbonoffset"])`` build :class:`CarbonOffsetCallback`."""
         try:
@@ -437,3 +534,9 @@ else:
             raise missing_framework(
                 "CarbonOffsetCallback", "Hugging Face Transformers", "transformers>=4.45", "transformers"
             )
+
+    def add_to_model_card(trainer: Any, *, training_type: str | None = None) -> None:
+        """Placeholder: transformers is not importable here."""
+        raise missing_framework(
+            "add_to_model_card", "Hugging Face Transformers", "transformers>=4.45", "transformers"
+        )

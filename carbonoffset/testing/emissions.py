@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from carbonoffset.core.sources import Measurement
 
@@ -22,6 +23,8 @@ class ScriptedEmissions:
         intensity_kg_per_kwh: carbon intensity used to derive energy (> 0;
             default 0.056 kg/kWh, roughly France's grid).
         advance_on_stop: ``stop()`` takes the next scripted value.
+        details: the :attr:`~carbonoffset.core.sources.Measurement.details` every figure carries
+            (e.g. ``{"cpu_model": ..., "country_iso_code": ...}``); default none.
 
     Every ``start()`` begins a new run: the script restarts from its first value.
     """
@@ -32,6 +35,7 @@ class ScriptedEmissions:
         *,
         intensity_kg_per_kwh: float = 0.056,
         advance_on_stop: bool = False,
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         if intensity_kg_per_kwh <= 0:
             raise ValueError("intensity_kg_per_kwh must be > 0")
@@ -42,6 +46,7 @@ class ScriptedEmissions:
         self._script = emissions_kg
         self._intensity = intensity_kg_per_kwh
         self._advance_on_stop = advance_on_stop
+        self._details = dict(details or {})
         self._lock = threading.Lock()
         self.reads = 0
         self.starts = 0
@@ -57,7 +62,7 @@ class ScriptedEmissions:
     def _next(self) -> Measurement:
         kg = self._value(self.reads)
         self.reads += 1
-        self._last = Measurement(kg, kg / self._intensity)
+        self._last = Measurement(kg, kg / self._intensity, self._details)
         return self._last
 
     def start(self) -> None:
