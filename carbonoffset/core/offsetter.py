@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 
 from carbonoffset.core.client import OffsetClient, Receipt, capture_in_flight
-from carbonoffset.core.config import OffsetConfig
+from carbonoffset.core.config import KEY_PREFIXES, OffsetConfig
 from carbonoffset.core.errors import OffsetServiceError
 from carbonoffset.core.ledger import DEFAULT_RESEND_GRACE_S, Ledger, OffsetRecord
 from carbonoffset.core.units import whole_lb_ceil, whole_lb_floor
@@ -168,6 +168,47 @@ class Offsetter:
                     continue
                 outcomes.append(self._settle(claimed, claimed=True))
         return outcomes
+
+    def check_key(self) -> str:
+        """Ask the service whether it accepts ``offset_api_key`` (``who_am_i``, one call under
+        ``offset_request_timeout``); logs the outcome once and never raises.
+
+        A refused key sets :attr:`auth_failed`, so this offsetter sends no capture with it (the
+        emissions stay pending in the ledger).
+
+        Returns:
+            ``"accepted"``, ``"refused"`` (logged as one ERROR naming ``offset_api_key``, never
+            its value) or ``"unchecked"`` (service unreachable or failing: one WARNING).
+        """
+        try:
+            self.client.who_am_i()
+        except OffsetServiceError as exc:
+            environment, account = self.config.offset_environment, self.config.account
+            if exc.is_auth_error:
+                self.auth_failed = True
+                logger.error(
+                    "1ClickImpact (%s, %s) refused the key set in offset_api_key (value not shown): %s. "
+                    "Nothing will be bought with it; this run's emissions are recorded in the ledger under "
+                    "account %s and stay pending. Set offset_api_key to your %s key (%s...) from your "
+                    "1ClickImpact account, then run `carbonoffset adopt %s` and `carbonoffset offset`.",
+                    environment,
+                    self.client.base_url,
+                    exc,
+                    account,
+                    environment,
+                    KEY_PREFIXES[environment],
+                    account,
+                )
+                return "refused"
+            logger.warning(
+                "could not check offset_api_key with 1ClickImpact (%s, %s): %s. Training and recording go "
+                "on; offsets are tried as usual and stay pending in the ledger if they cannot be bought.",
+                environment,
+                self.client.base_url,
+                exc,
+            )
+            return "unchecked"
+        return "accepted"
 
     # ------------------------------------------------------------- protocol
     def _settle(self, record: OffsetRecord, *, claimed: bool = False) -> OffsetOutcome:
