@@ -126,9 +126,7 @@ class RunReport:
             f"{self.epochs} epoch{'' if self.epochs == 1 else 's'}"
         ]
         if self.confirmed_lb:
-            parts.append(
-                f"bought {self.confirmed_lb} lb ({_fmt(self.confirmed_lb * KG_PER_LB)} kg) this run"
-            )
+            parts.append(f"bought {self.confirmed_lb} lb ({_fmt(self.confirmed_lb * KG_PER_LB)} kg) this run")
         if self.in_flight_lb:
             parts.append(
                 f"{self.in_flight_lb} lb ({_fmt(self.in_flight_lb * KG_PER_LB)} kg) not confirmed yet: "
@@ -136,7 +134,9 @@ class RunReport:
             )
         pending = f"{_fmt(self.pending_kg)} kg pending"
         if self.not_bought == NOT_BOUGHT_BELOW_THRESHOLD:
-            parts.append(f"bought nothing this run: {pending} below the {self.offset_threshold:g} kg threshold")
+            parts.append(
+                f"bought nothing this run: {pending} below the {self.offset_threshold:g} kg threshold"
+            )
         elif self.not_bought is not None:
             parts.append(f"bought nothing this run: {self.not_bought}; {pending}")
         elif self.pending_kg > 0:

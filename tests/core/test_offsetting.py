@@ -473,7 +473,10 @@ def test_the_end_line_says_what_was_recorded_bought_and_left_pending(
     assert report.confirmed_lb == 2 and report.not_bought is None
     pending = 1.2 - 2 * KG_PER_LB
     assert line.startswith("carbonoffset: recorded 1.2 kg CO2eq (")
-    assert f"bought 2 lb ({2 * KG_PER_LB:.3g} kg) this run; {pending:.3g} kg pending below the 0.5 kg threshold" in line
+    assert (
+        f"bought 2 lb ({2 * KG_PER_LB:.3g} kg) this run; {pending:.3g} kg pending below the 0.5 kg threshold"
+        in line
+    )
     assert f"ledger {settings['offset_ledger']}" in line
 
     report, line = end_line()  # 0.293 + 1.2 kg pending now: 3 lb
