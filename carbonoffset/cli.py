@@ -172,7 +172,13 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[
         Optional[Path],
-        typer.Option("--plot", metavar="FILE.png", help="Write a PNG of cumulative emissions vs offsets."),
+        typer.Option(
+            "--plot", metavar="FILE.png", help="Write a PNG of cumulative emissions vs offsets, per account."
+        ),
+    ] = None,
+    run: Annotated[
+        Optional[str],
+        typer.Option("--run", metavar="RUN_ID", help="With --plot: draw this run only (an id or its prefix)."),
     ] = None,
 ) -> None:
     """Show, per account (environment + key fingerprint): runs, emissions, offsets, pending and credit."""
@@ -183,8 +189,7 @@ def report(
         )
     with _open_ledger(path) as book:
         rows = _report_data(book)
-        if plot is not None:
-            _plot(book, plot)
+        panels = _plot(book, plot, run) if plot is not None else 0
     if as_json:
         print(json.dumps({"ledger": str(path), "accounts": rows}, indent=2))
         return
@@ -216,51 +221,18 @@ def report(
         )
     console.print(table if rows else f"The ledger {path} has no runs yet.")
     if plot is not None:
-        console.print(f"Plot written to {plot}")
+        console.print(f"Plot written to {plot}" if panels else f"No plot written: {path} has nothing recorded yet.")
 
 
-def _plot(book: Ledger, target: Path) -> None:
+def _plot(book: Ledger, target: Path, run_id: str | None) -> int:
     try:
-        import matplotlib
+        from carbonoffset.plot import plot_ledger
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return plot_ledger(book, target, run_id=run_id)
     except ImportError:
-        raise _fail(EXIT_CONFIG, "--plot needs matplotlib: pip install carbonoffset[plot]") from None
-    import datetime as dt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for account in book.accounts():
-        series = book.history(account)
-        if series:
-            ax.step(
-                [dt.datetime.fromisoformat(t.rstrip("Z")) for t, _ in series],
-                [kg for _, kg in series],
-                where="post",
-                label=f"emissions {account}",
-            )
-        total = 0.0
-        points = []
-        for offset in book.offsets(account, states=("confirmed",)):
-            total += offset.amount_kg
-            points.append((dt.datetime.fromisoformat(offset.created_utc.rstrip("Z")), total))
-        if points:
-            ax.step(
-                [p[0] for p in points],
-                [p[1] for p in points],
-                where="post",
-                linestyle="--",
-                label=f"offsets {account}",
-            )
-    ax.set_xlabel("time (UTC)")
-    ax.set_ylabel("cumulative kg CO2eq")
-    ax.set_title("Cumulative emissions vs offsets")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
+        raise _fail(EXIT_CONFIG, '--plot needs matplotlib: pip install "carbonoffset[plot]"') from None
+    except KeyError as exc:
+        raise _fail(EXIT_CONFIG, f"--run: {exc.args[0]}") from None
 
 
 # ------------------------------------------------------------ offset, reconcile

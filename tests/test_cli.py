@@ -387,3 +387,47 @@ def test_offset_during_the_resend_grace_names_what_it_leaves_alone(
     assert server.total_lb() == 2 and all(
         m and m["carbonoffset_offset_id"] != intent.offset_id for m in captures
     )
+
+
+# -------------------------------------------------------------------------- plot
+def test_plot_one_panel_per_account_and_one_run(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path, tmp_path: Path, server: FakeOneClickImpact
+) -> None:
+    import matplotlib.image
+
+    from carbonoffset.plot import mass_label, short_account
+
+    account = _account()
+    tiny = _record(ledger_path, account, 2.7e-6)  # a demo-sized run, then a rounded-up offset
+    assert runner.invoke(app, ["offset", "--round-up"]).exit_code == 0
+    one = tmp_path / "one.png"
+    result = runner.invoke(app, ["report", "--plot", str(one)])
+    assert result.exit_code == 0 and f"Plot written to {one}" in result.output
+
+    other = OffsetConfig(offset_api_key="live_cli_other_SECRET", offset_environment="production").account
+    _record(ledger_path, other, 3.0)
+    two = tmp_path / "two.png"
+    assert runner.invoke(app, ["report", "--plot", str(two)]).exit_code == 0
+    height_one, height_two = (matplotlib.image.imread(p).shape[0] for p in (one, two))
+    assert height_two > 1.5 * height_one  # a second panel, not a second line in the first
+
+    run = tmp_path / "run.png"
+    result = runner.invoke(app, ["report", "--plot", str(run), "--run", tiny[:8]])
+    assert result.exit_code == 0 and run.read_bytes()[:4] == b"\x89PNG"
+    result = runner.invoke(app, ["report", "--plot", str(tmp_path / "none.png"), "--run", "no-such-run"])
+    assert result.exit_code == EXIT_CONFIG and "0 runs" in result.output
+    assert not (tmp_path / "none.png").exists()
+
+    assert [mass_label(v) for v in (2.7e-6, 0.4536, 1234.0, 0.0)] == ["2.7 mg", "454 g", "1.23 t", "0 kg"]
+    assert short_account(account) == f"sandbox · {account.split(':')[1][:8]}"
+    assert short_account("production:no-key") == "production · no key"
+
+
+def test_plot_of_an_empty_ledger_writes_nothing(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path
+) -> None:
+    Ledger(ledger_path).close()
+    target = ledger_path.with_name("empty.png")
+    result = runner.invoke(app, ["report", "--plot", str(target)])
+    assert result.exit_code == 0 and "nothing recorded yet" in " ".join(result.output.split())
+    assert not target.exists()
