@@ -122,8 +122,8 @@ class RunReport:
         the figures are, e.g. ``recorded 0.0123 kg CO2eq (0.0456 kWh) in 5 epochs; bought 1 lb
         (0.454 kg) this run; 0.0271 kg pending below the 0.5 kg threshold; ledger /path``."""
         parts = [
-            f"recorded {_fmt(self.emissions_kg)} kg CO2eq ({_fmt(self.energy_kwh)} kWh) in "
-            f"{self.epochs} epoch{'' if self.epochs == 1 else 's'}"
+            f"recorded {_fmt(self.emissions_kg)} kg CO2eq ({_fmt(self.energy_kwh)} kWh)"
+            + (f" in {self.epochs} epoch{'' if self.epochs == 1 else 's'}" if self.epochs else "")
         ]
         if self.confirmed_lb:
             parts.append(f"bought {self.confirmed_lb} lb ({_fmt(self.confirmed_lb * KG_PER_LB)} kg) this run")
