@@ -182,6 +182,8 @@ def report(
     ] = None,
 ) -> None:
     """Show, per account (environment + key fingerprint): runs, emissions, offsets, pending and credit."""
+    if run is not None and plot is None:
+        raise _fail(EXIT_CONFIG, "--run chooses the run to plot: pass --plot FILE.png with it")
     path = ledger or _ledger_setting()
     if not path.exists():
         raise _fail(

@@ -417,6 +417,8 @@ def test_plot_one_panel_per_account_and_one_run(
     result = runner.invoke(app, ["report", "--plot", str(tmp_path / "none.png"), "--run", "no-such-run"])
     assert result.exit_code == EXIT_CONFIG and "0 runs" in result.output
     assert not (tmp_path / "none.png").exists()
+    result = runner.invoke(app, ["report", "--run", tiny[:8]])  # --run without --plot
+    assert result.exit_code == EXIT_CONFIG and "--plot" in result.output
 
     assert [mass_label(v) for v in (2.7e-6, 0.4536, 1234.0, 0.0)] == ["2.7 mg", "454 g", "1.23 t", "0 kg"]
     assert short_account(account) == f"sandbox · {account.split(':')[1][:8]}"
