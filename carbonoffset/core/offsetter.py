@@ -102,6 +102,7 @@ class Offsetter:
         self.wait_max_s = wait_max_s
         self.resend_grace_s = resend_grace_s
         self.auth_failed = False
+        self._auth_lock = threading.Lock()  # the key check and a capture may both learn it: log once
         self._lock = threading.Lock()  # one purchase at a time per Offsetter
         self._lease_s = (
             config.offset_request_timeout * (self.max_attempts + 1) * 2 + wait_max_s * self.max_attempts
@@ -185,7 +186,8 @@ class Offsetter:
         except OffsetServiceError as exc:
             environment, account = self.config.offset_environment, self.config.account
             if exc.is_auth_error:
-                self.auth_failed = True
+                if not self._first_auth_failure():
+                    return "refused"
                 logger.error(
                     "1ClickImpact (%s, %s) refused the key set in offset_api_key (value not shown): %s. "
                     "Nothing will be bought with it; this run's emissions are recorded in the ledger under "
@@ -209,6 +211,12 @@ class Offsetter:
             )
             return "unchecked"
         return "accepted"
+
+    def _first_auth_failure(self) -> bool:
+        """Set :attr:`auth_failed`; ``True`` for the first caller only (who logs the ERROR)."""
+        with self._auth_lock:
+            first, self.auth_failed = not self.auth_failed, True
+        return first
 
     # ------------------------------------------------------------- protocol
     def _settle(self, record: OffsetRecord, *, claimed: bool = False) -> OffsetOutcome:
@@ -297,7 +305,7 @@ class Offsetter:
             return OffsetOutcome(offset_id, record.amount_lb, "unknown", error=str(exc))
         except OffsetServiceError as exc:
             if exc.is_auth_error:
-                self.auth_failed = True
+                first = self._first_auth_failure()
                 if state["ambiguous"]:
                     # we cannot tell whether an earlier call went through: keep it open
                     self.ledger.mark_unknown(offset_id, error=str(exc))
@@ -306,7 +314,8 @@ class Offsetter:
                 else:
                     self.ledger.mark_failed(offset_id, error=str(exc))
                     state_name = "failed"
-                logger.error(
+                logger.log(
+                    logging.ERROR if first else logging.DEBUG,
                     "1ClickImpact refused the API key set in offset_api_key (value not shown): %s. "
                     "Nothing was bought; the emissions stay pending in the ledger under account %s. "
                     "Fix offset_api_key, then run `carbonoffset adopt %s` and `carbonoffset offset`.",

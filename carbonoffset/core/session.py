@@ -91,7 +91,7 @@ class RunReport:
             at least one pound, and on ranks that do not offset), e.g.
             ``"auto_offset is off"``, ``"offset_api_key is not set"``, ``"below threshold"``.
 
-    ``str(report)`` is :attr:`summary`, the line logged at the end of every run.
+    :attr:`summary` is the line logged at the end of every run.
     """
 
     run_id: str | None
@@ -149,9 +149,6 @@ class RunReport:
         if self.ledger_path is not None:
             parts.append(f"ledger {self.ledger_path} (account {self.account})")
         return "; ".join(parts)
-
-    def __str__(self) -> str:
-        return self.summary
 
 
 #: :attr:`RunReport.not_bought` when the account's pending emissions are below ``offset_threshold``.
@@ -327,6 +324,7 @@ class OffsetSession:
         self._tracker_final: Measurement | None = None
         self._exit_finalizer: Any = None
         self._ended_status: str | None = None
+        self._key_check: threading.Thread | None = None
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -505,7 +503,11 @@ class OffsetSession:
                 and self._ledger is not None
                 and _key_check_due(self.config)
             ):
-                self._worker.submit(self._check_key_job)  # the worker's first job: before any offset
+                # its own thread: an offset due meanwhile is not held up by the check's round trip
+                self._key_check = threading.Thread(
+                    target=self._check_key_job, name="carbonoffset-key-check", daemon=True
+                )
+                self._key_check.start()
             if self.is_writer and self.config.auto_offset:
                 if not self.config.can_offset:
                     self._warn_once(
@@ -522,9 +524,14 @@ class OffsetSession:
             return self.run_id
 
     def _check_key_job(self) -> None:
-        """Worker thread: check the key once at the start of a run (see :meth:`Offsetter.check_key`)."""
-        offsetter = self._get_offsetter()
-        if offsetter is not None and offsetter.check_key() == "accepted":
+        """Background thread: check the key once at the start of a run (see :meth:`Offsetter.check_key`)."""
+        try:
+            offsetter = self._get_offsetter()
+            accepted = offsetter is not None and offsetter.check_key() == "accepted"
+        except Exception:  # noqa: BLE001 -- never let the check disturb the run
+            logger.debug("the start-of-run key check failed", exc_info=True)
+            return
+        if accepted:
             with _ACCEPTED_KEYS_LOCK:
                 _ACCEPTED_KEYS.add(_key_check_id(self.config))
 
@@ -757,14 +764,19 @@ class OffsetSession:
             self.wait(wait)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for background offsets, at most ``timeout`` s (default ``offset_timeout``).
+        """Wait for background offsets (and the start-of-run key check), at most ``timeout`` s
+        (default ``offset_timeout``).
 
         Returns:
             ``True`` when nothing is left in flight.
         """
         deadline = time.monotonic() + (self.config.offset_timeout if timeout is None else timeout)
         written = self._writer.wait(deadline - time.monotonic())
-        return self._worker.wait(max(0.0, deadline - time.monotonic())) and written
+        checked = True
+        if self._key_check is not None:
+            self._key_check.join(max(0.0, deadline - time.monotonic()))
+            checked = not self._key_check.is_alive()
+        return self._worker.wait(max(0.0, deadline - time.monotonic())) and written and checked
 
     def stop(
         self, *, final_offset: bool = True, status: str = "finished", total: Measurement | None = None
@@ -807,6 +819,8 @@ class OffsetSession:
         if final_offset and self.is_writer and self.config.auto_offset and self._get_offsetter() is not None:
             round_up = self.config.offset_round_up
             self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=not round_up))
+        if self._key_check is not None:  # a short run still hears about a refused key
+            self._key_check.join(max(0.0, deadline - time.monotonic()))
         if self.is_writer and not self._worker.wait(max(0.0, deadline - time.monotonic())):
             logger.warning(
                 "offsets still in flight after offset_timeout=%gs; they stay in the ledger and the next "
