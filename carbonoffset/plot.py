@@ -278,8 +278,10 @@ def _draw_panel(
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.set_title(title, loc="left", fontsize=11, fontweight="bold", color=dark)
-    ax.set_title(subtitle, loc="right", fontsize=9, color="#444444")
+    # the title, and under it the figures, both left-aligned above the data (a right-aligned
+    # subtitle would run into a long title)
+    ax.set_title(title, loc="left", fontsize=11, fontweight="bold", color=dark, pad=17)
+    ax.text(0.0, 1.02, subtitle, transform=ax.transAxes, ha="left", va="bottom", fontsize=9, color="#444444")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
 
 
@@ -292,6 +294,9 @@ def _account_subtitle(book: Ledger, account: str) -> str:
         f"emitted {mass_label(balance.recorded_kg)}",
         f"offset {bought_lb} lb ({mass_label(bought_lb * KG_PER_LB)})",
     ]
+    in_flight_lb = sum(o.amount_lb for o in book.offsets(account, states=("intent", "unknown")))
+    if in_flight_lb:
+        parts.append(f"{in_flight_lb} lb in flight")
     if balance.pending_kg > 0:
         parts.append(f"pending {mass_label(balance.pending_kg)}")
     if balance.credit_kg > 0:
