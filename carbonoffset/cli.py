@@ -11,6 +11,7 @@ and process lists): set ``CODECARBON_OFFSET_API_KEY`` or ``offset_api_key`` in
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import secrets
@@ -21,6 +22,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from carbonoffset.core.config import OffsetConfig
@@ -33,28 +35,63 @@ app = typer.Typer(
     help="Measure the carbon emissions of ML training and offset them through 1ClickImpact.",
     no_args_is_help=True,
     add_completion=False,
+    # click's plain help: options as `--ledger PATH` and flags without a type (typer's rich panels
+    # print `<bool>` after every flag, --help included)
+    rich_markup_mode=None,
 )
 # a wide console when piped, so `carbonoffset report > file` keeps every column
 console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+# messages on stderr are never wrapped (a piped stderr would otherwise be cut at 80 columns)
+err_console = Console(stderr=True, soft_wrap=True)
 
 EXIT_UNCONFIRMED = 1
 EXIT_CONFIG = 2
 EXIT_LEDGER = 3
 
+RunOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--run",
+        metavar="RUN_ID",
+        help="Run id (or a unique prefix of it, or 'latest'), as the ledger holds it. With --plot: draw this run only.",
+    ),
+]
 LedgerOption = Annotated[
     Optional[Path],
-    typer.Option("--ledger", help="Ledger file (default: offset_ledger setting or the user data dir)."),
+    typer.Option(
+        "--ledger", metavar="PATH", help="Ledger file (default: offset_ledger setting or the user data dir)."
+    ),
 ]
 EnvironmentOption = Annotated[
     Optional[str],
-    typer.Option("--environment", help="'production' or 'sandbox' (default: offset_environment)."),
+    typer.Option(
+        "--environment", metavar="ENV", help="'production' or 'sandbox' (default: offset_environment)."
+    ),
 ]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log what carbonoffset does (INFO).")]
 
 
 def _fail(code: int, message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"carbonoffset {version('carbonoffset')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Measure the carbon emissions of ML training and offset them through 1ClickImpact."""
 
 
 def _config(**explicit: Any) -> OffsetConfig:
@@ -99,9 +136,14 @@ def _open_ledger(path: Path) -> Ledger:
 
 
 def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
 
-    handler = RichHandler(console=err_console, show_path=False, show_time=False)
+        handler = RichHandler(console=err_console, show_path=False, show_time=False)
+    else:  # piped: one plain line per message, never wrapped
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("carbonoffset")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -137,7 +179,10 @@ def report(
     ledger: LedgerOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[
-        Optional[Path], typer.Option("--plot", help="Write a PNG of cumulative emissions vs offsets.")
+        Optional[Path],
+        typer.Option(
+            "--plot", metavar="FILE.png", help="Write a PNG of cumulative emissions vs offsets, per account."
+        ),
     ] = None,
     run: RunOption = None,
     statement: Annotated[
@@ -150,13 +195,12 @@ def report(
         raise _fail(
             EXIT_LEDGER, f"no ledger at {path}; run a training with carbonoffset first or pass --ledger"
         )
-    if run is not None or statement:
+    if plot is None and (run is not None or statement):
         _report_run(path, run, statement=statement, as_json=as_json)
         return
     with _open_ledger(path) as book:
         rows = _report_data(book)
-        if plot is not None:
-            _plot(book, plot)
+        panels = _plot(book, plot, run) if plot is not None else 0
     if as_json:
         print(json.dumps({"ledger": str(path), "accounts": rows}, indent=2))
         return
@@ -188,16 +232,10 @@ def report(
         )
     console.print(table if rows else f"The ledger {path} has no runs yet.")
     if plot is not None:
-        console.print(f"Plot written to {plot}")
+        console.print(f"Plot written to {plot}" if panels else f"No plot written: {path} has nothing recorded yet.")
 
 
 # ------------------------------------------------------------ one run: card, statement
-RunOption = Annotated[
-    Optional[str],
-    typer.Option("--run", help="Run id (or a unique prefix of it, or 'latest'), as the ledger holds it."),
-]
-
-
 def _run_carbon(path: Path, run: str | None) -> Any:
     from carbonoffset.core import card
 
@@ -269,48 +307,15 @@ def card_command(
         raise _fail(EXIT_CONFIG, f"cannot update {update}: {exc}") from None
 
 
-def _plot(book: Ledger, target: Path) -> None:
+def _plot(book: Ledger, target: Path, run_id: str | None) -> int:
     try:
-        import matplotlib
+        from carbonoffset.plot import plot_ledger
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return plot_ledger(book, target, run_id=run_id)
     except ImportError:
-        raise _fail(EXIT_CONFIG, "--plot needs matplotlib: pip install carbonoffset[plot]") from None
-    import datetime as dt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for account in book.accounts():
-        series = book.history(account)
-        if series:
-            ax.step(
-                [dt.datetime.fromisoformat(t.rstrip("Z")) for t, _ in series],
-                [kg for _, kg in series],
-                where="post",
-                label=f"emissions {account}",
-            )
-        total = 0.0
-        points = []
-        for offset in book.offsets(account, states=("confirmed",)):
-            total += offset.amount_kg
-            points.append((dt.datetime.fromisoformat(offset.created_utc.rstrip("Z")), total))
-        if points:
-            ax.step(
-                [p[0] for p in points],
-                [p[1] for p in points],
-                where="post",
-                linestyle="--",
-                label=f"offsets {account}",
-            )
-    ax.set_xlabel("time (UTC)")
-    ax.set_ylabel("cumulative kg CO2eq")
-    ax.set_title("Cumulative emissions vs offsets")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
+        raise _fail(EXIT_CONFIG, '--plot needs matplotlib: pip install "carbonoffset[plot]"') from None
+    except KeyError as exc:
+        raise _fail(EXIT_CONFIG, f"--run: {exc.args[0]}") from None
 
 
 # ------------------------------------------------------------ offset, reconcile
@@ -321,7 +326,7 @@ def offset(
     round_up: Annotated[
         bool, typer.Option("--round-up", help="Buy the next whole pound; the overshoot becomes a credit.")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Offset what the account has pending now (whole pounds, rounded down unless --round-up)."""
     from carbonoffset.core.offsetter import Offsetter
@@ -335,8 +340,11 @@ def offset(
         )
     with _open_ledger(config.ledger_path) as book:
         offsetter = Offsetter(config, book)
-        for outcome in offsetter.reconcile():
-            console.print(f"settled earlier offset {outcome.offset_id}: {outcome.state}")
+        settled = offsetter.reconcile()
+        for earlier in settled:
+            console.print(f"settled earlier offset {earlier.offset_id}: {earlier.state}")
+        held = _held(book, config, settled)
+        _explain_held(held)
         outcome = offsetter.offset_pending(round_up=round_up, respect_threshold=False)
         balance = book.balance(config.account)
     if offsetter.auth_failed:
@@ -357,20 +365,61 @@ def offset(
                 f"one pound ({KG_PER_LB} kg); use --round-up to buy one pound anyway."
             )
         _mention_other_accounts(book_path=config.ledger_path, config=config)
+        if held:
+            raise typer.Exit(EXIT_UNCONFIRMED)
         return
     console.print(
         f"Offset {outcome.offset_id}: {outcome.amount_lb} lb ({outcome.amount_lb * KG_PER_LB:.6g} kg) -> "
         f"{outcome.state}. Pending now {balance.pending_kg:.6g} kg, credit {balance.credit_kg:.6g} kg."
     )
-    if outcome.state != "confirmed":
+    if outcome.state != "confirmed" or held:
         raise typer.Exit(EXIT_UNCONFIRMED)
+
+
+def _held(book: Ledger, config: OffsetConfig, settled: list[Any]) -> list[Any]:
+    """Open offsets of the account that reconcile could not claim (another process, resend grace)."""
+    done = {o.offset_id for o in settled}
+    return [o for o in book.offsets(config.account, states=("intent", "unknown")) if o.offset_id not in done]
+
+
+def _explain_held(held: list[Any]) -> None:
+    """Say which open offsets are left alone, why, and from when a retry can settle them."""
+    import datetime as dt
+
+    from carbonoffset.core.ledger import DEFAULT_RESEND_GRACE_S
+
+    now = time.time()
+    latest = now
+    for record in held:
+        reasons, until = [], now
+        if record.last_sent is not None and now - record.last_sent < DEFAULT_RESEND_GRACE_S:
+            until = max(until, record.last_sent + DEFAULT_RESEND_GRACE_S)
+            reasons.append(
+                f"a capture for it was sent {now - record.last_sent:.0f} s ago and may still land "
+                f"(resend grace {DEFAULT_RESEND_GRACE_S / 60:g} min)"
+            )
+        if record.lease_until is not None and record.lease_until > now:
+            until = max(until, record.lease_until)
+            reasons.append("a running process holds it (it settles it, or its lease ends)")
+        latest = max(latest, until)
+        console.print(
+            f"Left alone: offset {record.offset_id} of {record.amount_lb} lb ({record.state}): "
+            + ("; ".join(reasons) or "another process is settling it")
+            + "."
+        )
+    if held:
+        when = dt.datetime.fromtimestamp(latest + 1, dt.timezone.utc).strftime("%H:%M:%S UTC")
+        console.print(
+            f"{len(held)} open offset(s) left alone: nothing was sent for them. Their amount is neither "
+            f"pending nor lost; run `carbonoffset reconcile` after {when} to settle them."
+        )
 
 
 @app.command()
 def reconcile(
     ledger: LedgerOption = None,
     environment: EnvironmentOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Settle offsets whose outcome is unknown (looks each id up before any retry)."""
     from carbonoffset.core.offsetter import Offsetter
@@ -385,29 +434,24 @@ def reconcile(
     if not outcomes and not still_open:
         console.print("No open offsets to reconcile.")
     held = [o for o in still_open if o.offset_id not in {x.offset_id for x in outcomes}]
-    if held:
-        console.print(
-            f"{len(held)} open offset(s) are held by a running process, or a capture for them was sent less "
-            "than 5 minutes ago and may still land: they are left alone for now; run reconcile again later."
-        )
-        raise typer.Exit(EXIT_UNCONFIRMED)
     for outcome in outcomes:
         console.print(f"{outcome.offset_id}: {outcome.amount_lb} lb -> {outcome.state}")
-    if any(o.state != "confirmed" and o.state != "failed" for o in outcomes):
+    _explain_held(held)
+    if held or any(o.state != "confirmed" and o.state != "failed" for o in outcomes):
         raise typer.Exit(EXIT_UNCONFIRMED)
 
 
 @app.command()
 def adopt(
-    account: Annotated[
-        str, typer.Argument(help="Account to take runs from, as `carbonoffset report` shows it.")
-    ],
+    # (described in the docstring: typer's own listing of an argument prints its type as `<str>`)
+    account: Annotated[str, typer.Argument(metavar="ACCOUNT", hidden=True)],
     ledger: LedgerOption = None,
     environment: EnvironmentOption = None,
 ) -> None:
-    """Move the runs of another account (recorded without a key, or with a refused key) to the configured one.
+    """Move the runs of ACCOUNT (recorded without a key, or with a refused key) to the configured one.
 
-    Their emissions become pending there and are offset by the next run or `carbonoffset offset`.
+    ACCOUNT is shown by `carbonoffset report`, e.g. sandbox:no-key. Its emissions become pending in
+    the configured account and are offset by the next run or `carbonoffset offset`.
     """
     config = _config(offset_ledger=ledger, offset_environment=environment)
     if not config.can_offset:
@@ -430,17 +474,29 @@ def adopt(
 # ------------------------------------------------------------------ fake-server
 @app.command("fake-server")
 def fake_server(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
+    port: Annotated[
+        int, typer.Option(metavar="PORT", min=0, max=65535, help="Port on 127.0.0.1 (0 picks a free one).")
+    ] = 8765,
     environment: Annotated[
-        str, typer.Option(help="'sandbox' (test_ keys) or 'production' (live_ keys).")
+        str, typer.Option(metavar="ENV", help="'sandbox' (test_ keys) or 'production' (live_ keys).")
     ] = "sandbox",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log each request (method, path, status; never the key).")
+    ] = False,
 ) -> None:
     """Run the local 1ClickImpact-compatible server in the foreground (Ctrl-C stops it)."""
     from carbonoffset.testing import FakeOneClickImpact
 
+    _setup_logging(verbose)
     if environment not in ("sandbox", "production"):
         raise _fail(EXIT_CONFIG, "--environment must be 'production' or 'sandbox'")
-    server = FakeOneClickImpact(environment=environment, port=port).start()
+    try:
+        server = FakeOneClickImpact(environment=environment, port=port).start()
+    except OSError as exc:
+        reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+        raise _fail(
+            EXIT_CONFIG, f"port {port} on 127.0.0.1 {reason}: pass another --port, or --port 0 for a free one"
+        ) from None
     console.print(f"Fake 1ClickImpact ({environment}) listening on {server.url}")
     console.print(
         f"Use it with: CODECARBON_OFFSET_API_URL={server.url} CODECARBON_OFFSET_ENVIRONMENT={environment}"
@@ -461,13 +517,15 @@ DEMO_COUNTRY = "FRA"
 
 @app.command()
 def demo(
-    framework: Annotated[str, typer.Option(help="lightning, huggingface or keras.")] = "lightning",
-    epochs: Annotated[int, typer.Option(min=1, max=50, help="Epochs to train.")] = 5,
+    framework: Annotated[
+        str, typer.Option(metavar="NAME", help="lightning, huggingface or keras.")
+    ] = "lightning",
+    epochs: Annotated[int, typer.Option(metavar="N", min=1, max=50, help="Epochs to train.")] = 5,
     ledger: LedgerOption = None,
     yes: Annotated[
         bool, typer.Option("--yes", help="Allow the demo to buy 1 lb in production with your configured key.")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Train a small model on scikit-learn's digits with the callback, then offset (rounded up to 1 lb)."""
     from carbonoffset.demo import FRAMEWORKS, trainer_module

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -273,3 +275,161 @@ def test_demo_refuses_to_spend_in_production_without_yes(
     assert result.exit_code == EXIT_CONFIG
     assert "--yes" in result.output
     assert not ledger_path.exists()
+
+
+# ------------------------------------------------------------------------ polish
+CLI = str(Path(sys.executable).parent / "carbonoffset")
+
+
+def test_version_and_help_without_type_placeholders(runner: CliRunner) -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"carbonoffset {version('carbonoffset')}"
+    for command in ([], ["report"], ["offset"], ["reconcile"], ["adopt"], ["fake-server"], ["demo"]):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output and "<str>" not in result.output, result.output
+    assert "--ledger PATH" in runner.invoke(app, ["report", "--help"]).output
+
+
+def test_fake_server_on_a_port_in_use_says_so_and_exits_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [CLI, "fake-server", "--port", str(port)], capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is already in use: pass another --port, or --port 0 for a free one"
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_fake_server_verbose_logs_each_request_without_the_key() -> None:
+    from makeimpact import Environment, OneClickImpact
+
+    process = subprocess.Popen(
+        [CLI, "fake-server", "--port", "0", "-v"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**_clean_env(), "NO_PROXY": "127.0.0.1"},
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        url = first.rsplit(" ", 1)[-1].strip()
+        assert url.startswith("http://127.0.0.1:"), first
+        client = OneClickImpact(api_key=SECRET, environment=Environment.SANDBOX)
+        client.base_url = url
+        assert client.who_am_i().user_id
+        client.capture_carbon(amount=2, metadata={"run_id": "r1"})
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    lines = [line for line in err.splitlines() if "/v1/" in line]
+    assert lines == [
+        "INFO carbonoffset.testing.server: GET /v1/whoami -> 200",
+        "INFO carbonoffset.testing.server: POST /v1/capture_carbon -> 200",
+    ], err
+    assert SECRET not in out + err and "Stopped; it had captured 2 lb." in out
+
+
+def test_errors_on_a_piped_stderr_are_not_wrapped(ledger_path: Path) -> None:
+    result = subprocess.run(
+        [CLI, "offset"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **_clean_env(),
+            "CODECARBON_OFFSET_API_KEY": SECRET,  # a test_ key with the default environment, production
+            "CODECARBON_OFFSET_LEDGER": str(ledger_path),
+        },
+    )
+    assert result.returncode == EXIT_CONFIG
+    (line,) = result.stderr.strip().splitlines()
+    assert len(line) > 120 and line.startswith("error: offset_api_key starts with 'test_'")
+    assert "the environment variable CODECARBON_OFFSET_API_KEY" in line and SECRET not in line
+
+
+def test_offset_during_the_resend_grace_names_what_it_leaves_alone(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path, server: FakeOneClickImpact
+) -> None:
+    config = OffsetConfig.resolve()
+    _record(ledger_path, config.account, 0.5)
+    with Ledger(ledger_path) as ledger:
+        intent = ledger.create_intent(
+            account=config.account,
+            environment="sandbox",
+            run_id=None,
+            amount_lb_for=lambda kg: 1,
+            min_pending_kg=0.0,
+            lease_s=0.0,
+        )
+        assert intent is not None
+        ledger.mark_sent(intent.offset_id)
+    raw = sqlite3.connect(ledger_path)
+    with raw:  # as if another process on another host had sent it
+        raw.execute("UPDATE offsets SET owner = 'elsewhere:1:4242' WHERE offset_id = ?", (intent.offset_id,))
+    raw.close()
+    _record(ledger_path, config.account, 1.0)  # more to offset meanwhile: that part is bought
+    result = runner.invoke(app, ["offset"])
+    assert result.exit_code == EXIT_UNCONFIRMED, result.output
+    text = " ".join(result.output.split())
+    assert f"Left alone: offset {intent.offset_id} of 1 lb (intent)" in text
+    assert "may still land (resend grace 5 min)" in text
+    assert "run `carbonoffset reconcile` after " in text and " UTC to settle them" in text
+    captures = [c.metadata for c in server.captures]
+    assert server.total_lb() == 2 and all(
+        m and m["carbonoffset_offset_id"] != intent.offset_id for m in captures
+    )
+
+
+# -------------------------------------------------------------------------- plot
+def test_plot_one_panel_per_account_and_one_run(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path, tmp_path: Path, server: FakeOneClickImpact
+) -> None:
+    import matplotlib.image
+
+    from carbonoffset.plot import mass_label, short_account
+
+    account = _account()
+    tiny = _record(ledger_path, account, 2.7e-6)  # a demo-sized run, then a rounded-up offset
+    assert runner.invoke(app, ["offset", "--round-up"]).exit_code == 0
+    one = tmp_path / "one.png"
+    result = runner.invoke(app, ["report", "--plot", str(one)])
+    assert result.exit_code == 0 and f"Plot written to {one}" in result.output
+
+    other = OffsetConfig(offset_api_key="live_cli_other_SECRET", offset_environment="production").account
+    _record(ledger_path, other, 3.0)
+    two = tmp_path / "two.png"
+    assert runner.invoke(app, ["report", "--plot", str(two)]).exit_code == 0
+    height_one, height_two = (matplotlib.image.imread(p).shape[0] for p in (one, two))
+    assert height_two > 1.5 * height_one  # a second panel, not a second line in the first
+
+    run = tmp_path / "run.png"
+    result = runner.invoke(app, ["report", "--plot", str(run), "--run", tiny[:8]])
+    assert result.exit_code == 0 and run.read_bytes()[:4] == b"\x89PNG"
+    result = runner.invoke(app, ["report", "--plot", str(tmp_path / "none.png"), "--run", "no-such-run"])
+    assert result.exit_code == EXIT_CONFIG and "no run 'no-such-run'" in result.output
+    assert not (tmp_path / "none.png").exists()
+    result = runner.invoke(app, ["report", "--run", tiny[:8]])  # --run without --plot: the run's section
+    assert result.exit_code == 0 and "Carbon emissions and offsets" in result.output
+
+    assert [mass_label(v) for v in (2.7e-6, 0.4536, 1234.0, 0.0)] == ["2.7 mg", "454 g", "1.23 t", "0 kg"]
+    assert short_account(account) == f"sandbox · {account.split(':')[1][:8]}"
+    assert short_account("production:no-key") == "production · no key"
+
+
+def test_plot_of_an_empty_ledger_writes_nothing(
+    runner: CliRunner, env: dict[str, str], ledger_path: Path
+) -> None:
+    Ledger(ledger_path).close()
+    target = ledger_path.with_name("empty.png")
+    result = runner.invoke(app, ["report", "--plot", str(target)])
+    assert result.exit_code == 0 and "nothing recorded yet" in " ".join(result.output.split())
+    assert not target.exists()

@@ -161,8 +161,12 @@ def test_every_block_runs_against_the_local_server(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
 ) -> None:
     caplog.set_level(logging.INFO)
+    package_logger = logging.getLogger("carbonoffset")
+    level = package_logger.level
+    request.addfinalizer(lambda: package_logger.setLevel(level))  # the page sets it to INFO
     monkeypatch.setenv("CODECARBON_OFFSET_API_URL", server.url)
     monkeypatch.setenv("CODECARBON_OFFSET_LEDGER", str(ledger_path))
     monkeypatch.setenv("CODECARBON_LOG_LEVEL", "error")
@@ -212,6 +216,9 @@ def test_every_block_runs_against_the_local_server(
     out = capsys.readouterr().out
     assert "offset_threshold must be at least 0.5" in out and "'production' or 'sandbox'" in out
     assert "6 0.278" in out  # the cost example
+    end_lines = [r.getMessage() for r in caplog.records if r.name == "carbonoffset"]
+    assert end_lines and all(line.startswith("carbonoffset: recorded ") for line in end_lines)
+    assert "\nrecorded " in "\n" + out  # "What was bought" printed the report's summary
     assert "********" in out  # the config-file example prints the settings without the key
 
     with Ledger(ledger_path) as ledger:

@@ -47,7 +47,7 @@ def test_import_pulls_in_no_ml_framework() -> None:
 def test_all_lists_exactly_the_public_names() -> None:
     for name in carbonoffset.__all__:
         assert getattr(carbonoffset, name) is not None, name
-    submodules = {"core", "integrations", "testing", "codecarbon", "demo", "cli"}
+    submodules = {"core", "integrations", "testing", "codecarbon", "demo", "cli", "plot"}
     public = {name for name in vars(carbonoffset) if not name.startswith("_")} - submodules
     assert public <= set(carbonoffset.__all__), public - set(carbonoffset.__all__)
     assert set(carbonoffset.__all__) == set(carbonoffset._LAZY) | {"__version__"}

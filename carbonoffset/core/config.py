@@ -111,6 +111,27 @@ class SecretKey:
         self._value = state
 
 
+#: Key prefix of each environment, as 1ClickImpact documents its keys.
+KEY_PREFIXES: Final[dict[str, str]] = {"sandbox": "test_", "production": "live_"}
+
+
+def _check_key_matches_environment(key: Any, environment: str) -> None:
+    """Refuse a ``test_`` key with production and a ``live_`` key with sandbox (never shows the key).
+
+    A key with neither prefix is left to the service to judge (the start-of-run check reports it).
+    """
+    if not isinstance(key, SecretKey):
+        return
+    value = key.reveal()
+    for other, prefix in KEY_PREFIXES.items():
+        if other != environment and value.startswith(prefix):
+            raise ConfigurationError(
+                f"offset_api_key starts with {prefix!r}, a {other} key, but offset_environment is "
+                f"{environment!r}: set offset_environment = {other} (CODECARBON_OFFSET_ENVIRONMENT={other}) "
+                f"or use your {KEY_PREFIXES[environment]}... key for {environment}"
+            )
+
+
 def default_ledger_path() -> Path:
     """The ledger used when ``offset_ledger`` is not set.
 
@@ -171,7 +192,10 @@ class OffsetConfig:
 
     Raises:
         ValueError: (:class:`ConfigurationError`) for any invalid value; the
-            message names the setting and the fix.
+            message names the setting and the fix (and, from :meth:`resolve`, the
+            file or variable it was read from). A ``test_`` key with
+            ``offset_environment="production"`` or a ``live_`` key with ``"sandbox"``
+            is such an error.
     """
 
     offset_api_key: SecretKey | None = None
@@ -197,6 +221,7 @@ class OffsetConfig:
                 f"offset_environment must be 'production' or 'sandbox' (got {env!r}); "
                 "values are case-sensitive and nothing else is accepted"
             )
+        _check_key_matches_environment(self.offset_api_key, env)
         threshold = _parse_float("offset_threshold", self.offset_threshold)
         if threshold < MIN_THRESHOLD_KG:
             raise ConfigurationError(
@@ -280,20 +305,43 @@ class OffsetConfig:
             raise ConfigurationError(
                 f"unknown setting(s) {sorted(unknown)}; valid settings are {sorted(CONFIG_KEYS)}"
             )
+        origins: dict[str, str] = {}
         values: dict[str, Any] = {
-            key: value for key, value in read_external_settings().items() if value not in (None, "")
+            key: value
+            for key, value in read_external_settings(origins=origins).items()
+            if value not in (None, "")
         }
-        values.update({key: value for key, value in explicit.items() if value is not None})
-        return cls(**values)
+        given = {key: value for key, value in explicit.items() if value is not None}
+        values.update(given)
+        try:
+            return cls(**values)
+        except ConfigurationError as exc:
+            # name where the offending value came from (a file, a variable), never the value of a key
+            named = sorted(
+                {key for key in values if key not in given and key in origins and key in str(exc)},
+                key=str(exc).find,
+            )
+            if not named:
+                raise
+            where = "; ".join(f"{key} is read from {origins[key]}" for key in named)
+            raise ConfigurationError(f"{exc} ({where})") from None
 
 
 def read_external_settings(
-    environ: Mapping[str, str] | None = None, cwd: Path | None = None, home: Path | None = None
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    home: Path | None = None,
+    *,
+    origins: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Read carbonoffset's keys from env vars and ``.codecarbon.config`` files.
 
     Precedence: ``CODECARBON_*`` environment variables > ``./.codecarbon.config``
     > ``~/.codecarbon.config`` (the same order CodeCarbon uses).
+
+    Args:
+        origins: when given, filled with ``{key: where it was read}`` (the file's path with
+            its section, or the environment variable's name), for error messages.
 
     Returns:
         ``{key: raw string}`` for the keys in :data:`CONFIG_KEYS` that are set.
@@ -309,7 +357,11 @@ def read_external_settings(
     ):
         values = read_codecarbon_section(path)
         _warn_unknown_offset_keys(values, where=str(path))
-        merged.update({key: value for key, value in values.items() if key in CONFIG_KEYS})
+        for key, value in values.items():
+            if key in CONFIG_KEYS:
+                merged[key] = value
+                if origins is not None:
+                    origins[key] = f"{path}, section [codecarbon]"
     _warn_unknown_offset_keys(
         (name[len("CODECARBON_") :].lower() for name in environ if name.startswith("CODECARBON_OFFSET_")),
         where="the environment (CODECARBON_*)",
@@ -318,6 +370,8 @@ def read_external_settings(
         env_value = environ.get(f"CODECARBON_{key.upper()}")
         if env_value is not None:
             merged[key] = env_value
+            if origins is not None:
+                origins[key] = f"the environment variable CODECARBON_{key.upper()}"
     return {key: merged[key] for key in CONFIG_KEYS if key in merged}
 
 

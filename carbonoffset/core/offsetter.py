@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 
 from carbonoffset.core.client import OffsetClient, Receipt, capture_in_flight
-from carbonoffset.core.config import OffsetConfig
+from carbonoffset.core.config import KEY_PREFIXES, OffsetConfig
 from carbonoffset.core.errors import OffsetServiceError
 from carbonoffset.core.ledger import DEFAULT_RESEND_GRACE_S, Ledger, OffsetRecord
 from carbonoffset.core.units import whole_lb_ceil, whole_lb_floor
@@ -102,6 +102,7 @@ class Offsetter:
         self.wait_max_s = wait_max_s
         self.resend_grace_s = resend_grace_s
         self.auth_failed = False
+        self._auth_lock = threading.Lock()  # the key check and a capture may both learn it: log once
         self._lock = threading.Lock()  # one purchase at a time per Offsetter
         self._lease_s = (
             config.offset_request_timeout * (self.max_attempts + 1) * 2 + wait_max_s * self.max_attempts
@@ -168,6 +169,54 @@ class Offsetter:
                     continue
                 outcomes.append(self._settle(claimed, claimed=True))
         return outcomes
+
+    def check_key(self) -> str:
+        """Ask the service whether it accepts ``offset_api_key`` (``who_am_i``, one call under
+        ``offset_request_timeout``); logs the outcome once and never raises.
+
+        A refused key sets :attr:`auth_failed`, so this offsetter sends no capture with it (the
+        emissions stay pending in the ledger).
+
+        Returns:
+            ``"accepted"``, ``"refused"`` (logged as one ERROR naming ``offset_api_key``, never
+            its value) or ``"unchecked"`` (service unreachable or failing: one WARNING).
+        """
+        try:
+            self.client.who_am_i()
+        except OffsetServiceError as exc:
+            environment, account = self.config.offset_environment, self.config.account
+            if exc.is_auth_error:
+                if not self._first_auth_failure():
+                    return "refused"
+                logger.error(
+                    "1ClickImpact (%s, %s) refused the key set in offset_api_key (value not shown): %s. "
+                    "Nothing will be bought with it; this run's emissions are recorded in the ledger under "
+                    "account %s and stay pending. Set offset_api_key to your %s key (%s...) from your "
+                    "1ClickImpact account, then run `carbonoffset adopt %s` and `carbonoffset offset`.",
+                    environment,
+                    self.client.base_url,
+                    exc,
+                    account,
+                    environment,
+                    KEY_PREFIXES[environment],
+                    account,
+                )
+                return "refused"
+            logger.warning(
+                "could not check offset_api_key with 1ClickImpact (%s, %s): %s. Training and recording go "
+                "on; offsets are tried as usual and stay pending in the ledger if they cannot be bought.",
+                environment,
+                self.client.base_url,
+                exc,
+            )
+            return "unchecked"
+        return "accepted"
+
+    def _first_auth_failure(self) -> bool:
+        """Set :attr:`auth_failed`; ``True`` for the first caller only (who logs the ERROR)."""
+        with self._auth_lock:
+            first, self.auth_failed = not self.auth_failed, True
+        return first
 
     # ------------------------------------------------------------- protocol
     def _settle(self, record: OffsetRecord, *, claimed: bool = False) -> OffsetOutcome:
@@ -256,7 +305,7 @@ class Offsetter:
             return OffsetOutcome(offset_id, record.amount_lb, "unknown", error=str(exc))
         except OffsetServiceError as exc:
             if exc.is_auth_error:
-                self.auth_failed = True
+                first = self._first_auth_failure()
                 if state["ambiguous"]:
                     # we cannot tell whether an earlier call went through: keep it open
                     self.ledger.mark_unknown(offset_id, error=str(exc))
@@ -265,7 +314,8 @@ class Offsetter:
                 else:
                     self.ledger.mark_failed(offset_id, error=str(exc))
                     state_name = "failed"
-                logger.error(
+                logger.log(
+                    logging.ERROR if first else logging.DEBUG,
                     "1ClickImpact refused the API key set in offset_api_key (value not shown): %s. "
                     "Nothing was bought; the emissions stay pending in the ledger under account %s. "
                     "Fix offset_api_key, then run `carbonoffset adopt %s` and `carbonoffset offset`.",

@@ -86,6 +86,12 @@ class RunReport:
             ``carbonoffset reconcile``).
         pending_kg, credit_kg: the account's position after the run.
         ledger_path: the ledger file.
+        offset_threshold: the ``offset_threshold`` in force, kg CO2eq.
+        not_bought: why this run bought nothing (``None`` when it bought, or has in flight,
+            at least one pound, and on ranks that do not offset), e.g.
+            ``"auto_offset is off"``, ``"offset_api_key is not set"``, ``"below threshold"``.
+
+    :attr:`summary` is the line logged at the end of every run.
     """
 
     run_id: str | None
@@ -101,12 +107,73 @@ class RunReport:
     pending_kg: float
     credit_kg: float
     ledger_path: Path | None
+    offset_threshold: float = 0.5
+    not_bought: str | None = None
 
     def metrics(self) -> dict[str, float]:
         """The same four metrics as :meth:`EpochReport.metrics`, for the whole run."""
         return EpochReport(
             None, self.energy_kwh, self.emissions_kg, self.offset_kg, self.pending_kg
         ).metrics()
+
+    @property
+    def summary(self) -> str:
+        """One line: what the run recorded, what it bought, what stays pending and why, and where
+        the figures are, e.g. ``recorded 0.0123 kg CO2eq (0.0456 kWh) in 5 epochs; bought 1 lb
+        (0.454 kg) this run; 0.0271 kg pending below the 0.5 kg threshold; ledger /path``."""
+        parts = [
+            f"recorded {_fmt(self.emissions_kg)} kg CO2eq ({_fmt(self.energy_kwh)} kWh)"
+            + (f" in {self.epochs} epoch{'' if self.epochs == 1 else 's'}" if self.epochs else "")
+        ]
+        if self.confirmed_lb:
+            parts.append(f"bought {self.confirmed_lb} lb ({_fmt(self.confirmed_lb * KG_PER_LB)} kg) this run")
+        if self.in_flight_lb:
+            parts.append(
+                f"{self.in_flight_lb} lb ({_fmt(self.in_flight_lb * KG_PER_LB)} kg) not confirmed yet: "
+                "the next run or `carbonoffset reconcile` settles it"
+            )
+        pending = f"{_fmt(self.pending_kg)} kg pending"
+        if self.not_bought == NOT_BOUGHT_BELOW_THRESHOLD:
+            parts.append(
+                f"bought nothing this run: {pending} below the {self.offset_threshold:g} kg threshold"
+            )
+        elif self.not_bought is not None:
+            parts.append(f"bought nothing this run: {self.not_bought}; {pending}")
+        elif self.pending_kg > 0:
+            below = self.pending_kg < self.offset_threshold
+            parts.append(pending + (f" below the {self.offset_threshold:g} kg threshold" if below else ""))
+        else:
+            parts.append("nothing pending")
+        if self.credit_kg > 0:
+            parts.append(f"credit {_fmt(self.credit_kg)} kg")
+        if self.ledger_path is not None:
+            parts.append(f"ledger {self.ledger_path} (account {self.account})")
+        return "; ".join(parts)
+
+
+#: :attr:`RunReport.not_bought` when the account's pending emissions are below ``offset_threshold``.
+NOT_BOUGHT_BELOW_THRESHOLD = "below threshold"
+
+
+def _fmt(value: float) -> str:
+    """Three significant figures, so micrograms do not print as 0.000000."""
+    return f"{value:.3g}"
+
+
+# Accounts (with the API URL) whose key the service accepted in this process: checked once per
+# process, so a notebook's tenth fit makes no call. A refused or unchecked key is checked again
+# at the next run's start.
+_ACCEPTED_KEYS: set[tuple[str, str | None]] = set()
+_ACCEPTED_KEYS_LOCK = threading.Lock()
+
+
+def _key_check_id(config: OffsetConfig) -> tuple[str, str | None]:
+    return config.account, config.offset_api_url
+
+
+def _key_check_due(config: OffsetConfig) -> bool:
+    with _ACCEPTED_KEYS_LOCK:
+        return _key_check_id(config) not in _ACCEPTED_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +323,8 @@ class OffsetSession:
         self._projection_checked = False
         self._tracker_final: Measurement | None = None
         self._exit_finalizer: Any = None
+        self._ended_status: str | None = None
+        self._key_check: threading.Thread | None = None
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -378,6 +447,7 @@ class OffsetSession:
             self._epochs = 0
             self._projection_checked = False
             self._outcomes = []
+            self._ended_status = None
             self.run_id = run_id
             self._segment_id = None  # the ledger row this process records to (the run's, or a segment's)
             if self.is_writer and self._ledger is not None:
@@ -427,6 +497,17 @@ class OffsetSession:
             from multiprocessing import util as mp_util
 
             self._exit_finalizer = mp_util.Finalize(None, self._stop_at_exit, exitpriority=0)
+            if (
+                self.is_writer
+                and self.config.can_offset
+                and self._ledger is not None
+                and _key_check_due(self.config)
+            ):
+                # its own thread: an offset due meanwhile is not held up by the check's round trip
+                self._key_check = threading.Thread(
+                    target=self._check_key_job, name="carbonoffset-key-check", daemon=True
+                )
+                self._key_check.start()
             if self.is_writer and self.config.auto_offset:
                 if not self.config.can_offset:
                     self._warn_once(
@@ -441,6 +522,18 @@ class OffsetSession:
                 elif self._ledger is not None and self._has_open_offsets():
                     self._worker.submit(self._reconcile_job)  # builds the offsetter off the training thread
             return self.run_id
+
+    def _check_key_job(self) -> None:
+        """Background thread: check the key once at the start of a run (see :meth:`Offsetter.check_key`)."""
+        try:
+            offsetter = self._get_offsetter()
+            accepted = offsetter is not None and offsetter.check_key() == "accepted"
+        except Exception:  # noqa: BLE001 -- never let the check disturb the run
+            logger.debug("the start-of-run key check failed", exc_info=True)
+            return
+        if accepted:
+            with _ACCEPTED_KEYS_LOCK:
+                _ACCEPTED_KEYS.add(_key_check_id(self.config))
 
     def _has_open_offsets(self) -> bool:
         try:
@@ -671,14 +764,19 @@ class OffsetSession:
             self.wait(wait)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for background offsets, at most ``timeout`` s (default ``offset_timeout``).
+        """Wait for background offsets (and the start-of-run key check), at most ``timeout`` s
+        (default ``offset_timeout``).
 
         Returns:
             ``True`` when nothing is left in flight.
         """
         deadline = time.monotonic() + (self.config.offset_timeout if timeout is None else timeout)
         written = self._writer.wait(deadline - time.monotonic())
-        return self._worker.wait(max(0.0, deadline - time.monotonic())) and written
+        checked = True
+        if self._key_check is not None:
+            self._key_check.join(max(0.0, deadline - time.monotonic()))
+            checked = not self._key_check.is_alive()
+        return self._worker.wait(max(0.0, deadline - time.monotonic())) and written and checked
 
     def stop(
         self, *, final_offset: bool = True, status: str = "finished", total: Measurement | None = None
@@ -721,6 +819,8 @@ class OffsetSession:
         if final_offset and self.is_writer and self.config.auto_offset and self._get_offsetter() is not None:
             round_up = self.config.offset_round_up
             self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=not round_up))
+        if self._key_check is not None:  # a short run still hears about a refused key
+            self._key_check.join(max(0.0, deadline - time.monotonic()))
         if self.is_writer and not self._worker.wait(max(0.0, deadline - time.monotonic())):
             logger.warning(
                 "offsets still in flight after offset_timeout=%gs; they stay in the ledger and the next "
@@ -735,7 +835,11 @@ class OffsetSession:
                 self._warn_once("ledger", "carbonoffset could not write its ledger (%s)", exc)
         self._worker.shutdown()  # nothing left running after a run: the thread ends once idle
         self._writer.shutdown()
-        return self.report()
+        self._ended_status = status if final_offset else f"{status}, without a final offset"
+        report = self.report()
+        if self.is_writer:
+            logging.getLogger("carbonoffset").info("carbonoffset: %s", report.summary)
+        return report
 
     def _run_details(self) -> dict[str, Any]:
         """What this run was measured on and where, for the ledger (see :meth:`Ledger.set_run_details`):
@@ -788,7 +892,37 @@ class OffsetSession:
             pending_kg=pending_kg,
             credit_kg=credit_kg,
             ledger_path=self._ledger.path if self._ledger is not None else None,
+            offset_threshold=self.config.offset_threshold,
+            not_bought=self._not_bought(confirmed_lb + in_flight_lb, pending_kg, credit_kg),
         )
+
+    def _not_bought(self, bought_lb: int, pending_kg: float, credit_kg: float) -> str | None:
+        """Why the run bought nothing (``None`` when it did, or on ranks that do not offset)."""
+        if bought_lb or not self.is_writer:
+            return None
+        offsetter = self._offsetter
+        if not self.config.can_offset:
+            return "offset_api_key is not set"
+        if offsetter is not None and offsetter.auth_failed:
+            return "1ClickImpact refused offset_api_key (see the error above)"
+        if not self.config.auto_offset:
+            return "auto_offset is off (`carbonoffset offset` buys what is pending)"
+        if any(o.state == "failed" for o in self.outcomes):
+            return "1ClickImpact refused the offset (see the error above)"
+        if pending_kg <= 0:
+            return (
+                "the credit of an earlier rounded-up offset covers it"
+                if credit_kg > 0
+                else "nothing is pending"
+            )
+        ended = self._ended_status
+        if ended is not None and "without a final offset" in ended:
+            return f"the run ended {ended}"
+        if pending_kg < self.config.offset_threshold:
+            return NOT_BOUGHT_BELOW_THRESHOLD
+        if self.running:
+            return "the run is still going"
+        return "the offset did not finish within offset_timeout (see the warning above)"
 
     def close(self) -> None:
         """Stop the run if needed (without a final offset) and close the ledger if this session opened it.

@@ -320,15 +320,7 @@ if _TrainerCallback is not None:
                 return
             if self._core.log_metrics and state.log_history and "train_runtime" in state.log_history[-1]:
                 state.log_history[-1].update(report.metrics())
-            logger.info(
-                "training ended: %.6g kg CO2eq (%.6g kWh) over %d epoch(s); %d lb offset for this run, "
-                "%.6g kg pending on the account",
-                report.emissions_kg,
-                report.energy_kwh,
-                report.epochs,
-                report.offset_lb,
-                report.pending_kg,
-            )
+            # the session logs the run's end line (RunReport.summary)
 
         # ---------------------------------------------------------- model card
         def add_to_model_card(self, trainer: Any, *, training_type: str | None = None) -> None:

@@ -160,17 +160,7 @@ class CarbonOffsetCallback(CallbackViews, _CallbackBase):  # type: ignore[misc]
             self.model.stop_training = True
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        report = self._core.end()
-        if report is not None:
-            logger.info(
-                "fit ended: %.6g kg CO2eq (%.6g kWh) over %d epoch(s); %d lb offset for this run, "
-                "%.6g kg pending on the account",
-                report.emissions_kg,
-                report.energy_kwh,
-                report.epochs,
-                report.offset_lb,
-                report.pending_kg,
-            )
+        self._core.end()  # the session logs the run's end line (RunReport.summary)
 
     # ---------------------------------------------------------- safety net
     @contextlib.contextmanager

@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -25,6 +26,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 _RESERVED_METADATA = {"gift", "widgetID"}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -296,6 +299,22 @@ class FakeOneClickImpact:
         return 400, {"type": "invalid_request_error", "message": "No impact found for user_id and time_utc"}
 
 
+def _describe(fault: Fault) -> str:
+    """A short note of an injected fault for the request log."""
+    notes = [
+        label
+        for label, on in (
+            (f"injected status {fault.status}", fault.status is not None),
+            (f"stalled {fault.stall_s:g} s", bool(fault.stall_s)),
+            (f"delayed {fault.delay_s:g} s", bool(fault.delay_s)),
+            ("connection dropped", fault.drop_after_capture),
+            ("malformed body", fault.malformed),
+        )
+        if on
+    ]
+    return "fault: " + ", ".join(notes) if notes else "fault"
+
+
 def _fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -354,6 +373,14 @@ def _make_handler(fake: FakeOneClickImpact) -> type[BaseHTTPRequestHandler]:
             else:
                 status, payload = fake._handle(method, parts.path, query, self.headers.get("x-api-key"), body)
             fake.requests.append((method, parts.path, status))
+            # INFO per request (`carbonoffset fake-server -v`): never the key, nor the metadata
+            logger.info(
+                "%s %s -> %d%s",
+                method,
+                parts.path + (f"?{parts.query}" if parts.query else ""),
+                status,
+                f" ({_describe(fault)})" if fault is not None else "",
+            )
             delay = fake.delay_s + (fault.delay_s if fault else 0.0)
             if delay:
                 time.sleep(delay)

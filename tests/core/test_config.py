@@ -229,10 +229,45 @@ def test_key_is_never_shown() -> None:
 
 
 def test_accounts_separate_environments_and_keys() -> None:
-    sandbox = OffsetConfig(offset_api_key=KEY, offset_environment="sandbox")
-    production = OffsetConfig(offset_api_key=KEY, offset_environment="production")
-    other_key = OffsetConfig(offset_api_key=KEY + "x", offset_environment="sandbox")
+    unprefixed = "cfg_SECRET_without_a_prefix"  # the only kind of key both environments accept
+    sandbox = OffsetConfig(offset_api_key=unprefixed, offset_environment="sandbox")
+    production = OffsetConfig(offset_api_key=unprefixed, offset_environment="production")
+    other_key = OffsetConfig(offset_api_key=KEY, offset_environment="sandbox")
     assert len({sandbox.account, production.account, other_key.account}) == 3
+
+
+@pytest.mark.parametrize(
+    ("key", "environment", "fix"),
+    [
+        ("test_cfg_SECRET_b7e21a", "production", "offset_environment = sandbox"),
+        ("live_cfg_SECRET_c8f32b", "sandbox", "offset_environment = production"),
+    ],
+)
+def test_a_key_of_the_other_environment_is_a_configuration_error(
+    key: str, environment: str, fix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="offset_api_key starts with") as info:
+        OffsetConfig(offset_api_key=key, offset_environment=environment)  # type: ignore[arg-type]
+    assert fix in str(info.value) and key not in str(info.value)
+    # from the environment too (the default environment is production), naming where each came from
+    monkeypatch.setenv("CODECARBON_OFFSET_API_KEY", key)
+    write_config(Path.cwd(), offset_environment=environment)
+    with pytest.raises(ValueError, match="offset_api_key starts with") as info:
+        OffsetConfig.resolve()
+    message = str(info.value)
+    assert "CODECARBON_OFFSET_API_KEY" in message and str(Path.cwd() / ".codecarbon.config") in message
+    assert key not in message
+    # the matching environment is fine
+    matching = "sandbox" if key.startswith("test_") else "production"
+    assert OffsetConfig.resolve(offset_environment=matching).offset_environment == matching
+
+
+def test_a_bad_value_in_a_config_file_names_the_file() -> None:
+    path = write_config(Path.cwd(), auto_offset="maybe")
+    with pytest.raises(ValueError, match="auto_offset must be true or false") as info:
+        OffsetConfig.resolve()
+    assert f"{path}, section [codecarbon]" in str(info.value)
+    assert OffsetConfig.resolve(auto_offset=False).auto_offset is False  # an argument overrides the file
 
 
 def test_empty_key_means_no_key_and_blank_secret_is_refused() -> None:

@@ -69,7 +69,8 @@ _DEFAULT_SESSION = textwrap.dedent(
     from carbonoffset.core import Ledger, MeterSource, OffsetSession
 
     session = OffsetSession(offset_ledger=sys.argv[1], country_iso_code="FRA", offset_api_key="test_SECRET_meter_key",
-                            offset_environment="sandbox", auto_offset=False)
+                            offset_environment="sandbox", auto_offset=False,
+                            offset_api_url="http://127.0.0.1:9")  # the start-of-run key check stays local
     session.start()
     meter = session.source._meter.process.pid
     command = psutil.Process(meter).cmdline()

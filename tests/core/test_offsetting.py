@@ -367,42 +367,134 @@ def test_a_refused_offset_is_bought_again_later_in_the_same_run(
 
 
 # ------------------------------------------------------------------------ 401
-def test_bad_key_is_reported_clearly_and_nothing_is_lost(
+def _errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_bad_key_is_found_at_the_start_and_nothing_is_lost(
     settings: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     key = settings["offset_api_key"]
     with FakeOneClickImpact(environment="sandbox", api_keys=["test_a_different_key"]) as fake:
         settings["offset_api_url"] = fake.url
-        session = session_for(settings, [0.7, 1.6, 1.6])
+        fake.inject(Fault(endpoint="whoami", stall_s=1.5))  # a slow answer must not delay training
+        session = session_for(settings, [0.1, 0.2, 0.3])  # a small run that never reaches the threshold
+        with caplog.at_level(logging.DEBUG):
+            started = time.monotonic()
+            session.start()
+            session.record_epoch(0)
+            assert time.monotonic() - started < 1.0  # the check (1.5 s) runs in the background
+            assert session.wait(5)
+            session.record_epoch(1)
+            session.record_epoch(2)
+            report = session.stop()
+            session.close()
+        assert fake.requests == [("GET", "/v1/whoami", 401)]  # checked once, nothing else sent
+        (error,) = _errors(caplog)
+        message = error.getMessage()
+        assert "refused the key set in offset_api_key" in message and "carbonoffset adopt" in message
+        assert all(key not in r.getMessage() for r in caplog.records)
+        assert report.not_bought is not None and "refused offset_api_key" in report.not_bought
+        assert report.pending_kg == pytest.approx(0.3) and offsets_of(settings) == []
+        assert_conserved(balance_of(settings), 0.3)
+        (end_line,) = [r for r in caplog.records if r.name == "carbonoffset"]
+        assert end_line.levelno == logging.INFO and "refused offset_api_key" in end_line.getMessage()
+
+        # the key is accepted again (e.g. activated): the next run offsets everything pending
+        fake.api_keys = {key}
+        more = run_once(settings, [1.3])
+        assert fake.total_lb() == 3 == more.confirmed_lb  # floor(1.6 / 0.45359237)
+        assert_conserved(balance_of(settings), 1.6)
+        assert_server_matches_ledger(fake, settings, 3)
+
+
+def test_key_refused_at_the_capture_is_reported_once(
+    settings: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The key passed the start check, then was revoked: the capture's 401 is the one ERROR."""
+    key = settings["offset_api_key"]
+    with FakeOneClickImpact(environment="sandbox") as fake:
+        settings["offset_api_url"] = fake.url
+        session = session_for(settings, [0.7, 1.6])
         with caplog.at_level(logging.DEBUG):
             session.start()
-            started = time.monotonic()
-            session.record_epoch(0)  # returns at once; the refusal happens in the background
-            assert time.monotonic() - started < 1.0
+            assert session.wait(5) and fake.requests == [("GET", "/v1/whoami", 200)]
+            fake.api_keys = {"test_a_different_key"}
+            session.record_epoch(0)
             assert session.wait(5)
             session.record_epoch(1)  # no new attempt with a refused key
             report = session.stop()
             session.close()
-        assert fake.captures == []
         capture_calls = [r for r in fake.requests if r[1] == "/v1/capture_carbon"]
-        assert capture_calls == [("POST", "/v1/capture_carbon", 401)]
-        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-        assert len(errors) == 1
-        message = errors[0].getMessage()
-        assert "offset_api_key" in message and "refused" in message
+        assert capture_calls == [("POST", "/v1/capture_carbon", 401)] and fake.captures == []
+        (error,) = _errors(caplog)
+        assert "offset_api_key" in error.getMessage() and "refused" in error.getMessage()
         assert all(key not in r.getMessage() for r in caplog.records)
-        assert report.pending_kg == pytest.approx(1.6)
-        assert report.offset_lb == 0
         (offset,) = offsets_of(settings)
-        assert offset.state == "failed" and key not in (offset.last_error or "")
+        assert offset.state == "failed" and report.pending_kg == pytest.approx(1.6)
         assert_conserved(balance_of(settings), 1.6)
 
-        # the key is accepted again (e.g. activated): the next run offsets everything pending
-        fake.api_keys = {key}
-        run_once(settings, [0.0])
-        assert fake.total_lb() == 3  # floor(1.6 / 0.45359237)
-        assert_conserved(balance_of(settings), 1.6)
-        assert_server_matches_ledger(fake, settings, 3)
+
+def test_unreachable_service_at_the_start_is_one_warning(
+    settings: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as probe:  # a port where nothing listens: connection refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings["offset_api_url"] = f"http://127.0.0.1:{port}"
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        report = run_once(settings, [0.1, 0.2])
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and not _errors(caplog)
+    assert "could not check offset_api_key" in warnings[0].getMessage()
+    assert report.not_bought == "below threshold" and report.pending_kg == pytest.approx(0.2)
+
+
+def test_an_accepted_key_is_checked_once_per_process(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    for _ in range(3):
+        run_once(settings, [0.1])
+    assert server.requests == [("GET", "/v1/whoami", 200)]
+
+
+def test_the_end_line_says_what_was_recorded_bought_and_left_pending(
+    server: FakeOneClickImpact, settings: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    def end_line(**overrides: Any) -> tuple[RunReport, str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="carbonoffset"):
+            report = run_once({**settings, **overrides}, [0.2, 1.2])
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "carbonoffset"]
+        assert line == f"carbonoffset: {report.summary}"
+        return report, line
+
+    report, line = end_line()
+    assert report.confirmed_lb == 2 and report.not_bought is None
+    pending = 1.2 - 2 * KG_PER_LB
+    assert line.startswith("carbonoffset: recorded 1.2 kg CO2eq (")
+    assert (
+        f"bought 2 lb ({2 * KG_PER_LB:.3g} kg) this run; {pending:.3g} kg pending below the 0.5 kg threshold"
+        in line
+    )
+    assert f"ledger {settings['offset_ledger']}" in line
+
+    report, line = end_line()  # 0.293 + 1.2 kg pending now: 3 lb
+    assert report.confirmed_lb == 3
+
+    report, line = end_line(auto_offset=False)
+    assert report.not_bought is not None and report.confirmed_lb == 0
+    assert "bought nothing this run: auto_offset is off" in line
+
+    report, line = end_line(offset_threshold=5.0)
+    assert f"bought nothing this run: {report.pending_kg:.3g} kg pending below the 5 kg threshold" in line
+
+    report, line = end_line(offset_api_key=None)
+    assert "bought nothing this run: offset_api_key is not set" in line
+    assert "account sandbox:no-key" in line
+
+    micro = run_once(settings, [0.0, 2.5e-6])  # a tiny run never prints as zero
+    assert "recorded 2.5e-06 kg CO2eq" in micro.summary
 
 
 # ------------------------------------------------------------------- kill -9
