@@ -65,6 +65,21 @@ def missing_framework(callback: str, framework: str, requirement: str, extra: st
     )
 
 
+_MASS_PREFIXES = ((1e6, "t"), (1e3, "kg"), (1.0, "g"), (1e-3, "mg"), (1e-6, "µg"), (1e-9, "ng"))
+
+
+def short_mass(emissions_kg: float) -> str:
+    """A mass in kg as a short label with an SI-prefixed gram unit and 3 significant digits,
+    for progress bars: ``2.14e-06`` -> ``"2.14mg"``, ``0.512`` -> ``"512g"``, ``1234.0`` -> ``"1.23t"``.
+    Zero is ``"0g"``; below a nanogram the figure is written in ng (``"0.05ng"``)."""
+    grams = float(emissions_kg) * 1e3
+    if grams == 0.0 or grams != grams:  # zero or NaN
+        return f"{grams:g}g"
+    magnitude = abs(grams)
+    factor, unit = next(((f, u) for f, u in _MASS_PREFIXES if magnitude >= f * 0.9995), _MASS_PREFIXES[-1])
+    return f"{grams / factor:.3g}{unit}"
+
+
 class CallbackCore:
     """Settings, session lifecycle, budget and resume state for one callback.
 
