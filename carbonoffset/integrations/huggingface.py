@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,13 @@ from typing import Any
 from carbonoffset.core.config import OffsetConfig, SecretKey
 from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, CallbackViews, Collective, missing_framework
+from carbonoffset.integrations._base import (
+    CallbackCore,
+    CallbackViews,
+    Collective,
+    missing_framework,
+    move_first,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,30 +124,6 @@ def _collective(args: Any) -> Collective | None:
     return Collective(world_size=world, sum=sum_across, broadcast=broadcast)
 
 
-def _dispatching_handler(callback: Any) -> Any:
-    """The Trainer's ``CallbackHandler`` that is calling a hook of ``callback`` right now, or ``None``.
-
-    transformers passes a callback neither the Trainer nor its handler, and has no public way to
-    order callbacks; the handler is the ``self`` of ``CallbackHandler.call_event``, a few frames up
-    the stack (transformers 4.45 to 5.x). ``tests/integrations/test_huggingface.py`` checks with a
-    real Trainer that it is found, so a transformers change that breaks this fails the tests.
-    """
-    frame = sys._getframe(1)
-    for _ in range(8):
-        if frame is None:
-            break
-        candidate = frame.f_locals.get("self")
-        callbacks = getattr(candidate, "callbacks", None)
-        if (
-            isinstance(callbacks, list)
-            and hasattr(candidate, "call_event")
-            and any(cb is callback for cb in callbacks)
-        ):
-            return candidate
-        frame = frame.f_back
-    return None
-
-
 _warned_order = False
 
 
@@ -152,25 +133,19 @@ def _run_first(callback: Any) -> None:
     The Trainer runs the ``report_to`` integrations (TensorBoard, W&B, MLflow, ...) before the
     callbacks passed in ``callbacks=[...]``, and hands every callback's ``on_log`` the same ``logs``
     dict: run first, the ``carbon/*`` figures added to it reach every integration and callback.
-    Moving the element being dispatched to the front leaves the rest of the dispatch unchanged
-    (the elements after it keep their indices).
+    transformers has no public way to order callbacks, nor passes a callback its handler: see
+    :func:`~carbonoffset.integrations._base.move_first` (checked with a real Trainer by
+    ``tests/integrations/test_huggingface.py``).
     """
     global _warned_order
-    handler = _dispatching_handler(callback)
-    if handler is None:
-        if not _warned_order:
-            _warned_order = True
-            logger.warning(
-                "carbonoffset could not move CarbonOffsetCallback before the Trainer's reporting "
-                "integrations: integrations listed before it in report_to, and callbacks placed before "
-                "it, will not see the carbon/* metrics. Put it first: "
-                "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))"
-            )
-        return
-    callbacks = handler.callbacks
-    index = next(i for i, cb in enumerate(callbacks) if cb is callback)
-    if index:
-        callbacks.insert(0, callbacks.pop(index))
+    if not move_first(callback) and not _warned_order:
+        _warned_order = True
+        logger.warning(
+            "carbonoffset could not move CarbonOffsetCallback before the Trainer's reporting "
+            "integrations: integrations listed before it in report_to, and callbacks placed before "
+            "it, will not see the carbon/* metrics. Put it first: "
+            "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))"
+        )
 
 
 if _TrainerCallback is not None:

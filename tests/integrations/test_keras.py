@@ -172,6 +172,30 @@ def test_metrics_reach_history_and_ledger_run_equals_the_tracker(
     assert _tracker_threads_alive() == []
 
 
+def test_callbacks_placed_before_ours_see_the_metrics(
+    kx: types.SimpleNamespace, settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """EarlyStopping monitoring carbon/emissions_kg and a CSVLogger placed *before* the callback: no
+    "metric not available" warning, the budget-like stop works, the CSV has the figures."""
+    import csv
+    import warnings
+
+    keras = kx.keras
+    callback = kx.Callback(**settings, source=ScriptedEmissions([1e-6, 2e-6, 2e-6, 2e-6, 2e-6]))
+    early = keras.callbacks.EarlyStopping(monitor="carbon/emissions_kg", mode="max", patience=1)
+    csv_path = tmp_path / "log.csv"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = _fit(kx, _model(kx), [early, keras.callbacks.CSVLogger(str(csv_path)), callback], epochs=8)
+    assert not [w for w in caught if "not available" in str(w.message)], [str(w.message) for w in caught]
+    # the figure stopped growing after epoch 1: EarlyStopping(patience=1) stopped the fit after epoch 2
+    assert history.history["carbon/emissions_kg"] == pytest.approx([1e-6, 2e-6, 2e-6])
+    assert early.stopped_epoch == 2
+    with open(csv_path, encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    assert [float(r["carbon/emissions_kg"]) for r in rows] == pytest.approx([1e-6, 2e-6, 2e-6])
+
+
 def test_two_consecutive_fits_are_both_tracked(
     kx: types.SimpleNamespace, settings: dict[str, Any], ledger_path: Path
 ) -> None:
