@@ -32,6 +32,7 @@ pytest.importorskip(
 )
 
 import torch  # noqa: E402
+from _notebooks import run_twice  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 from transformers.integrations import integration_utils  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
@@ -537,19 +538,8 @@ def test_missing_transformers_names_the_extra() -> None:
     assert "pip install carbonoffset[transformers]" in done.stdout
 
 
-def test_notebook_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel's torch: steady on a busy 2-core machine
-    notebook = nbformat.read(REPO / "notebooks" / "huggingface.ipynb", as_version=4)
-    nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
-    outputs = "".join(
-        str(out.get("text", "")) + str(out.get("data", {}).get("text/plain", ""))
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for out in cell.get("outputs", [])
-    )
+def test_notebook_runs_twice_in_its_folder(tmp_path: Path) -> None:
+    pytest.importorskip("nbclient")
+    outputs = run_twice("huggingface", tmp_path)
     assert "carbon/emissions_kg" in outputs
     assert "captured on the local sandbox: 1 lb" in outputs
