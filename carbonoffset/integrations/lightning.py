@@ -325,7 +325,8 @@ class _CarbonOffsetLogic(CallbackViews):
         """
         import torch  # present with Lightning; kept out of module import
 
-        trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
+        tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+        trainer.callback_metrics.update(tensors)
         if self._progress_bar:
             trainer.progress_bar_metrics.update(_progress_bar_figure(metrics))
         if trainer.loggers:
@@ -333,7 +334,7 @@ class _CarbonOffsetLogic(CallbackViews):
                 row, step = dict(metrics), _final_metrics_step(trainer)
             else:
                 row, step = {**metrics, "epoch": epoch}, _epoch_metrics_step(trainer)
-            trainer.logged_metrics.update(row)
+            trainer.logged_metrics.update(tensors)  # as Lightning keeps its own: tensors, no epoch
             for lg in trainer.loggers:
                 lg.log_metrics(row, step=step)
 
