@@ -528,7 +528,7 @@ def demo(
     verbose: VerboseOption = False,
 ) -> None:
     """Train a small model on scikit-learn's digits with the callback, then offset (rounded up to 1 lb)."""
-    from carbonoffset.demo import FRAMEWORKS, trainer_module
+    from carbonoffset.demo import FRAMEWORKS, account_credit_kg, offset_outcome, offset_plan, trainer_module
 
     _setup_logging(verbose)
     if framework not in FRAMEWORKS:
@@ -547,10 +547,12 @@ def demo(
             "a production offset_api_key is configured: the demo would buy 1 lb of carbon capture for real. "
             "Pass --yes to do that, or set CODECARBON_OFFSET_ENVIRONMENT=sandbox with a test_ key.",
         )
+    credit_before_kg = 0.0
     if base.can_offset:
+        credit_before_kg = account_credit_kg(base)
         console.print(
-            f"Using 1ClickImpact ({base.offset_environment}) with your configured offset_api_key. The final "
-            "offset rounds up, so this buys 1 lb of carbon capture."
+            f"Using 1ClickImpact ({base.offset_environment}) with your configured offset_api_key. "
+            + offset_plan(credit_before_kg, auto_offset=base.auto_offset)
         )
         ledger_path = base.ledger_path
     else:
@@ -565,7 +567,8 @@ def demo(
         )
         console.print(
             "No offset_api_key is configured, so nothing real is bought: the demo runs a local "
-            f"1ClickImpact-compatible server at {server.url} (sandbox, in memory) with a throw-away test key."
+            f"1ClickImpact-compatible server at {server.url} (sandbox, in memory) with a throw-away test key. "
+            + offset_plan(0.0, auto_offset=base.auto_offset)  # a new key: a new account, no credit
         )
     settings["offset_ledger"] = ledger_path
     console.print(
@@ -574,9 +577,15 @@ def demo(
     )
     try:
         module = trainer_module(framework)
-        console.print(f"Training a small {framework} model on scikit-learn digits for {epochs} epochs...")
+        what = f"Training a small {framework} model on scikit-learn digits for {epochs} epochs"
+        console.print(f"{what}...")
         started = time.perf_counter()
-        result = module.train(settings, epochs=epochs)
+        with console.status(f"{what}: epoch 0/{epochs}") as status:
+
+            def progress(done: int, total: int) -> None:
+                status.update(f"{what}: epoch {done}/{total}, {time.perf_counter() - started:.0f} s")
+
+            result = module.train(settings, epochs=epochs, progress=progress)
         elapsed = time.perf_counter() - started
     except ModuleNotFoundError as exc:
         raise _fail(EXIT_CONFIG, str(exc)) from None
@@ -601,6 +610,7 @@ def demo(
         table.add_row("local sandbox captures", f"{len(server.captures)} ({server.total_lb()} lb)")
     table.add_row("ledger", str(ledger_path))
     console.print(table)
+    console.print(offset_outcome(rep, credit_before_kg))
     console.print(f"See the ledger any time with: carbonoffset report --ledger {ledger_path}")
 
 

@@ -589,27 +589,67 @@ class OfflineEmissionsTracker(_OffsetMixin, _cc.OfflineEmissionsTracker):
 
 
 # ----------------------------------------------------------------------- decorator
-def _choose_tracker(
-    offline: bool | None, codecarbon_kwargs: dict[str, Any]
-) -> tuple[type[_OffsetMixin], dict[str, Any]]:
-    """Pick the tracker class for one call of a decorated function.
+#: CodeCarbon's decorator's parameters after ``fn``, in its positional order (3.3.2: ``project_name``,
+#: ``measure_power_secs``, ..., ``offline``, ``country_iso_code``, ...), read from CodeCarbon itself.
+_DECORATOR_ARGUMENTS: tuple[str, ...] = tuple(inspect.signature(_cc.track_emissions).parameters)[1:]
 
-    Offline when ``offline=True``; with ``offline`` unset, offline as soon as a
-    ``country_iso_code`` is given or configured (``CODECARBON_COUNTRY_ISO_CODE``,
-    ``.codecarbon.config``), so no network look-up happens when the country is known.
-    """
-    country = codecarbon_kwargs.get("country_iso_code") or read_external_settings().get("country_iso_code")
-    located = bool(country) or codecarbon_kwargs.get("cloud_provider") is not None
-    if offline and not located:
-        raise ValueError(
-            "offline=True needs the location: pass country_iso_code (e.g. 'FRA'), set CODECARBON_COUNTRY_ISO_CODE, "
-            "or pass cloud_provider and cloud_region"
+#: Arguments CodeCarbon's decorator passes to the online tracker only (it drops them for the offline one).
+_ONLINE_ONLY_ARGUMENTS: tuple[str, ...] = (
+    "api_call_interval",
+    "api_endpoint",
+    "api_key",
+    "save_to_api",
+    "emissions_endpoint",
+    "experiment_id",
+    "experiment_name",
+)
+
+
+def _decorator_keywords(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """CodeCarbon's positional decorator arguments (after ``fn``) as keywords, checked like Python would."""
+    if len(args) > len(_DECORATOR_ARGUMENTS):
+        raise TypeError(
+            f"track_emissions takes at most {len(_DECORATOR_ARGUMENTS) + 1} positional arguments "
+            f"(fn and CodeCarbon's {len(_DECORATOR_ARGUMENTS)}), got {len(args) + 1}"
         )
-    use_offline = bool(offline) if offline is not None else bool(country)
-    if use_offline:
-        return OfflineEmissionsTracker, dict(codecarbon_kwargs)
-    # CodeCarbon's online tracker has no location arguments; its decorator ignores them too.
-    return EmissionsTracker, {k: v for k, v in codecarbon_kwargs.items() if k not in _OFFLINE_ARGUMENTS}
+    merged = dict(kwargs)
+    for name, value in zip(_DECORATOR_ARGUMENTS, args, strict=False):
+        if name in merged:
+            raise TypeError(f"track_emissions got multiple values for argument {name!r}")
+        merged[name] = value
+    unknown = sorted(set(merged) - set(_DECORATOR_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"track_emissions got unexpected keyword argument(s) {unknown}")
+    return merged
+
+
+def _choose_tracker(codecarbon_kwargs: dict[str, Any]) -> tuple[type[_OffsetMixin], dict[str, Any]]:
+    """CodeCarbon 3.3.2's choice for one call of a decorated function.
+
+    Offline exactly when ``offline`` is true, and then only with a location
+    (``country_iso_code`` or ``cloud_provider``, given to the decorator or
+    configured); else the online tracker, to which CodeCarbon passes no
+    location argument.
+
+    Raises:
+        ValueError: ``offline=True`` without a location (CodeCarbon raises ``Exception``
+            at the same moment: when the function is called).
+    """
+    kwargs = dict(codecarbon_kwargs)
+    offline = kwargs.pop("offline", None)
+    if offline:
+        configured = read_external_settings()
+        located = any(
+            kwargs.get(name) is not None or configured.get(name)
+            for name in ("country_iso_code", "cloud_provider")
+        )
+        if not located:
+            raise ValueError(
+                "track_emissions(offline=True) needs the location: pass country_iso_code (e.g. 'FRA'), set "
+                "CODECARBON_COUNTRY_ISO_CODE, or pass cloud_provider and cloud_region"
+            )
+        return OfflineEmissionsTracker, {k: v for k, v in kwargs.items() if k not in _ONLINE_ONLY_ARGUMENTS}
+    return EmissionsTracker, {k: v for k, v in kwargs.items() if k not in _OFFLINE_ARGUMENTS}
 
 
 @overload
@@ -619,8 +659,7 @@ def track_emissions(fn: F) -> F: ...
 @overload
 def track_emissions(
     fn: None = None,
-    *,
-    offline: bool | None = None,
+    *args: Any,
     offset_api_key: str | None = None,
     offset_environment: str | None = None,
     offset_threshold: float | None = None,
@@ -636,8 +675,7 @@ def track_emissions(
 
 def track_emissions(
     fn: Callable[..., Any] | None = None,
-    *,
-    offline: bool | None = None,
+    *args: Any,
     offset_api_key: str | None = None,
     offset_environment: str | None = None,
     offset_threshold: float | None = None,
@@ -649,41 +687,60 @@ def track_emissions(
     offset_round_up: bool | None = None,
     **codecarbon_kwargs: Any,
 ) -> Any:
-    """Track (and offset) the emissions of every call of a function, like CodeCarbon's decorator.
+    """CodeCarbon's ``track_emissions`` decorator, offsetting what it measures.
 
-    Both forms work: ``@track_emissions`` and ``@track_emissions(...)``. Each
-    call builds a new tracker, starts it, runs the function and stops the
-    tracker in ``finally`` (final offset, bounded by ``offset_timeout``); the
-    function's return value is returned unchanged.
+    It behaves as CodeCarbon 3.3.2's: the same parameters in the same
+    positional order (``track_emissions(fn=None, project_name=...,
+    measure_power_secs=..., ..., offline=..., country_iso_code=..., ...)``),
+    the same calling forms (``@track_emissions``, ``@track_emissions(...)``,
+    ``track_emissions(None, "project")``), the same tracker choice and the
+    same timing of errors; the offset settings are added as keyword-only
+    arguments. Each call of the decorated function builds a new tracker,
+    starts it, runs the function and stops the tracker in ``finally`` (final
+    offset, bounded by ``offset_timeout``); the return value is unchanged.
+
+    Tracker: :class:`OfflineEmissionsTracker` when ``offline=True``, else the
+    online :class:`EmissionsTracker` (as in CodeCarbon, a ``country_iso_code``
+    alone does not make it offline, and the online tracker ignores it and the
+    other location arguments). For the offline tracker without a network
+    look-up, pass ``offline=True, country_iso_code="FRA"``.
 
     Args:
-        fn: the function (bare ``@track_emissions`` form only).
-        offline: ``True``: use :class:`OfflineEmissionsTracker` (needs a
-            ``country_iso_code`` or ``cloud_provider`` + ``cloud_region``);
-            ``False``: the online :class:`EmissionsTracker`. Unset (default):
-            offline as soon as ``country_iso_code`` is given or configured
-            (``CODECARBON_COUNTRY_ISO_CODE``, ``.codecarbon.config``), so no
-            network look-up is made when the country is known.
+        fn: the function (bare ``@track_emissions`` form), or ``None``.
+        *args: CodeCarbon's decorator arguments after ``fn``, in its order.
         offset_api_key, offset_environment, offset_threshold, auto_offset,
             offset_ledger, offset_api_url, offset_timeout,
-            offset_request_timeout, offset_round_up: as for :class:`EmissionsTracker`.
-        **codecarbon_kwargs: CodeCarbon's tracker arguments (``project_name``,
-            ``measure_power_secs``, ``output_dir``, ``country_iso_code``, ...).
-            ``region``/``cloud_*`` are ignored by the online tracker, as in CodeCarbon.
+            offset_request_timeout, offset_round_up: as for
+            :class:`EmissionsTracker` (keyword-only).
+        **codecarbon_kwargs: CodeCarbon's decorator arguments by name
+            (``project_name``, ``measure_power_secs``, ``output_dir``,
+            ``offline``, ``country_iso_code``, ...).
 
     Returns:
         The decorated function, or a decorator.
 
     Raises:
-        TypeError: an argument CodeCarbon does not know, or a non-callable ``fn``.
-        ValueError: invalid offset settings, or ``offline=True`` without a location.
+        TypeError: at decoration, as Python raises for CodeCarbon's decorator: an
+            argument name CodeCarbon's decorator does not have, too many
+            positional arguments, or one given twice.
+        ValueError: when the decorated function is called (where CodeCarbon raises
+            too): ``offline=True`` without ``country_iso_code`` / ``cloud_provider``
+            (given or configured), or an invalid offset setting
+            (:class:`~carbonoffset.core.ConfigurationError`, naming the setting).
 
     Example::
 
-        @track_emissions(country_iso_code="FRA", offset_environment="sandbox")
+        @track_emissions(project_name="train", offline=True, country_iso_code="FRA",
+                         offset_environment="sandbox")
         def train():
             ...
     """
+    if fn is not None and not callable(fn):
+        raise TypeError(
+            f"track_emissions: the first argument is the function to decorate or None (got {fn!r}); "
+            "CodeCarbon's signature is track_emissions(fn=None, project_name=..., ...)"
+        )
+    kwargs = _decorator_keywords(args, codecarbon_kwargs)
     settings = _explicit_settings(
         {
             "offset_api_key": offset_api_key,
@@ -697,20 +754,15 @@ def track_emissions(
             "offset_round_up": offset_round_up,
         }
     )
-    unknown = set(codecarbon_kwargs) - set(_TRACKER_ARGUMENTS) - set(_OFFLINE_ARGUMENTS)
-    if unknown:
-        raise TypeError(f"track_emissions got unknown argument(s) {sorted(unknown)}")
-    OffsetConfig(**settings)  # validate the given values now, at decoration time
-    _choose_tracker(offline, codecarbon_kwargs)  # fail now for offline=True without a location
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(func)
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            tracker_cls, tracker_kwargs = _choose_tracker(offline, codecarbon_kwargs)
+        def wrapped(*call_args: Any, **call_kwargs: Any) -> Any:
+            tracker_cls, tracker_kwargs = _choose_tracker(kwargs)
             tracker: Any = tracker_cls(**tracker_kwargs, **settings)
             tracker.start()
             try:
-                return func(*args, **kwargs)
+                return func(*call_args, **call_kwargs)
             finally:
                 tracker.stop()
                 if tracker.offset_handler is not None:
@@ -720,9 +772,17 @@ def track_emissions(
 
     if fn is None:
         return decorate
-    if not callable(fn):
-        raise TypeError(
-            "track_emissions takes the function to decorate or keyword arguments only, e.g. "
-            "@track_emissions(project_name='x')"
-        )
     return decorate(fn)
+
+
+def _signature() -> inspect.Signature:
+    """CodeCarbon's decorator signature (its own defaults: "unset, read the configuration") plus the
+    offset settings, so ``help()`` and ``inspect.signature`` show what the decorator accepts."""
+    parameters = list(inspect.signature(_cc.track_emissions).parameters.values())
+    parameters += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in OFFSET_ARGUMENTS
+    ]
+    return inspect.Signature(parameters)
+
+
+track_emissions.__signature__ = _signature()  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import logging
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from codecarbon.output_methods.file import FileOutput
 
 import carbonoffset
 from carbonoffset.codecarbon import (
+    OFFSET_ARGUMENTS,
     EmissionsTracker,
     OfflineEmissionsTracker,
     OneClickImpactOutput,
@@ -387,8 +389,9 @@ def test_threshold_below_minimum_raises(settings: dict[str, Any], monkeypatch: p
         tracker_with(settings, offset_threshold=0.4)
     with pytest.raises(ValueError, match="offset_threshold"):
         OfflineEmissionsTracker(country_iso_code="FRA", offset_threshold=0.1)  # even without a key
+    decorated = track_emissions(offset_threshold=0.2)(lambda: "ran")  # CodeCarbon raises at the call too
     with pytest.raises(ValueError, match="offset_threshold"):
-        track_emissions(offset_threshold=0.2)
+        decorated()
     monkeypatch.setenv("CODECARBON_OFFSET_THRESHOLD", "0.3")
     with pytest.raises(ValueError, match="offset_threshold"):
         tracker_with(settings)
@@ -400,8 +403,9 @@ def test_unknown_environment_raises_listing_the_choices(settings: dict[str, Any]
     with pytest.raises(ValueError, match="offset_environment") as info:
         tracker_with(settings, offset_environment=environment)
     assert "production" in str(info.value) and "sandbox" in str(info.value)
+    decorated = track_emissions(offset_environment=environment)(lambda: "ran")
     with pytest.raises(ValueError, match="'production' or 'sandbox'"):
-        track_emissions(offset_environment=environment)
+        decorated()
 
 
 def test_missing_makeimpact_raises_an_install_hint(
@@ -460,7 +464,7 @@ def test_track_emissions_bare_form_new_tracker_per_call(
         monkeypatch.setenv(f"CODECARBON_{name.upper()}", str(settings[name]))
     monkeypatch.setenv("CODECARBON_LOG_LEVEL", "error")
 
-    @track_emissions
+    @track_emissions(offline=True)  # the country comes from CODECARBON_COUNTRY_ISO_CODE
     def square(x: int) -> int:
         """Squares."""
         return x * x
@@ -468,7 +472,7 @@ def test_track_emissions_bare_form_new_tracker_per_call(
     assert square.__name__ == "square" and square.__doc__ == "Squares."
     assert square(3) == 9 and square(4) == 16
 
-    @track_emissions
+    @track_emissions(offline=True)
     def boom() -> None:
         raise RuntimeError("training failed")
 
@@ -506,10 +510,72 @@ def test_track_emissions_with_arguments_offsets_a_real_run(
     assert 0 <= balance.pending_kg < 1.0  # what is left is below the threshold: carried, not lost
 
 
-def test_track_emissions_argument_errors() -> None:
-    with pytest.raises(ValueError, match="offline=True needs"):
-        track_emissions(offline=True)
-    with pytest.raises(TypeError, match="unknown argument"):
+def test_track_emissions_argument_errors_come_when_codecarbon_raises_them() -> None:
+    """As CodeCarbon 3.3.2: a wrong name or too many arguments fail at decoration (Python's TypeError);
+    offline=True without a location fails when the function is called, not at import."""
+    with pytest.raises(TypeError, match="unexpected keyword argument.*project_nam"):
         track_emissions(project_nam="typo")
-    with pytest.raises(TypeError, match="keyword arguments"):
+    with pytest.raises(TypeError, match="multiple values for argument 'project_name'"):
+        track_emissions(None, "a", project_name="b")
+    with pytest.raises(TypeError, match="at most"):
+        track_emissions(None, *range(len(inspect.signature(codecarbon.track_emissions).parameters)))
+    with pytest.raises(TypeError, match="function to decorate or None"):
         track_emissions("my-project")  # type: ignore[call-overload]
+    calls: list[str] = []
+    decorated = track_emissions(offline=True)(lambda: calls.append("ran"))  # decorating never raises
+    with pytest.raises(ValueError, match=r"offline=True\) needs the location"):
+        decorated()
+    assert calls == []  # nothing ran, no tracker started
+
+
+def test_track_emissions_has_codecarbons_signature_plus_the_offset_settings() -> None:
+    ours = inspect.signature(track_emissions).parameters
+    theirs = inspect.signature(codecarbon.track_emissions).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)  # same names, same positional order
+    assert all(ours[name].kind == theirs[name].kind for name in theirs)
+    extra = list(ours)[len(theirs) :]
+    assert extra == list(OFFSET_ARGUMENTS)
+    assert all(ours[name].kind is inspect.Parameter.KEYWORD_ONLY for name in extra)
+
+
+class _Where(BaseOutput):
+    """A CodeCarbon output handler (its public extension point): where the tracker located the run."""
+
+    def __init__(self) -> None:
+        self.countries: list[str] = []
+
+    def out(self, total: EmissionsData, delta: EmissionsData) -> None:
+        self.countries.append(total.country_iso_code)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"country_iso_code": "FRA"}, "online"),  # a country alone does not switch to offline
+        ({"offline": False, "country_iso_code": "FRA"}, "online"),
+        ({"offline": True, "country_iso_code": "FRA"}, "offline"),
+        ({}, "online"),
+    ],
+)
+def test_track_emissions_chooses_the_tracker_as_codecarbon_does(
+    arguments: dict[str, Any], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CODECARBON_COUNTRY_ISO_CODE", "DEU")  # configured: never a reason to go offline
+    where = _Where()
+    positional = ("positional-project",)  # CodeCarbon's own form: track_emissions(None, "project", ...)
+
+    @track_emissions(
+        None, *positional, log_level="error", output_methods=[], output_handlers=[where], **arguments
+    )
+    def work() -> int:
+        time.sleep(0.05)
+        return 7
+
+    assert work() == 7
+    # the offline tracker uses the given country; the online one locates the machine itself (it takes no
+    # location argument): here, without network, CodeCarbon's fallback country
+    assert where.countries, "the tracker reported nothing"
+    if expected == "offline":
+        assert set(where.countries) == {"FRA"}
+    else:
+        assert "FRA" not in where.countries and "DEU" not in where.countries

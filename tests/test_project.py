@@ -19,7 +19,7 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_is_clean() -> None:
-    result = _run(str(BIN / "ruff"), "check", "carbonoffset", "tests", "benchmarks")
+    result = _run(str(BIN / "ruff"), "check", "carbonoffset", "tests", "benchmarks", "scripts")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -511,6 +512,10 @@ def _serve(inbox: queue.Queue[str | None], send: Any) -> None:
 
 def main(argv: list[str]) -> int:
     """The measuring process: ``python -m carbonoffset.core._meter [TRACKER_KWARGS_JSON]``."""
+    # The parent stops this process through its pipe, and it ends when the pipe closes. Ctrl-C in a
+    # terminal, or a Jupyter kernel shutting down, sends SIGINT to the whole process group: ignore it
+    # here (the parent handles it), so no KeyboardInterrupt traceback is printed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     protocol: IO[str] = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
     try:
         os.dup2(2, 1)  # anything CodeCarbon prints goes to stderr, never into the protocol

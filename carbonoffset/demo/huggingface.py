@@ -16,7 +16,7 @@ import os
 import tempfile
 from typing import Any
 
-from carbonoffset.demo import DemoResult
+from carbonoffset.demo import DemoResult, Progress
 from carbonoffset.demo.data import load_digits_split
 
 #: Pixel intensities 0..16 are the tokens.
@@ -124,7 +124,7 @@ def training_arguments(output_dir: str, *, epochs: int, **overrides: Any) -> Any
     return TrainingArguments(**options)
 
 
-def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
+def train(callback_settings: dict[str, Any], *, epochs: int, progress: Progress | None = None) -> DemoResult:
     """Train the tiny BERT on digits for ``epochs`` epochs with ``CarbonOffsetCallback(**callback_settings)``.
 
     Args:
@@ -132,6 +132,7 @@ def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
             :class:`carbonoffset.integrations.huggingface.CarbonOffsetCallback`.
         epochs: epochs to train (>= 1); about 1-2 s each on 2 CPU cores
             (validation accuracy about 0.7 after 5 epochs).
+        progress: called after every epoch with ``(epochs_done, epochs)``.
 
     Returns:
         The :class:`DemoResult` (validation accuracy after the last epoch, the
@@ -147,7 +148,17 @@ def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
     from carbonoffset.integrations.huggingface import CarbonOffsetCallback
 
     callback = CarbonOffsetCallback(**callback_settings)
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
+
+    callbacks: list[Any] = [callback]
+    if progress is not None:
+        on_epoch: Progress = progress
+
+        class EpochProgress(TrainerCallback):
+            def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                on_epoch(round(state.epoch or 0), epochs)
+
+        callbacks.append(EpochProgress())
 
     train_set, val_set = build_datasets()
     with tempfile.TemporaryDirectory(prefix="carbonoffset-hf-demo-") as output_dir:
@@ -157,7 +168,7 @@ def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
             train_dataset=train_set,
             eval_dataset=val_set,
             compute_metrics=accuracy,
-            callbacks=[callback],
+            callbacks=callbacks,
         )
         with callback.guard():
             trainer.train()

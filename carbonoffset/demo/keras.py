@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from carbonoffset.demo import DemoResult
+from carbonoffset.demo import DemoResult, Progress
 from carbonoffset.demo.data import load_digits_split
 
 
@@ -43,7 +43,7 @@ def fit_digits(model: Any, data: Any, *, epochs: int, callbacks: list[Any]) -> A
     )
 
 
-def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
+def train(callback_settings: dict[str, Any], *, epochs: int, progress: Progress | None = None) -> DemoResult:
     """Train a 64-32-10 dense network on digits for ``epochs`` epochs with the Keras callback.
 
     Uses the torch backend unless ``KERAS_BACKEND`` is already set (it must be
@@ -53,6 +53,7 @@ def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
         callback_settings: keyword arguments for
             :class:`carbonoffset.integrations.keras.CarbonOffsetCallback`.
         epochs: epochs to train (>= 1).
+        progress: called after every epoch with ``(epochs_done, epochs)``.
 
     Returns:
         The epochs trained, the validation accuracy in [0, 1] and the callback's final report.
@@ -71,8 +72,13 @@ def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
 
     data = load_digits_split()
     model = build_model(keras)
+    callbacks: list[Any] = [callback]
+    if progress is not None:
+        callbacks.append(
+            keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: progress(epoch + 1, epochs))
+        )
     with callback.guard():
-        history = fit_digits(model, data, epochs=epochs, callbacks=[callback])
+        history = fit_digits(model, data, epochs=epochs, callbacks=callbacks)
     report = callback.final_report
     if report is None:  # on_train_end always runs after a fit that returns
         raise RuntimeError("the Keras fit ended without a final report")

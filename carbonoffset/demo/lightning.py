@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from carbonoffset.demo import DemoResult
+from carbonoffset.demo import DemoResult, Progress
 
 BATCH_SIZE = 64
 HIDDEN_UNITS = 64
@@ -70,7 +70,19 @@ def _digits_module(pl: Any, torch: Any) -> Any:
     return DigitsMLP
 
 
-def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
+def _progress_callback(pl: Any, progress: Progress | None, epochs: int) -> list[Any]:
+    if progress is None:
+        return []
+    report: Progress = progress
+
+    class EpochProgress(pl.Callback):  # type: ignore[misc]
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            report(int(trainer.current_epoch) + 1, epochs)
+
+    return [EpochProgress()]
+
+
+def train(callback_settings: dict[str, Any], *, epochs: int, progress: Progress | None = None) -> DemoResult:
     """Train the digits MLP with ``CarbonOffsetCallback(**callback_settings)``.
 
     Args:
@@ -80,6 +92,7 @@ def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
             ``offset_ledger``, ``country_iso_code``, ``offset_round_up``,
             ``max_emissions_kg``, ``source``, ...).
         epochs: training epochs, >= 1 (fewer run if ``max_emissions_kg`` stops the fit).
+        progress: called after every training epoch with ``(epochs_done, epochs)``.
 
     Returns:
         :class:`~carbonoffset.demo.DemoResult`: epochs trained, validation
@@ -117,7 +130,7 @@ def train(callback_settings: dict[str, Any], *, epochs: int) -> DemoResult:
                 accelerator="cpu",
                 devices=1,
                 max_epochs=epochs,
-                callbacks=[callback],
+                callbacks=[callback, *_progress_callback(pl, progress, epochs)],
                 logger=False,
                 enable_checkpointing=False,
                 enable_progress_bar=False,

@@ -32,7 +32,13 @@ from typing import Any
 from carbonoffset.core.config import OffsetConfig, SecretKey
 from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, CallbackViews, Collective, missing_framework
+from carbonoffset.integrations._base import (
+    CallbackCore,
+    CallbackViews,
+    Collective,
+    missing_framework,
+    move_first,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +137,30 @@ def _collective(args: Any) -> Collective | None:
     return Collective(world_size=world, sum=sum_across, broadcast=broadcast)
 
 
+_warned_order = False
+
+
+def _run_first(callback: Any) -> None:
+    """Move ``callback`` to the front of its Trainer's callbacks (called from one of its hooks).
+
+    The Trainer runs the ``report_to`` integrations (TensorBoard, W&B, MLflow, ...) before the
+    callbacks passed in ``callbacks=[...]``, and hands every callback's ``on_log`` the same ``logs``
+    dict: run first, the ``carbon/*`` figures added to it reach every integration and callback.
+    transformers has no public way to order callbacks, nor passes a callback its handler: see
+    :func:`~carbonoffset.integrations._base.move_first` (checked with a real Trainer by
+    ``tests/integrations/test_huggingface.py``).
+    """
+    global _warned_order
+    if not move_first(callback) and not _warned_order:
+        _warned_order = True
+        logger.warning(
+            "carbonoffset could not move CarbonOffsetCallback before the Trainer's reporting "
+            "integrations: integrations listed before it in report_to, and callbacks placed before "
+            "it, will not see the carbon/* metrics. Put it first: "
+            "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))"
+        )
+
+
 if _TrainerCallback is not None:
 
     class CarbonOffsetCallback(_TrainerCallback, _ExportableState, CallbackViews):
@@ -156,16 +186,16 @@ if _TrainerCallback is not None:
         ``carbon/energy_kwh`` (kWh), ``carbon/emissions_kg``,
         ``carbon/offset_kg`` and ``carbon/pending_kg`` (kg CO2eq, cumulative
         for the run; pending is the account's) to that log entry: to
-        ``state.log_history`` and to the ``logs`` every callback placed after
-        this one receives (the progress output is always placed last). The
-        Trainer runs ``report_to`` integrations before the callbacks passed in
-        ``callbacks=[...]``; for integrations such as TensorBoard or W&B to
-        receive the metrics, put this callback before them: use
-        ``report_to=["carbonoffset", "tensorboard"]`` (settings from
-        configuration), or move an instance to the front with
-        ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))``.
-        After ``on_train_end`` the run's final figures are also added to the
-        last entry of ``state.log_history`` (the one holding ``train_runtime``).
+        ``state.log_history`` and to the ``logs`` every ``on_log`` receives.
+        The Trainer runs the ``report_to`` integrations (TensorBoard, W&B,
+        MLflow, ...) before the callbacks given in ``callbacks=[...]``, so the
+        callback moves itself to the front of the Trainer's callbacks when the
+        Trainer is built (and again at ``on_train_begin``): every integration
+        and every other callback, wherever placed, sees the metrics. The
+        Trainer's end-of-training summary (the log entry with
+        ``train_runtime``, logged just before ``on_train_end``) ends the run:
+        its final figures (same names) go into that entry, so they reach every
+        integration and ``state.log_history`` too, at the last global step.
 
         **Ranks.** Only the local main process of each node runs a tracker
         (``args.local_process_index == 0``) and only the main process
@@ -268,8 +298,10 @@ if _TrainerCallback is not None:
                     del owners[key]
             with contextlib.suppress(TypeError):  # arguments without weak references: nothing to adopt later
                 owners[id(args)] = (weakref.ref(args), weakref.ref(self))
+            _run_first(self)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            _run_first(self)  # again for an instance the Trainer rebuilt from a checkpoint (appended last)
             if self._restored is not None:
                 self._adopt_original(args)
             elif getattr(state, "global_step", 0) and not getattr(
@@ -303,7 +335,14 @@ if _TrainerCallback is not None:
             self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
         ) -> None:
             metrics, self._pending_metrics = self._pending_metrics, None
-            if not metrics or logs is None:
+            if logs is None:
+                return
+            if "train_runtime" in logs and self._core.log_metrics:
+                # The Trainer's end-of-training summary, logged just before on_train_end: end the run
+                # here so that its final figures reach every integration and log_history with it.
+                report = self._core.end()
+                metrics = report.metrics() if report is not None else None
+            if not metrics:
                 return
             history = getattr(state, "log_history", None)
             if history:

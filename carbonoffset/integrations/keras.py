@@ -23,7 +23,7 @@ from typing import Any
 
 from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, CallbackViews, missing_framework
+from carbonoffset.integrations._base import CallbackCore, CallbackViews, missing_framework, move_first
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,10 @@ class CarbonOffsetCallback(CallbackViews, _CallbackBase):  # type: ignore[misc]
     metrics ``carbon/energy_kwh`` (kWh), ``carbon/emissions_kg``,
     ``carbon/offset_kg`` and ``carbon/pending_kg`` (kg CO2eq, cumulative
     for the run; pending is the account's) are added to ``logs``, so they
-    reach the progress bar, ``History`` and every callback placed after
-    this one. At ``on_train_end`` the final figures are recorded, the
+    reach the progress bar, ``History`` and every other callback: at
+    ``on_train_begin`` the callback moves itself to the front of the fit's
+    callbacks, so the order of ``callbacks=[...]`` does not matter
+    (``EarlyStopping(monitor="carbon/emissions_kg")`` may come first). At ``on_train_end`` the final figures are recorded, the
     final offset is made (respecting the threshold, or rounding up to a
     whole pound when ``offset_round_up`` is set) and the callback waits at
     most ``offset_timeout`` seconds for offsets in flight; whatever is not
@@ -144,9 +146,20 @@ class CarbonOffsetCallback(CallbackViews, _CallbackBase):  # type: ignore[misc]
             offsetter_options=offsetter_options,
             **settings,
         )
+        self._warned_order = False
 
     # ---------------------------------------------------------- keras hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        # Keras calls callbacks in list order with one shared logs dict: run first, so that callbacks
+        # placed before this one in callbacks=[...] (EarlyStopping(monitor="carbon/emissions_kg"),
+        # ModelCheckpoint, CSVLogger, TensorBoard) see the carbon/* metrics too.
+        if not move_first(self) and not self._warned_order:
+            self._warned_order = True
+            logger.warning(
+                "carbonoffset could not move CarbonOffsetCallback to the front of this fit's callbacks: "
+                "callbacks placed before it (e.g. EarlyStopping monitoring carbon/emissions_kg) will not "
+                "see the carbon/* metrics. Put CarbonOffsetCallback first in callbacks=[...]"
+            )
         self._close_unfinished("interrupted")
         self._core.begin()
 

@@ -25,9 +25,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from carbonoffset.core.session import OffsetSession
+from carbonoffset.core.session import METRIC_PREFIX, OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, CallbackViews, Collective, missing_framework
+from carbonoffset.integrations._base import (
+    CallbackCore,
+    CallbackViews,
+    Collective,
+    missing_framework,
+    short_mass,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,45 @@ def _collective(trainer: Any) -> Collective | None:
     return Collective(world_size=int(trainer.world_size), sum=sum_across, broadcast=broadcast)
 
 
+def _batches_that_stepped(trainer: Any) -> int:
+    """Lightning's logging step counter: batches whose optimizer step ran, this fit so far.
+
+    Lightning has no public name for it; its own loggers and ``LearningRateMonitor`` read
+    ``trainer.fit_loop.epoch_loop._batches_that_stepped``. If a Lightning version drops it,
+    ``trainer.global_step`` (the same number with one optimizer) is used instead;
+    ``tests/integrations/test_lightning.py`` checks the steps in real ``CSVLogger`` and
+    TensorBoard files, so such a change fails the test suite.
+    """
+    stepped = getattr(
+        getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "_batches_that_stepped", None
+    )
+    return int(stepped) if isinstance(stepped, int) else int(trainer.global_step)
+
+
+def _epoch_metrics_step(trainer: Any) -> int:
+    """The step Lightning logs a training epoch's own metrics at (``self.log(on_epoch=True)``,
+    ``LearningRateMonitor``): the step of the epoch's last optimizer step (Lightning's
+    ``fit_loop.on_advance_end`` logs them at ``_batches_that_stepped - 1``)."""
+    return max(0, _batches_that_stepped(trainer) - 1)
+
+
+def _final_metrics_step(trainer: Any) -> int:
+    """The step of the run's final figures: after the last epoch's step, so no epoch's values are
+    overwritten."""
+    return _batches_that_stepped(trainer)
+
+
+#: The progress bar's one figure: the run's emissions so far.
+PROGRESS_BAR_KEY = "co2"
+
+
+def _progress_bar_figure(metrics: dict[str, float]) -> dict[str, Any]:
+    """``{"co2": "2.14mg"}``: the run's emissions, SI-prefixed grams of CO2eq (a string, so Rich's
+    ``.3f`` formatting cannot print micrograms as ``0.000``)."""
+    emissions_kg = metrics.get(f"{METRIC_PREFIX}emissions_kg")
+    return {} if emissions_kg is None else {PROGRESS_BAR_KEY: short_mass(emissions_kg)}
+
+
 class _CarbonOffsetLogic(CallbackViews):
     """Measure each fit with CodeCarbon, log ``carbon/*`` metrics, offset through 1ClickImpact.
 
@@ -92,9 +137,12 @@ class _CarbonOffsetLogic(CallbackViews):
       and ``carbon/pending_kg`` (kg CO2eq; offset = bought or in flight for
       this run, pending = the account's emissions not yet offset) to
       ``trainer.callback_metrics`` (as tensors, so ``EarlyStopping`` or
-      ``ModelCheckpoint`` can monitor them), ``trainer.progress_bar_metrics``
-      and every logger in ``trainer.loggers`` (with ``epoch``, at
-      ``trainer.global_step``). The core offsets in the background once
+      ``ModelCheckpoint`` can monitor them), ``trainer.logged_metrics`` and
+      every logger in ``trainer.loggers``, with ``epoch``, at the step
+      Lightning logs the epoch's own metrics at (``self.log(on_epoch=True)``,
+      ``LearningRateMonitor``), so each logger shows them at the same step as
+      ``train_loss``; plus the short ``co2`` figure on the progress bar (see
+      ``progress_bar``). The core offsets in the background once
       ``offset_threshold`` is reached: the hook never waits for the network
       and costs well under a millisecond. With ``max_emissions_kg``, a warning
       is logged after the first epoch when the projected total for
@@ -104,8 +152,8 @@ class _CarbonOffsetLogic(CallbackViews):
       final offset (respecting ``offset_threshold``, or rounding up to a whole
       pound with ``offset_round_up``), a wait of at most ``offset_timeout``
       seconds, then the run's final figures are published the same way
-      (loggers at ``trainer.global_step``, without ``epoch``) and kept in
-      :attr:`final_report`.
+      (to the loggers without ``epoch``, one step after the last epoch's,
+      so no epoch's values are overwritten) and kept in :attr:`final_report`.
     * ``on_exception`` (``KeyboardInterrupt`` included): stop the tracker,
       keep everything measured in the ledger (status ``"interrupted"`` for
       ``KeyboardInterrupt``, ``"failed"`` otherwise), no final offset: what
@@ -120,8 +168,14 @@ class _CarbonOffsetLogic(CallbackViews):
         max_emissions_kg: carbon budget of one run in kg CO2eq (> 0), or
             ``None`` for no budget. The run stops gracefully after the epoch
             whose cumulative emissions pass it (subject to ``min_epochs``).
-        log_metrics: log the four ``carbon/*`` metrics each epoch and at the
-            end (default ``True``).
+        log_metrics: publish the ``carbon/*`` metrics (:meth:`EpochReport.metrics
+            <carbonoffset.core.EpochReport.metrics>`) each epoch and at the end
+            (default ``True``).
+        progress_bar: show one short figure on the progress bar, ``co2``: the
+            run's emissions so far in SI-prefixed grams of CO2eq (``2.14mg``),
+            which fits Rich's and tqdm's bars at 80 columns (default ``True``;
+            needs ``log_metrics``). ``False``: nothing on the bar. The
+            ``carbon/*`` metrics never go to the bar (they are long).
         source: emissions source for the sessions built here (default: a
             CodeCarbon tracker per fit); tests pass
             :class:`carbonoffset.testing.ScriptedEmissions`.
@@ -163,11 +217,15 @@ class _CarbonOffsetLogic(CallbackViews):
         *,
         max_emissions_kg: float | None = None,
         log_metrics: bool = True,
+        progress_bar: bool = True,
         source: EmissionsSource | None = None,
         offsetter_options: dict[str, Any] | None = None,
         **settings: Any,
     ) -> None:
         super().__init__()
+        if not isinstance(progress_bar, bool):
+            raise TypeError(f"progress_bar must be True or False (got {progress_bar!r})")
+        self._progress_bar = progress_bar
         self._core = CallbackCore(
             session,
             max_emissions_kg=max_emissions_kg,
@@ -254,23 +312,31 @@ class _CarbonOffsetLogic(CallbackViews):
         if self._core.log_metrics:
             self._publish(trainer, report.metrics())
 
-    @staticmethod
-    def _publish(trainer: Any, metrics: dict[str, float], *, epoch: int | None = None) -> None:
+    def _publish(self, trainer: Any, metrics: dict[str, float], *, epoch: int | None = None) -> None:
         """Hand ``metrics`` to other callbacks, the progress bar and every logger.
 
-        Not ``pl_module.log``: four calls of it cost 1.6 ms (idle) to 9 ms (busy)
-        per epoch on a 2-core machine, several times this callback's whole
-        per-epoch budget; the trainer's public metric dicts and the loggers
-        take a small fraction of that.
+        Epoch figures go to the loggers at the step Lightning logs that epoch's own metrics at
+        (:func:`_epoch_metrics_step`), with ``epoch``; the final figures at the step after it,
+        without ``epoch``, so they never overwrite an epoch's values. Not ``pl_module.log``:
+        measured in ``benchmarks/lightning_logging.py``, one ``log_dict`` call of four metrics
+        costs 2.6-3.6 ms per epoch on a busy 2-core machine (Lightning walks its whole result
+        collection on every ``log`` call, so the cost grows with the model's own metrics),
+        against 0.15 ms in the hook for this.
         """
         import torch  # present with Lightning; kept out of module import
 
-        trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
-        trainer.progress_bar_metrics.update(metrics)
+        tensors = {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+        trainer.callback_metrics.update(tensors)
+        if self._progress_bar:
+            trainer.progress_bar_metrics.update(_progress_bar_figure(metrics))
         if trainer.loggers:
-            row = dict(metrics) if epoch is None else {**metrics, "epoch": epoch}
+            if epoch is None:
+                row, step = dict(metrics), _final_metrics_step(trainer)
+            else:
+                row, step = {**metrics, "epoch": epoch}, _epoch_metrics_step(trainer)
+            trainer.logged_metrics.update(tensors)  # as Lightning keeps its own: tensors, no epoch
             for lg in trainer.loggers:
-                lg.log_metrics(row, step=trainer.global_step)
+                lg.log_metrics(row, step=step)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Stop the tracker and keep what was measured (no final offset); nothing is left running."""
@@ -291,7 +357,8 @@ class _CarbonOffsetLogic(CallbackViews):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(max_emissions_kg={self._core.max_emissions_kg!r}, "
-            f"log_metrics={self._core.log_metrics!r}, config={self._core.config!r})"
+            f"log_metrics={self._core.log_metrics!r}, progress_bar={self._progress_bar!r}, "
+            f"config={self._core.config!r})"
         )
 
 

@@ -118,8 +118,8 @@ class RankRecorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "carbon/emissions_kg" in logs:
-            write(f"{self.phase}.rank{RANK}.jsonl", {"event": "log", "epoch": state.epoch,
-                                                     "step": state.global_step,
+            write(f"{self.phase}.rank{RANK}.jsonl", {"event": "summary" if "train_runtime" in logs else "log",
+                                                     "epoch": state.epoch, "step": state.global_step,
                                                      "metrics": {k: logs[k] for k in CARBON_KEYS}})
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -256,6 +256,9 @@ def test_torchrun_two_processes_one_tracker_one_run_one_offset_one_stop(
     assert 0.75 < job_power_w / reference_power_w < 1.33, (job_power_w, reference_power_w)
     rows = _same_on_both_ranks(out, "real")
     assert [r["epoch"] for r in rows if r["event"] == "log"] == [float(e) for e in range(1, 11)]
+    # the Trainer's end-of-training summary carries the final figures, on every process
+    (summary,) = [r for r in rows if r["event"] == "summary"]
+    assert summary["metrics"]["carbon/emissions_kg"] == run.emissions_kg
     assert rows[-1]["final"]["emissions_kg"] == run.emissions_kg
     assert rows[-1]["summary"]["carbon/emissions_kg"] == pytest.approx(run.emissions_kg, rel=1e-12)
 

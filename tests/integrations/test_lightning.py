@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import logging
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _notebooks import run_twice
 
 from carbonoffset.core.ledger import Ledger
 from carbonoffset.core.meter import MeterSource
@@ -37,7 +39,6 @@ if importlib.util.find_spec("lightning") is None:
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOK = ROOT / "notebooks" / "lightning.ipynb"
 CARBON_KEYS = ("carbon/energy_kwh", "carbon/emissions_kg", "carbon/offset_kg", "carbon/pending_kg")
 
 
@@ -166,6 +167,16 @@ def _timed(lx: types.SimpleNamespace, **kwargs: Any) -> Any:
     return Timed(**kwargs)
 
 
+_GRAMS = {"ng": 1e-9, "µg": 1e-6, "mg": 1e-3, "g": 1.0, "kg": 1e3, "t": 1e6}
+
+
+def _bar_kg(figure: str) -> float:
+    """The progress bar's ``co2`` figure (``"2.14mg"``) back in kg; fails on anything else."""
+    match = re.fullmatch(r"(-?[0-9.]+(?:e[+-]?[0-9]+)?)(ng|µg|mg|g|kg|t)", figure)
+    assert match, figure
+    return float(match[1]) * _GRAMS[match[2]] / 1e3
+
+
 def _new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
     """Threads started since ``before`` still alive after a short grace (threads that are ending may finish)."""
     leftover = [t for t in threading.enumerate() if t not in before]
@@ -198,7 +209,9 @@ def test_metrics_each_epoch_and_ledger_equals_tracker(
         assert report is not None and report.epoch == snap["epoch"]
         for key, value in report.metrics().items():
             assert snap["callback"][key] == pytest.approx(value, rel=1e-12)
-            assert snap["pbar"][key] == pytest.approx(value, rel=1e-12)
+        # the bar shows one short figure, never the long carbon/* names
+        assert _bar_kg(snap["pbar"]["co2"]) == pytest.approx(report.emissions_kg, rel=5e-3, abs=1e-15)
+        assert not [key for key in snap["pbar"] if key.startswith("carbon/")]
         assert snap["callback"]["carbon/emissions_kg"] >= previous
         previous = snap["callback"]["carbon/emissions_kg"]
 
@@ -234,6 +247,120 @@ def test_metrics_each_epoch_and_ledger_equals_tracker(
         assert ledger.offsets() == []
         assert ledger.balance(final.account).pending_kg == pytest.approx(run.emissions_kg)
     assert server.captures == []
+
+
+def test_carbon_figures_are_logged_at_the_step_of_the_epoch_metrics(
+    lx: types.SimpleNamespace, settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """CSVLogger and TensorBoard show an epoch's carbon figures at the step of its train_loss
+    (``self.log(on_epoch=True)``); the final figures come one step later and overwrite no epoch's values."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callback = lx.Callback(source=ScriptedEmissions([0.1, 0.2, 0.3, 0.35], advance_on_stop=True), **settings)
+    csv_logger = lx.pl.loggers.CSVLogger(tmp_path / "csv", name="run")
+    tb_logger = lx.pl.loggers.TensorBoardLogger(tmp_path / "tb", name="run")
+    trainer = _trainer(
+        lx,
+        tmp_path,
+        [callback],
+        epochs=3,
+        logger=[csv_logger, tb_logger],
+        limit_train_batches=4,
+        log_every_n_steps=2,
+    )
+    trainer.fit(lx.Model(), lx.loader())
+    assert trainer.global_step == 12
+
+    with open(Path(csv_logger.log_dir) / "metrics.csv", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    loss_steps = [int(r["step"]) for r in rows if r.get("train_loss")]
+    carbon = [
+        (int(r["step"]), r["epoch"], float(r["carbon/emissions_kg"]))
+        for r in rows
+        if r.get("carbon/emissions_kg")
+    ]
+    assert loss_steps == [3, 7, 11]  # Lightning's own epoch metrics: the step of each epoch's last batch
+    assert [step for step, _, _ in carbon[:3]] == loss_steps
+    assert [epoch for _, epoch, _ in carbon[:3]] == ["0", "1", "2"]
+    assert carbon[3] == (12, "", pytest.approx(0.35))  # final figures: a step of their own, no epoch
+
+    events = EventAccumulator(tb_logger.log_dir)
+    events.Reload()
+    tb_loss = [e.step for e in events.Scalars("train_loss")]
+    tb_carbon = [(e.step, e.value) for e in events.Scalars("carbon/emissions_kg")]
+    assert tb_loss == loss_steps
+    assert [step for step, _ in tb_carbon] == [*loss_steps, 12]  # no step written twice
+    assert [value for _, value in tb_carbon] == pytest.approx([0.1, 0.2, 0.3, 0.35])
+    # trainer.logged_metrics holds the figures sent to the loggers (the final ones last)
+    assert float(trainer.logged_metrics["carbon/emissions_kg"]) == pytest.approx(0.35)
+
+
+class _Columns80:
+    """Progress bars that draw into a buffer at 80 columns (Rich's console, tqdm's ncols)."""
+
+    @staticmethod
+    def rich(lx: types.SimpleNamespace, buffer: Any) -> Any:
+        return lx.pl.callbacks.RichProgressBar(
+            console_kwargs={"file": buffer, "width": 80, "force_terminal": True, "color_system": None}
+        )
+
+    @staticmethod
+    def tqdm(lx: types.SimpleNamespace, buffer: Any) -> Any:
+        class Bar(lx.pl.callbacks.TQDMProgressBar):  # type: ignore[misc,name-defined]
+            def init_train_tqdm(self) -> Any:  # Lightning's documented override, at 80 columns
+                from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+                return Tqdm(
+                    desc=self.train_description,
+                    disable=self.is_disabled,
+                    leave=True,
+                    ncols=80,
+                    file=buffer,
+                    smoothing=0,
+                    bar_format=self.BAR_FORMAT,
+                )
+
+        return Bar()
+
+
+@pytest.mark.parametrize("bar", ["rich", "tqdm"])
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_progress_bar_fits_80_columns(
+    lx: types.SimpleNamespace, settings: dict[str, Any], tmp_path: Path, bar: str, progress_bar: bool
+) -> None:
+    import io
+
+    if bar == "rich":
+        pytest.importorskip("rich")
+    buffer = io.StringIO()
+    callback = lx.Callback(
+        source=ScriptedEmissions([2.14e-9, 4.5e-9, 6.75e-9]), progress_bar=progress_bar, **settings
+    )
+    trainer = lx.pl.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        callbacks=[callback, getattr(_Columns80, bar)(lx, buffer)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_train_batches=3,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(lx.Model(), lx.loader())
+
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue())  # drop terminal control sequences
+    lines = [line for line in re.split(r"[\r\n]", text) if line.strip()]
+    assert lines, text
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+    assert "carbon/" not in text  # the long names never reach the bar
+    figure = "co2=6.75µg" if bar == "tqdm" else "co2: 6.75µg"
+    if progress_bar:
+        # the last epoch's figure is shown whole, on one line, next to the model's own loss
+        assert any(figure in line for line in lines), lines[-5:]
+    else:
+        assert "co2" not in text
+    assert float(trainer.callback_metrics["carbon/emissions_kg"]) == pytest.approx(6.75e-9)
 
 
 def test_threshold_crossed_mid_training_offsets_without_blocking_the_epoch(
@@ -607,41 +734,10 @@ def test_demo_trains_and_rounds_up_one_pound(
     assert report.ledger_path == ledger_path
 
 
-def test_notebook_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    work = tmp_path / "nb"
-    work.mkdir()
-    # the kernel inherits this environment (HOME and XDG dirs are already in tmp): Jupyter's own too
-    for name, folder in (
-        ("JUPYTER_RUNTIME_DIR", "jupyter-runtime"),
-        ("JUPYTER_DATA_DIR", "jupyter-data"),
-        ("IPYTHONDIR", "ipython"),
-        ("MPLCONFIGDIR", "mpl"),
-        ("TMPDIR", "tmp"),
-    ):
-        (tmp_path / folder).mkdir()
-        monkeypatch.setenv(name, str(tmp_path / folder))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    client = nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(work)}}
-    )
-    client.execute()
-
-    outputs = "\n".join(
-        output.get("text", "") or str(output.get("data", {}).get("text/plain", ""))
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.get("outputs", [])
-    )
-    assert "NOTEBOOK OK" in outputs, outputs
-    assert "confirmed_lb=1" in outputs, outputs
-    assert "test_notebook_demo_key" not in outputs  # the key never shows, even in the callback's repr
-    # what the notebook wrote is in its working folder
-    assert (work / "lightning-notebook-ledger.sqlite3").is_file()
-    assert list((work / "lightning-notebook-logs").rglob("metrics.csv"))
+def test_notebook_runs_twice_in_its_folder(tmp_path: Path) -> None:
+    pytest.importorskip("nbclient")
+    outputs = run_twice("lightning", tmp_path)
+    assert "confirmed_lb=1" in outputs, outputs  # each run buys its own pound: no credit carried over
 
 
 def test_docs_page_code_is_real_api() -> None:
@@ -669,6 +765,13 @@ def test_docs_page_code_is_real_api() -> None:
                 # keyword names are real parameters or settings
                 from carbonoffset.core.config import CONFIG_KEYS
 
-                params = {"max_emissions_kg", "log_metrics", "source", "offsetter_options", *CONFIG_KEYS}
+                params = {
+                    "max_emissions_kg",
+                    "log_metrics",
+                    "progress_bar",
+                    "source",
+                    "offsetter_options",
+                    *CONFIG_KEYS,
+                }
                 assert {kw.arg for kw in node.keywords} <= params, ast.dump(node)
     assert imported >= 2
