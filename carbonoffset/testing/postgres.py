@@ -95,7 +95,7 @@ class PostgresCluster:
     def start(self) -> PostgresCluster:
         """Create the cluster (``initdb``) in a temporary folder and start it; returns ``self``."""
         self._root = Path(tempfile.mkdtemp(prefix="carbonoffset-pg-"))
-        os.chmod(self._root, 0o755)
+        os.chmod(self._root, 0o755)  # noqa: S103 -- the server user must reach its data folder
         pwfile = self._root / "pwfile"
         pwfile.write_text(self.password + "\n")
         if os.geteuid() == 0:
@@ -122,12 +122,14 @@ class PostgresCluster:
         """Start the server (again, after :meth:`stop_server`) on the same port when it is free."""
         if not self.port:
             self.port = _free_port()
+        assert self._root is not None, "start() first"
+        root = self._root
         options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self._root} -c fsync=off "
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {root} -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         self._run(
-            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self._root / "log"), "-o", options,
+            [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(root / "log"), "-o", options,
              "-w", "-t", "60", "start"],
             timeout=90,
         )

@@ -40,7 +40,7 @@ offsets_t, runs_t, accounts_t = schema.offsets, schema.runs, schema.accounts
 
 
 def _offset(row: sa.Row[tuple[object, ...]] | None) -> OffsetRecord | None:
-    return OffsetRecord(**dict(row._mapping)) if row is not None else None  # type: ignore[arg-type]
+    return OffsetRecord(**dict(row._mapping)) if row is not None else None
 
 
 class OffsetsMixin(RunsMixin):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Final, Literal
 
 DEFAULT_RESEND_GRACE_S: Final[float] = 300.0
@@ -153,7 +153,7 @@ RUN_COLUMNS: Final[tuple[str, ...]] = (
 )
 
 
-def run_from_row(row: Mapping[str, Any]) -> RunRecord:
+def run_from_row(row: Any) -> RunRecord:
     """A :class:`RunRecord` from a ``runs`` row mapping (``details`` JSON text decoded)."""
     values = {name: row[name] for name in RUN_COLUMNS}
     values["emissions_kg"] = float(values["emissions_kg"])

@@ -109,6 +109,7 @@ class Store:
         self._wal = False
         self._engine: sa.Engine | None = None
         self._begin_sql = "BEGIN"
+        self._closed = False
         if self._url_text is not None:
             self._sa_url = database_url(self._url_text)
         if connect or self.path is not None:
@@ -316,7 +317,7 @@ class Store:
                 f"understands ({schema.SCHEMA_VERSION}); it was not modified. Upgrade carbonoffset "
                 "(pip install -U carbonoffset)"
             )
-        if version < 1 or not schema.REQUIRED_TABLES <= tables:
+        if version < 1 or not tables >= schema.REQUIRED_TABLES:
             raise LedgerError(
                 f"ledger {self.location} has no valid schema (version {version}, tables {sorted(tables)}); "
                 "it was not modified. Point offset_ledger (CODECARBON_OFFSET_LEDGER) at another ledger"
@@ -454,6 +455,8 @@ class Store:
         """One transaction. SQLite: ``BEGIN IMMEDIATE`` for writes (``durable`` syncs the commit
         to disk), after the whole file was found sound; reads see one snapshot."""
         with self._lock:
+            if self._closed:
+                raise LedgerUnavailableError(f"ledger {self.location} is closed")
             if write and self._corrupt is not None:
                 raise self._corrupt_error(self._corrupt)
             with self._translate():
@@ -485,8 +488,9 @@ class Store:
         return float(conn.execute(sa.text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")).scalar_one())
 
     def close(self) -> None:
-        """Close the connections (idempotent)."""
+        """Close the connections (idempotent); later calls raise :class:`LedgerUnavailableError`."""
         with self._lock:
+            self._closed = True
             if self._engine is not None:
                 self._engine.dispose()
 
