@@ -43,8 +43,12 @@ EXIT_CONFIG = 2
 EXIT_LEDGER = 3
 
 LedgerOption = Annotated[
-    Optional[Path],
-    typer.Option("--ledger", help="Ledger file (default: offset_ledger setting or the user data dir)."),
+    Optional[str],
+    typer.Option(
+        "--ledger",
+        metavar="PATH|URL",
+        help="Ledger file or PostgreSQL URL (default: offset_ledger setting or the user data dir).",
+    ),
 ]
 EnvironmentOption = Annotated[
     Optional[str],
@@ -64,18 +68,19 @@ def _config(**explicit: Any) -> OffsetConfig:
         raise _fail(EXIT_CONFIG, str(exc)) from None
 
 
-def _ledger_setting() -> Path:
-    """The ledger path alone (``report`` needs no other setting, so others may be invalid)."""
+def _ledger_setting() -> Path | str:
+    """The ledger path or URL alone (``report`` needs no other setting, so others may be invalid)."""
     from carbonoffset.core.config import default_ledger_path, read_external_settings
+    from carbonoffset.core.ledger.urls import normalize_location
 
     try:
         value = read_external_settings().get("offset_ledger")
     except ConfigurationError as exc:
         raise _fail(EXIT_CONFIG, str(exc)) from None
-    return Path(value).expanduser() if value else default_ledger_path()
+    return normalize_location(value) if value else default_ledger_path()
 
 
-def _mention_other_accounts(*, book_path: Path, config: OffsetConfig) -> None:
+def _mention_other_accounts(*, book_path: Path | str, config: OffsetConfig) -> None:
     """Point at runs stranded in another account of the same environment (no key, refused key)."""
     with _open_ledger(book_path) as book:
         others = [
@@ -91,7 +96,7 @@ def _mention_other_accounts(*, book_path: Path, config: OffsetConfig) -> None:
             )
 
 
-def _open_ledger(path: Path) -> Ledger:
+def _open_ledger(path: Path | str) -> Ledger:
     try:
         return Ledger(path)
     except LedgerError as exc:
@@ -139,19 +144,44 @@ def report(
     plot: Annotated[
         Optional[Path], typer.Option("--plot", help="Write a PNG of cumulative emissions vs offsets.")
     ] = None,
+    by: Annotated[
+        Optional[str],
+        typer.Option(
+            "--by",
+            metavar="account|project|label|host|run",
+            help="Break the figures down by account, project, label, host or run.",
+        ),
+    ] = None,
 ) -> None:
     """Show, per account (environment + key fingerprint): runs, emissions, offsets, pending and credit."""
-    path = ledger or _ledger_setting()
-    if not path.exists():
+    from carbonoffset.core.ledger.reports import GROUPINGS, breakdown
+    from carbonoffset.core.ledger.urls import normalize_location
+
+    if by is not None and by not in GROUPINGS:
+        raise _fail(EXIT_CONFIG, f"--by must be one of {', '.join(GROUPINGS)} (got {by!r})")
+    path = normalize_location(ledger) if ledger else _ledger_setting()
+    if isinstance(path, Path) and not path.exists():
         raise _fail(
             EXIT_LEDGER, f"no ledger at {path}; run a training with carbonoffset first or pass --ledger"
         )
     with _open_ledger(path) as book:
-        rows = _report_data(book)
-        if plot is not None:
-            _plot(book, plot)
+        try:
+            rows = _report_data(book)
+            groups = breakdown(book, by) if by is not None else None
+            if plot is not None:
+                _plot(book, plot)
+        except LedgerError as exc:
+            raise _fail(EXIT_LEDGER, str(exc)) from None
+        path = book.location  # the URL's password never shown
     if as_json:
-        print(json.dumps({"ledger": str(path), "accounts": rows}, indent=2))
+        document: dict[str, Any] = {"ledger": str(path), "accounts": rows}
+        if by is not None:
+            document["by"] = by
+            document["groups"] = groups
+        print(json.dumps(document, indent=2))
+        return
+    if groups is not None:
+        _print_breakdown(by or "", groups, path)
         return
     table = Table(title=f"carbonoffset ledger: {path}")
     for column in (
@@ -182,6 +212,37 @@ def report(
     console.print(table if rows else f"The ledger {path} has no runs yet.")
     if plot is not None:
         console.print(f"Plot written to {plot}")
+
+
+def _print_breakdown(by: str, groups: list[dict[str, Any]], where: Path | str) -> None:
+    table = Table(title=f"carbonoffset ledger: {where}, by {by}")
+    if by == "run":
+        columns = ["run", "started (UTC)", "duration s", "status", "energy kWh", "emissions kg", "bought lb",
+                   "receipts"]
+        for column in columns:
+            table.add_column(column, overflow="fold", justify="left" if column in ("run", "receipts") else "right")
+        for row in groups:
+            table.add_row(
+                row["run_id"],
+                row["started_utc"][:19],
+                f"{row['duration_s']:.0f}" if row["duration_s"] is not None else "-",
+                row["status"],
+                f"{row['energy_kwh']:.6g}",
+                f"{row['emissions_kg']:.6g}",
+                str(row["offset_lb"]),
+                " ".join(r["offset_id"] for r in row["receipts"]) or "-",
+            )
+    else:
+        extra = ["pending kg", "credit kg"] if by == "account" else []
+        for column in [by, "runs", "energy kWh", "emissions kg", "offset lb", "in flight lb", *extra]:
+            table.add_column(column, overflow="fold", justify="left" if column == by else "right")
+        for row in groups:
+            cells = [row["group"], str(row["runs"]), f"{row['energy_kwh']:.6g}", f"{row['emissions_kg']:.6g}",
+                     str(row["offset_lb"]), str(row["in_flight_lb"])]
+            if by == "account":
+                cells += [f"{row['pending_kg']:.6g}", f"{row['credit_kg']:.6g}"]
+            table.add_row(*cells)
+    console.print(table if groups else f"The ledger {where} has no runs yet.")
 
 
 def _plot(book: Ledger, target: Path) -> None:
@@ -330,7 +391,7 @@ def adopt(
     with _open_ledger(config.ledger_path) as book:
         if account not in book.accounts():
             raise _fail(
-                EXIT_CONFIG, f"no account {account!r} in {config.ledger_path}; see `carbonoffset report`"
+                EXIT_CONFIG, f"no account {account!r} in {config.ledger_display}; see `carbonoffset report`"
             )
         try:
             moved = book.move_runs(from_account=account, to_account=config.account)
@@ -414,7 +475,9 @@ def demo(
         from carbonoffset.testing import FakeOneClickImpact
 
         server = FakeOneClickImpact(environment="sandbox").start()
-        ledger_path = base.offset_ledger or base.ledger_path.with_name("demo-ledger.sqlite3")
+        from carbonoffset.core.config import default_ledger_path
+
+        ledger_path = base.offset_ledger or default_ledger_path().with_name("demo-ledger.sqlite3")
         settings.update(
             offset_api_key=f"test_demo_{secrets.token_hex(8)}",
             offset_environment="sandbox",
@@ -459,6 +522,54 @@ def demo(
     table.add_row("ledger", str(ledger_path))
     console.print(table)
     console.print(f"See the ledger any time with: carbonoffset report --ledger {ledger_path}")
+
+
+# ---------------------------------------------------------------------- ledger
+ledger_app = typer.Typer(help="Move a ledger's data: copy a SQLite ledger into PostgreSQL, replay spools.")
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("copy")
+def ledger_copy(
+    source: Annotated[str, typer.Argument(metavar="SRC", help="Ledger to copy from (file or URL).")],
+    target: Annotated[str, typer.Argument(metavar="DST", help="Ledger to copy into (e.g. a PostgreSQL URL).")],
+) -> None:
+    """Copy every run, record and offset of SRC into DST, ids kept (twice changes nothing; conflicting
+    rows are refused and nothing is copied)."""
+    from carbonoffset.core.ledger.copy import LedgerConflictError, copy_ledger
+    from carbonoffset.core.ledger.urls import normalize_location
+
+    where = normalize_location(source)
+    if isinstance(where, Path) and not where.exists():
+        raise _fail(EXIT_LEDGER, f"no ledger at {where}")
+    with _open_ledger(where) as src, _open_ledger(normalize_location(target)) as dst:
+        try:
+            result = copy_ledger(src, dst)
+        except LedgerConflictError as exc:
+            raise _fail(EXIT_LEDGER, str(exc)) from None
+        except LedgerError as exc:
+            raise _fail(EXIT_LEDGER, str(exc)) from None
+        shown = dst.location
+    console.print(
+        f"Copied into {shown}: "
+        + ", ".join(f"{n} {t} ({result.identical[t]} already there)" for t, n in result.copied.items())
+    )
+
+
+@ledger_app.command("replay")
+def ledger_replay(ledger: LedgerOption = None) -> None:
+    """Write figures kept on local disk (spool) while the ledger could not be reached."""
+    from carbonoffset.core.ledger.spool import replay_left_over
+    from carbonoffset.core.ledger.urls import normalize_location
+
+    where = normalize_location(ledger) if ledger else _ledger_setting()
+    with _open_ledger(where) as book:
+        try:
+            made = replay_left_over(book, book.path or book.location)
+        except LedgerError as exc:
+            raise _fail(EXIT_LEDGER, str(exc)) from None
+        shown = book.location
+    console.print(f"Wrote {made} spooled figure(s) to {shown}." if made else f"Nothing spooled for {shown}.")
 
 
 def main() -> None:

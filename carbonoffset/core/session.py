@@ -466,7 +466,7 @@ class OffsetSession:
                         "auto_offset is on but offset_api_key is not set: emissions are recorded in the "
                         "ledger %s under account %s and stay pending. Set offset_api_key (or "
                         "CODECARBON_OFFSET_API_KEY), then run `carbonoffset adopt %s` and `carbonoffset offset`",
-                        self.config.ledger_path,
+                        self.config.ledger_display,
                         self.config.account,
                         self.config.account,
                     )
