@@ -407,7 +407,7 @@ class OffsetSession:
                         "nodes": nodes,
                         "started_utc": utc_now(),
                     },
-                    first=self._verify_job,
+                    first=self._opening_job,
                 )
                 # a few ms for the ledger thread to write the run and read the account's figures (so
                 # the first epoch report shows them); a ledger that is slow or away is not waited for
@@ -478,6 +478,12 @@ class OffsetSession:
                 ):
                     self._worker.submit(self._reconcile_job)  # builds the offsetter off the training thread
             return self.run_id
+
+    def _opening_job(self) -> None:
+        """Ledger thread, before a new run is written: read the account's figures (a read, which a
+        SQLite writer elsewhere does not block), then check a big file completely."""
+        self._refresh_position_quietly()
+        self._verify_job()
 
     def _queue_write(self, op: dict[str, Any], *, first: Callable[[], None] | None = None) -> None:
         """Hand one ledger write to the ledger thread; it stays in :attr:`_unwritten` until made
@@ -682,7 +688,7 @@ class OffsetSession:
 
     #: Seconds :meth:`start` waits, at most, for the ledger thread to write a new run and read the
     #: account's figures (then training goes on and the figures show from a later epoch).
-    START_WAIT_S = 0.05
+    START_WAIT_S = 0.02
 
     #: The ledger thread starts a write at least this long after it was queued (s): the rest of the
     #: training thread's hook (e.g. a framework handing metrics on) then runs without competing
@@ -709,9 +715,16 @@ class OffsetSession:
             self._offset_queued = False
         if offsetter is None:
             return
-        outcome = offsetter.offset_pending(
-            run_id=self.run_id, round_up=round_up, respect_threshold=respect_threshold
-        )
+        try:
+            outcome = offsetter.offset_pending(
+                run_id=self.run_id, round_up=round_up, respect_threshold=respect_threshold
+            )
+        except LedgerUnavailableError as exc:  # offsets are decided only against the ledger itself
+            self._warn_once(
+                "offset", "carbonoffset could not decide an offset (%s); nothing was bought, the emissions "
+                "stay pending", exc
+            )
+            return
         if outcome is not None:
             with self._lock:
                 self._outcomes.append(outcome)
