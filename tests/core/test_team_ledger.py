@@ -327,3 +327,54 @@ def test_an_unsupported_database_url_is_refused_naming_the_fix() -> None:
     with pytest.raises(LedgerError, match="postgresql://") as info:
         Ledger("mysql://user:hunter2@db/ledger")
     assert "hunter2" not in str(info.value)
+
+
+# ------------------------------------------------------------- damaged files
+def test_a_big_damaged_ledger_is_never_modified_by_a_session(
+    ledger_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over 4 MiB, not in WAL mode, damaged only in its epoch records: a session finds the damage
+    on its ledger thread before any write (no switch to WAL, no `running` row), and keeps the
+    run's figures on local disk."""
+    import hashlib
+    import random
+
+    with Ledger(ledger_path) as ledger:
+        run = ledger.start_run(account=SANDBOX, environment="sandbox")
+    raw = sqlite3.connect(ledger_path)
+    raw.execute("PRAGMA journal_mode = DELETE")
+    raw.executemany(
+        "INSERT INTO records (run_id, epoch, emissions_kg, energy_kwh, recorded_utc) VALUES (?, ?, ?, ?, ?)",
+        ((run, e, e * 1e-6, 0.0, "2026-01-01T00:00:00.000000Z") for e in range(70_000)),
+    )
+    raw.commit()
+    raw.close()
+    assert ledger_path.stat().st_size > Ledger.FULL_CHECK_MAX_BYTES
+    data = bytearray(ledger_path.read_bytes())
+    middle = len(data) // 4096 // 2 * 4096
+    data[middle : middle + 3 * 4096] = random.Random(3).randbytes(3 * 4096)
+    ledger_path.write_bytes(bytes(data))
+    before = hashlib.sha256(ledger_path.read_bytes()).hexdigest()
+
+    session = OffsetSession(
+        source=ScriptedEmissions([0.1, 0.2]), offset_ledger=ledger_path, offset_environment="sandbox"
+    )
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        new_run = session.start()
+        session.record_epoch(0)
+        session.record_epoch(1)
+        report = session.stop()
+        session.close()
+    assert report.emissions_kg == pytest.approx(0.2)
+    assert hashlib.sha256(ledger_path.read_bytes()).hexdigest() == before
+    assert not Path(f"{ledger_path}-wal").exists()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("corrupt" in m and "writes nothing to it" in m for m in messages), messages
+    spooled = [
+        json.loads(line)
+        for path in (tmp_path / "home").rglob("spool/*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert {op["run_id"] for op in spooled} == {new_run}
+    assert max(op.get("emissions_kg", 0.0) for op in spooled) == pytest.approx(0.2)
+    assert spooled[-1] == {"op": "end_run", "run_id": new_run, "status": "finished"}
