@@ -519,9 +519,12 @@ def demo(
     table.add_row("credit", f"{rep.credit_kg:.6f} kg")
     if server is not None:
         table.add_row("local sandbox captures", f"{len(server.captures)} ({server.total_lb()} lb)")
-    table.add_row("ledger", str(ledger_path))
+    from carbonoffset.core.ledger.urls import mask_password
+
+    shown = mask_password(str(ledger_path))  # a database URL's password is never printed
+    table.add_row("ledger", shown)
     console.print(table)
-    console.print(f"See the ledger any time with: carbonoffset report --ledger {ledger_path}")
+    console.print(f"See the ledger any time with: carbonoffset report --ledger {shown}")
 
 
 # ---------------------------------------------------------------------- ledger
