@@ -378,3 +378,26 @@ def test_a_big_damaged_ledger_is_never_modified_by_a_session(
     assert {op["run_id"] for op in spooled} == {new_run}
     assert max(op.get("emissions_kg", 0.0) for op in spooled) == pytest.approx(0.2)
     assert spooled[-1] == {"op": "end_run", "run_id": new_run, "status": "finished"}
+
+
+def test_figures_spooled_by_an_ended_process_are_written_by_ledger_replay(ledger_target: Path | str) -> None:
+    from carbonoffset.core.ledger.spool import LedgerWriter
+
+    closed = Ledger(ledger_target)
+    closed.close()  # every write now fails: they go to the spool
+    writer = LedgerWriter(closed)
+    start = {"op": "start_run", "run_id": "r1", "account": SANDBOX, "environment": "sandbox", "nodes": 1}
+    assert not writer.write(start)
+    for kg in (0.1, 0.3, 0.2):  # an older, smaller total arriving late changes nothing
+        assert not writer.write({**start, "op": "record", "emissions_kg": kg, "energy_kwh": kg, "epoch": None})
+    assert not writer.write({"op": "end_run", "run_id": "r1", "status": "finished"})
+    writer.close()  # the process "ends": the spool stays on disk
+    assert writer.spool.path.exists()
+    runner = CliRunner()
+    for made in ("Wrote 5", "Nothing spooled"):  # a second replay finds nothing: written once
+        done = runner.invoke(app, ["ledger", "replay", "--ledger", str(ledger_target)])
+        assert done.exit_code == 0 and made in done.stdout, done.output
+    with Ledger(ledger_target) as ledger:
+        run = ledger.run("r1")
+        assert run is not None and (run.status, run.emissions_kg) == ("finished", pytest.approx(0.3))
+        assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.3)
