@@ -391,8 +391,9 @@ def test_figures_spooled_by_an_ended_process_are_written_by_ledger_replay(ledger
     for kg in (0.1, 0.3, 0.2):  # an older, smaller total arriving late changes nothing
         assert not writer.write({**start, "op": "record", "emissions_kg": kg, "energy_kwh": kg, "epoch": None})
     assert not writer.write({"op": "end_run", "run_id": "r1", "status": "finished"})
+    spooled = writer.spool.path
     writer.close()  # the process "ends": the spool stays on disk
-    assert writer.spool.path.exists()
+    assert spooled.exists()
     runner = CliRunner()
     for made in ("Wrote 5", "Nothing spooled"):  # a second replay finds nothing: written once
         done = runner.invoke(app, ["ledger", "replay", "--ledger", str(ledger_target)])

@@ -86,16 +86,24 @@ class Spool:
     def __init__(self, location: Path | str, directory: Path | None = None) -> None:
         self.key = location_key(location)
         self.directory = directory or spool_directory()
-        self.path = self.directory / f"{self.key}-{host_identity().replace('/', '_')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        self.path = self._new_path()
         self._handle: IO[str] | None = None
         self.pending = 0
+
+    def _new_path(self) -> Path:
+        host = host_identity().replace("/", "_")
+        return self.directory / f"{self.key}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
 
     def append(self, op: dict[str, Any]) -> None:
         """Add one write, durably (``fsync``); the file is locked while this process has it open."""
         if self._handle is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 -- kept open, locked
+            # locked under a name no replay looks at, then given its name: never read (and removed)
+            # by another process's replay between its creation and its lock
+            hidden = self.path.with_suffix(".new")
+            self._handle = open(hidden, "a+", encoding="utf-8")  # noqa: SIM115 -- kept open, locked
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(hidden, self.path)
         self._handle.write(json.dumps(op, sort_keys=True) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
@@ -131,6 +139,8 @@ class Spool:
                     self.path.unlink()
             self._handle.close()
             self._handle = None
+            self.pending = 0
+            self.path = self._new_path()  # a late write starts a file of its own: this one stays as it is
 
 
 def replay_left_over(ledger: Any, location: Path | str, directory: Path | None = None) -> int:
