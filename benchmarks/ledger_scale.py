@@ -1,6 +1,10 @@
-"""Ledger scale: record/offset cycles per second from 1 and 8 processes, and ``report`` on a big ledger.
+"""Ledger scale on SQLite and PostgreSQL: record/offset cycles per second from 1, 8 and 32 processes,
+``report`` on a big ledger, and the epoch hook's latency with each ledger.
 
-* ``cycles``: processes share one fresh SQLite ledger (same account). One
+PostgreSQL runs in a throw-away cluster on a loopback port
+(:class:`carbonoffset.testing.postgres.PostgresCluster`; ``--backends sqlite`` skips it).
+
+* ``cycles``: processes share one fresh ledger (same account). One
   cycle is what a run does around each offset, without the network: record the
   run's cumulative total (``Ledger.record``), decide the amount and write the
   intent in one transaction (``create_intent``, durable), store the receipt
@@ -10,10 +14,12 @@
   ledger is checked to hold exactly what was bought (no double spending).
 * ``report``: a ledger with ``--runs`` x ``--epochs-per-run`` recorded epochs
   (1,000,000 by default) is built once (bulk SQL into a schema made by
-  ``Ledger``), then ``carbonoffset report --ledger FILE --json`` is timed in
+  ``Ledger``), then ``carbonoffset report --ledger FILE|URL --json`` is timed in
   fresh processes (interpreter start and imports included). Opening the same
   file as a training session does (``Ledger(path, full_check=False)``) and
-  the complete check (``verify``) are timed too.
+  the complete check (``verify``) are timed too (SQLite).
+* ``hook``: ``OffsetSession.record_epoch`` timed ``--hook-epochs`` times with a ledger of
+  each backend (scripted emissions, no key): median and p99 in ms.
 
 Usage::
 
@@ -64,9 +70,35 @@ print(json.dumps({"done": done, "recorded_kg": total, "bought_lb": bought}))
 """.replace("ACCOUNT", ACCOUNT)
 
 
-def cycles(processes: int, seconds: float, mode: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="carbonoffset-ledger-") as tmp:
-        path = Path(tmp) / "ledger.sqlite3"
+_HOOK = """
+import json, sys, time, statistics
+from carbonoffset.core.session import OffsetSession
+from carbonoffset.testing import ScriptedEmissions
+target, epochs = sys.argv[1], int(sys.argv[2])
+session = OffsetSession(source=ScriptedEmissions(lambda n: 1e-4 * (n + 1)), offset_ledger=target,
+                        offset_environment="sandbox", auto_offset=False)
+session.start()
+times = []
+for epoch in range(epochs):
+    t = time.perf_counter(); session.record_epoch(epoch); times.append(time.perf_counter() - t)
+    time.sleep(0.002)
+session.stop(); session.close()
+times.sort()
+print(json.dumps({"median_ms": statistics.median(times) * 1e3, "p99_ms": times[int(len(times) * 0.99)] * 1e3}))
+"""
+
+_databases = iter(range(10**6))
+
+
+def fresh_target(backend: str, tmp: str, cluster: Any) -> str:
+    if backend == "sqlite":
+        return str(Path(tmp) / f"ledger-{uuid.uuid4().hex[:8]}.sqlite3")
+    return str(cluster.create_database(f"bench_{next(_databases)}"))
+
+
+def cycles(processes: int, seconds: float, mode: str, target: str) -> dict[str, Any]:
+    if True:
+        path = target
         go = time.time() + 2.0 + 0.2 * processes
         procs = [
             subprocess.Popen(
@@ -106,6 +138,32 @@ def cycles(processes: int, seconds: float, mode: str) -> dict[str, Any]:
     }
 
 
+def build_postgresql(url: str, runs: int, per_run: int) -> float:
+    import psycopg
+
+    from carbonoffset.core.ledger import Ledger
+
+    started = time.perf_counter()
+    Ledger(url).close()
+    stamp = "2026-01-01T00:00:00.000000Z"
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        with cur.copy(
+            "COPY runs (run_id, account, environment, label, started_utc, ended_utc, status, emissions_kg, "
+            "energy_kwh, epochs) FROM STDIN"
+        ) as copy:
+            run_ids = [uuid.uuid4().hex for _ in range(runs)]
+            for run in run_ids:
+                copy.write_row(
+                    (run, ACCOUNT, "sandbox", "bench", stamp, stamp, "finished", per_run * 1e-3, per_run * 1e-2, per_run)
+                )
+        with cur.copy("COPY records (run_id, epoch, emissions_kg, energy_kwh, recorded_utc) FROM STDIN") as copy:
+            for run in run_ids:
+                for e in range(per_run):
+                    copy.write_row((run, e, (e + 1) * 1e-3, (e + 1) * 1e-2, stamp))
+        conn.commit()
+    return time.perf_counter() - started
+
+
 def build(path: Path, runs: int, per_run: int) -> float:
     from carbonoffset.core.ledger import Ledger
 
@@ -131,7 +189,7 @@ def build(path: Path, runs: int, per_run: int) -> float:
     return time.perf_counter() - started
 
 
-def time_report(path: Path) -> dict[str, Any]:
+def time_report(path: Path | str) -> dict[str, Any]:
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "carbonoffset.cli", "report", "--ledger", str(path), "--json"],
@@ -166,58 +224,83 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of one cycles measurement")
+    parser.add_argument("--processes", default="1,8,32", help="comma-separated process counts")
+    parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--runs", type=int, default=10_000)
     parser.add_argument("--epochs-per-run", type=int, default=100)
-    parser.add_argument("--ledger", help="reuse (or keep) the big ledger at this path")
+    parser.add_argument("--hook-epochs", type=int, default=2000)
     args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", str(ROOT))
+    counts = [int(n) for n in args.processes.split(",")]
+    backends = args.backends.split(",")
 
     results: dict[str, Any] = {"args": vars(args)}
     rows = []
-    for mode in ("cycle", "record"):
-        by: dict[int, list[dict[str, Any]]] = {1: [], 8: []}
-        for round_index in range(args.rounds):
-            for processes in (1, 8) if round_index % 2 == 0 else (8, 1):
-                by[processes].append(cycles(processes, args.seconds, mode))
-            print(
-                f"{mode} round {round_index + 1}/{args.rounds}: 1 process {by[1][-1]['per_second']:.0f}/s, "
-                f"8 processes {by[8][-1]['per_second']:.0f}/s",
-                flush=True,
-            )
-        for processes, runs in by.items():
-            rate = median([r["per_second"] for r in runs])
-            ok = all(r["exactly_once"] for r in runs)
-            results[f"{mode}_{processes}"] = {"median_per_second": rate, "exactly_once": ok, "rounds": runs}
-            rows.append([f"{mode}s/s, {processes} process{'es' if processes > 1 else ''}", rate, ok])
+    cluster = None
+    if "postgresql" in backends:
+        from carbonoffset.testing.postgres import PostgresCluster
 
-    epochs = args.runs * args.epochs_per_run
-    with tempfile.TemporaryDirectory(prefix="carbonoffset-big-") as tmp:
-        path = Path(args.ledger) if args.ledger else Path(tmp) / "big.sqlite3"
-        if not path.exists():
-            print(f"building a ledger of {epochs:,} recorded epochs ...", flush=True)
-            results["build_s"] = build(path, args.runs, args.epochs_per_run)
-        results["ledger_bytes"] = path.stat().st_size
-        reports, opens = [], []
-        for _ in range(args.rounds):
-            reports.append(time_report(path))
-            done = subprocess.run(
-                [sys.executable, "-c", _OPEN, str(path)], capture_output=True, text=True, env=child_env()
-            )
-            opens.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        results["report"] = {
-            "epochs": epochs,
-            "median_wall_s": median([r["wall_s"] for r in reports]),
-            "rounds": reports,
-            "session_open_ms": median([o["session_open_s"] for o in opens]) * 1e3,
-            "verify_ms": median([o["verify_s"] for o in opens]) * 1e3,
-            "full_open_ms": median([o["full_open_s"] for o in opens]) * 1e3,
-        }
-    r = results["report"]
-    size_mb = results["ledger_bytes"] / 1e6
-    rows.append([f"`carbonoffset report` on {epochs:,} epochs ({size_mb:.0f} MB), s", r["median_wall_s"], ""])
-    rows.append(["  Ledger(path) open with the full check, ms", r["full_open_ms"], ""])
-    rows.append(["  Ledger(path, full_check=False) open (training sessions), ms", r["session_open_ms"], ""])
-    rows.append(["  verify() (sessions: on the ledger thread), ms", r["verify_ms"], ""])
+        cluster = PostgresCluster().start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="carbonoffset-ledger-") as tmp:
+            for backend in backends:
+                for mode in ("cycle", "record"):
+                    by: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
+                    for round_index in range(args.rounds):
+                        for processes in counts if round_index % 2 == 0 else counts[::-1]:
+                            target = fresh_target(backend, tmp, cluster)
+                            by[processes].append(cycles(processes, args.seconds, mode, target))
+                        print(
+                            f"{backend} {mode} round {round_index + 1}/{args.rounds}: "
+                            + ", ".join(f"{n} proc {by[n][-1]['per_second']:.0f}/s" for n in counts),
+                            flush=True,
+                        )
+                    for processes, runs in by.items():
+                        rate = median([r["per_second"] for r in runs])
+                        ok = all(r["exactly_once"] for r in runs)
+                        results[f"{backend}_{mode}_{processes}"] = {
+                            "median_per_second": rate, "exactly_once": ok, "rounds": runs
+                        }
+                        rows.append([f"{backend}: {mode}s/s, {processes} process{'es' if processes > 1 else ''}", rate, ok])
+
+                epochs = args.runs * args.epochs_per_run
+                target = fresh_target(backend, tmp, cluster)
+                print(f"{backend}: building a ledger of {epochs:,} recorded epochs ...", flush=True)
+                if backend == "sqlite":
+                    results[f"{backend}_build_s"] = build(Path(target), args.runs, args.epochs_per_run)
+                else:
+                    results[f"{backend}_build_s"] = build_postgresql(target, args.runs, args.epochs_per_run)
+                reports = [time_report(Path(target) if backend == "sqlite" else target) for _ in range(args.rounds)]
+                report = {"epochs": epochs, "median_wall_s": median([r["wall_s"] for r in reports]), "rounds": reports}
+                rows.append([f"{backend}: `carbonoffset report` on {epochs:,} epochs, s", report["median_wall_s"], ""])
+                if backend == "sqlite":
+                    opens = []
+                    for _ in range(args.rounds):
+                        done = subprocess.run(
+                            [sys.executable, "-c", _OPEN, target], capture_output=True, text=True, env=child_env()
+                        )
+                        opens.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    report["session_open_ms"] = median([o["session_open_s"] for o in opens]) * 1e3
+                    report["verify_ms"] = median([o["verify_s"] for o in opens]) * 1e3
+                    report["full_open_ms"] = median([o["full_open_s"] for o in opens]) * 1e3
+                    rows.append(["  Ledger(path) open with the full check, ms", report["full_open_ms"], ""])
+                    rows.append(["  Ledger(path, full_check=False) open (sessions), ms", report["session_open_ms"], ""])
+                    rows.append(["  verify() (sessions: on the ledger thread), ms", report["verify_ms"], ""])
+                results[f"{backend}_report"] = report
+
+                done = subprocess.run(
+                    [sys.executable, "-c", _HOOK, fresh_target(backend, tmp, cluster), str(args.hook_epochs)],
+                    capture_output=True, text=True, env=child_env(), timeout=600,
+                )
+                if done.returncode != 0:
+                    raise RuntimeError(done.stderr)
+                hook = json.loads(done.stdout.strip().splitlines()[-1])
+                results[f"{backend}_hook"] = hook
+                rows.append([f"{backend}: epoch hook median, ms (target <= 0.5)", hook["median_ms"], ""])
+                rows.append([f"{backend}: epoch hook p99, ms (target <= 5)", hook["p99_ms"], ""])
+    finally:
+        if cluster is not None:
+            cluster.close()
     print(
         table(
             f"Ledger scale (median of {args.rounds} rounds; {args.seconds:g} s per rate measurement)",

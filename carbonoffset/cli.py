@@ -57,9 +57,11 @@ RunOption = Annotated[
     ),
 ]
 LedgerOption = Annotated[
-    Optional[Path],
+    Optional[str],
     typer.Option(
-        "--ledger", metavar="PATH", help="Ledger file (default: offset_ledger setting or the user data dir)."
+        "--ledger",
+        metavar="PATH|URL",
+        help="Ledger file or PostgreSQL URL (default: offset_ledger setting or the user data dir).",
     ),
 ]
 EnvironmentOption = Annotated[
@@ -101,18 +103,19 @@ def _config(**explicit: Any) -> OffsetConfig:
         raise _fail(EXIT_CONFIG, str(exc)) from None
 
 
-def _ledger_setting() -> Path:
-    """The ledger path alone (``report`` needs no other setting, so others may be invalid)."""
+def _ledger_setting() -> Path | str:
+    """The ledger path or URL alone (``report`` needs no other setting, so others may be invalid)."""
     from carbonoffset.core.config import default_ledger_path, read_external_settings
+    from carbonoffset.core.ledger.urls import normalize_location
 
     try:
         value = read_external_settings().get("offset_ledger")
     except ConfigurationError as exc:
         raise _fail(EXIT_CONFIG, str(exc)) from None
-    return Path(value).expanduser() if value else default_ledger_path()
+    return normalize_location(value) if value else default_ledger_path()
 
 
-def _mention_other_accounts(*, book_path: Path, config: OffsetConfig) -> None:
+def _mention_other_accounts(*, book_path: Path | str, config: OffsetConfig) -> None:
     """Point at runs stranded in another account of the same environment (no key, refused key)."""
     with _open_ledger(book_path) as book:
         others = [
@@ -128,7 +131,7 @@ def _mention_other_accounts(*, book_path: Path, config: OffsetConfig) -> None:
             )
 
 
-def _open_ledger(path: Path) -> Ledger:
+def _open_ledger(path: Path | str) -> Ledger:
     try:
         return Ledger(path)
     except LedgerError as exc:
@@ -188,10 +191,23 @@ def report(
     statement: Annotated[
         bool, typer.Option("--statement", help="With --run: print one paragraph for a paper.")
     ] = False,
+    by: Annotated[
+        Optional[str],
+        typer.Option(
+            "--by",
+            metavar="account|project|label|host|run",
+            help="Break the figures down by account, project, label, host or run.",
+        ),
+    ] = None,
 ) -> None:
     """Show, per account (environment + key fingerprint): runs, emissions, offsets, pending and credit."""
-    path = ledger or _ledger_setting()
-    if not path.exists():
+    from carbonoffset.core.ledger.reports import GROUPINGS, breakdown
+    from carbonoffset.core.ledger.urls import normalize_location
+
+    if by is not None and by not in GROUPINGS:
+        raise _fail(EXIT_CONFIG, f"--by must be one of {', '.join(GROUPINGS)} (got {by!r})")
+    path = normalize_location(ledger) if ledger else _ledger_setting()
+    if isinstance(path, Path) and not path.exists():
         raise _fail(
             EXIT_LEDGER, f"no ledger at {path}; run a training with carbonoffset first or pass --ledger"
         )
@@ -199,10 +215,22 @@ def report(
         _report_run(path, run, statement=statement, as_json=as_json)
         return
     with _open_ledger(path) as book:
-        rows = _report_data(book)
-        panels = _plot(book, plot, run) if plot is not None else 0
+        try:
+            rows = _report_data(book)
+            groups = breakdown(book, by) if by is not None else None
+            panels = _plot(book, plot, run) if plot is not None else 0
+        except LedgerError as exc:
+            raise _fail(EXIT_LEDGER, str(exc)) from None
+        path = book.location  # the URL's password never shown
     if as_json:
-        print(json.dumps({"ledger": str(path), "accounts": rows}, indent=2))
+        document: dict[str, Any] = {"ledger": str(path), "accounts": rows}
+        if by is not None:
+            document["by"] = by
+            document["groups"] = groups
+        print(json.dumps(document, indent=2))
+        return
+    if groups is not None:
+        _print_breakdown(by or "", groups, path)
         return
     table = Table(title=f"carbonoffset ledger: {path}")
     for column in (
@@ -235,8 +263,39 @@ def report(
         console.print(f"Plot written to {plot}" if panels else f"No plot written: {path} has nothing recorded yet.")
 
 
+def _print_breakdown(by: str, groups: list[dict[str, Any]], where: Path | str) -> None:
+    table = Table(title=f"carbonoffset ledger: {where}, by {by}")
+    if by == "run":
+        columns = ["run", "started (UTC)", "duration s", "status", "energy kWh", "emissions kg", "bought lb",
+                   "receipts"]
+        for column in columns:
+            table.add_column(column, overflow="fold", justify="left" if column in ("run", "receipts") else "right")
+        for row in groups:
+            table.add_row(
+                row["run_id"],
+                row["started_utc"][:19],
+                f"{row['duration_s']:.0f}" if row["duration_s"] is not None else "-",
+                row["status"],
+                f"{row['energy_kwh']:.6g}",
+                f"{row['emissions_kg']:.6g}",
+                str(row["offset_lb"]),
+                " ".join(r["offset_id"] for r in row["receipts"]) or "-",
+            )
+    else:
+        extra = ["pending kg", "credit kg"] if by == "account" else []
+        for column in [by, "runs", "energy kWh", "emissions kg", "offset lb", "in flight lb", *extra]:
+            table.add_column(column, overflow="fold", justify="left" if column == by else "right")
+        for row in groups:
+            cells = [row["group"], str(row["runs"]), f"{row['energy_kwh']:.6g}", f"{row['emissions_kg']:.6g}",
+                     str(row["offset_lb"]), str(row["in_flight_lb"])]
+            if by == "account":
+                cells += [f"{row['pending_kg']:.6g}", f"{row['credit_kg']:.6g}"]
+            table.add_row(*cells)
+    console.print(table if groups else f"The ledger {where} has no runs yet.")
+
+
 # ------------------------------------------------------------ one run: card, statement
-def _run_carbon(path: Path, run: str | None) -> Any:
+def _run_carbon(path: Path | str, run: str | None) -> Any:
     from carbonoffset.core import card
 
     if run is None:
@@ -248,7 +307,7 @@ def _run_carbon(path: Path, run: str | None) -> Any:
             raise _fail(EXIT_CONFIG, str(exc.args[0])) from None
 
 
-def _report_run(path: Path, run: str | None, *, statement: bool, as_json: bool) -> None:
+def _report_run(path: Path | str, run: str | None, *, statement: bool, as_json: bool) -> None:
     """``report --run RUN_ID [--statement] [--json]``."""
     from carbonoffset.core import card
 
@@ -284,8 +343,10 @@ def card_command(
 
     if output_format not in ("markdown", "yaml", "json"):
         raise _fail(EXIT_CONFIG, "--format must be markdown, yaml or json")
-    path = ledger or _ledger_setting()
-    if not path.exists():
+    from carbonoffset.core.ledger.urls import normalize_location
+
+    path = normalize_location(ledger) if ledger else _ledger_setting()
+    if isinstance(path, Path) and not path.exists():
         raise _fail(
             EXIT_LEDGER, f"no ledger at {path}; pass --ledger with the ledger the run was recorded in"
         )
@@ -459,7 +520,7 @@ def adopt(
     with _open_ledger(config.ledger_path) as book:
         if account not in book.accounts():
             raise _fail(
-                EXIT_CONFIG, f"no account {account!r} in {config.ledger_path}; see `carbonoffset report`"
+                EXIT_CONFIG, f"no account {account!r} in {config.ledger_display}; see `carbonoffset report`"
             )
         try:
             moved = book.move_runs(from_account=account, to_account=config.account)
@@ -559,7 +620,9 @@ def demo(
         from carbonoffset.testing import FakeOneClickImpact
 
         server = FakeOneClickImpact(environment="sandbox").start()
-        ledger_path = base.offset_ledger or base.ledger_path.with_name("demo-ledger.sqlite3")
+        from carbonoffset.core.config import default_ledger_path
+
+        ledger_path = base.offset_ledger or default_ledger_path().with_name("demo-ledger.sqlite3")
         settings.update(
             offset_api_key=f"test_demo_{secrets.token_hex(8)}",
             offset_environment="sandbox",
@@ -608,10 +671,61 @@ def demo(
     table.add_row("credit", f"{rep.credit_kg:.6f} kg")
     if server is not None:
         table.add_row("local sandbox captures", f"{len(server.captures)} ({server.total_lb()} lb)")
-    table.add_row("ledger", str(ledger_path))
+    from carbonoffset.core.ledger.urls import mask_password
+
+    shown = mask_password(str(ledger_path))  # a database URL's password is never printed
+    table.add_row("ledger", shown)
     console.print(table)
     console.print(offset_outcome(rep, credit_before_kg))
-    console.print(f"See the ledger any time with: carbonoffset report --ledger {ledger_path}")
+    console.print(f"See the ledger any time with: carbonoffset report --ledger {shown}")
+
+
+# ---------------------------------------------------------------------- ledger
+ledger_app = typer.Typer(help="Move a ledger's data: copy a SQLite ledger into PostgreSQL, replay spools.")
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("copy")
+def ledger_copy(
+    source: Annotated[str, typer.Argument(metavar="SRC", help="Ledger to copy from (file or URL).")],
+    target: Annotated[str, typer.Argument(metavar="DST", help="Ledger to copy into (e.g. a PostgreSQL URL).")],
+) -> None:
+    """Copy every run, record and offset of SRC into DST, ids kept (twice changes nothing; conflicting
+    rows are refused and nothing is copied)."""
+    from carbonoffset.core.ledger.copy import LedgerConflictError, copy_ledger
+    from carbonoffset.core.ledger.urls import normalize_location
+
+    where = normalize_location(source)
+    if isinstance(where, Path) and not where.exists():
+        raise _fail(EXIT_LEDGER, f"no ledger at {where}")
+    with _open_ledger(where) as src, _open_ledger(normalize_location(target)) as dst:
+        try:
+            result = copy_ledger(src, dst)
+        except LedgerConflictError as exc:
+            raise _fail(EXIT_LEDGER, str(exc)) from None
+        except LedgerError as exc:
+            raise _fail(EXIT_LEDGER, str(exc)) from None
+        shown = dst.location
+    console.print(
+        f"Copied into {shown}: "
+        + ", ".join(f"{n} {t} ({result.identical[t]} already there)" for t, n in result.copied.items())
+    )
+
+
+@ledger_app.command("replay")
+def ledger_replay(ledger: LedgerOption = None) -> None:
+    """Write figures kept on local disk (spool) while the ledger could not be reached."""
+    from carbonoffset.core.ledger.spool import replay_left_over
+    from carbonoffset.core.ledger.urls import normalize_location
+
+    where = normalize_location(ledger) if ledger else _ledger_setting()
+    with _open_ledger(where) as book:
+        try:
+            made = replay_left_over(book, book.path or book.location)
+        except LedgerError as exc:
+            raise _fail(EXIT_LEDGER, str(exc)) from None
+        shown = book.location
+    console.print(f"Wrote {made} spooled figure(s) to {shown}." if made else f"Nothing spooled for {shown}.")
 
 
 def main() -> None:

@@ -173,7 +173,7 @@ class OneClickImpactOutput(BaseOutput):
         c = self.config
         return (
             f"OneClickImpactOutput(environment={c.offset_environment!r}, threshold={c.offset_threshold:g} kg, "
-            f"auto_offset={c.auto_offset}, ledger={str(c.ledger_path)!r})"
+            f"auto_offset={c.auto_offset}, ledger={c.ledger_display!r})"
         )
 
     # ------------------------------------------------------------------ helpers

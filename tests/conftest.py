@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from carbonoffset.testing import FakeOneClickImpact
+from carbonoffset.testing.postgres import PostgresCluster, server_bindir
 
 SANDBOX_KEY = "test_carbonoffset_SECRET_4f1d9c"
 
@@ -42,6 +44,40 @@ def ledger_path(tmp_path: Path) -> Path:
     return tmp_path / "ledger.sqlite3"
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One throw-away PostgreSQL cluster for the whole test run (started on first use, on a free
+    loopback port, as the ``postgres`` user when the tests run as root), stopped at the end.
+
+    Skips where PostgreSQL is not installed, unless ``CARBONOFFSET_REQUIRE_POSTGRES=1`` (set by
+    ``.ci/run``): then it fails.
+    """
+    if server_bindir() is None:
+        message = "PostgreSQL is not installed (apt-get install -y postgresql)"
+        if os.environ.get("CARBONOFFSET_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresCluster) -> str:
+    """The URL of a new, empty database on the test cluster (password included)."""
+    return postgres.create_database(f"ledger_{os.getpid()}_{next(_databases)}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_target(request: pytest.FixtureRequest, ledger_path: Path) -> Path | str:
+    """A fresh ledger location on each backend: a SQLite file path, then a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return ledger_path
+    return str(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture
 def settings(server: FakeOneClickImpact, ledger_path: Path) -> dict[str, object]:
     """Settings for a sandbox account on the local server."""
@@ -65,6 +101,28 @@ def _codecarbon_hardware_detected() -> None:
     assert warm_up_codecarbon().wait(120)
 
 
+def _downgrade_to_2(raw: sqlite3.Connection) -> None:
+    raw.execute("DROP TABLE accounts")
+    for column in ("details", "host"):
+        raw.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+    raw.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    raw.execute("DELETE FROM meta WHERE key = 'application'")
+
+
+@pytest.fixture
+def as_schema_2() -> Callable[[Path], None]:
+    """Turn a ledger file into what carbonoffset's second schema wrote (to test migrations)."""
+
+    def downgrade(path: Path) -> None:
+        raw = sqlite3.connect(path)
+        with raw:
+            _downgrade_to_2(raw)
+        raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        raw.close()
+
+    return downgrade
+
+
 @pytest.fixture
 def as_schema_1() -> Callable[[Path], None]:
     """Turn a ledger file into what carbonoffset's first schema wrote (to test migrations)."""
@@ -72,6 +130,7 @@ def as_schema_1() -> Callable[[Path], None]:
     def downgrade(path: Path) -> None:
         raw = sqlite3.connect(path)
         with raw:
+            _downgrade_to_2(raw)
             raw.execute("DROP INDEX runs_by_root")
             raw.execute("ALTER TABLE offsets DROP COLUMN last_sent")
             for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh", "details"):

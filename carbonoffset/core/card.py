@@ -632,15 +632,18 @@ class _ledger:
     def __enter__(self) -> Ledger:
         if self._given is not None:
             return self._given
+        from carbonoffset.core.ledger.urls import normalize_location
+
         path = self._path
         if path is None:
             from carbonoffset.core.config import default_ledger_path, read_external_settings
 
             value = read_external_settings().get("offset_ledger")
-            path = Path(value).expanduser() if value else default_ledger_path()
-        if not Path(path).exists():
-            raise KeyError(f"no ledger at {path}; pass the ledger the run was recorded in")
-        self._opened = Ledger(path)
+            path = value if value else default_ledger_path()
+        location = normalize_location(path)
+        if isinstance(location, Path) and not location.exists():
+            raise KeyError(f"no ledger at {location}; pass the ledger the run was recorded in")
+        self._opened = Ledger(location)
         return self._opened
 
     def __exit__(self, *exc: object) -> None:

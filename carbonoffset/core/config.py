@@ -177,7 +177,10 @@ class OffsetConfig:
         offset_threshold: pending emissions in kg CO2eq that trigger an
             automatic offset; at least 0.5 (one pound is 0.4536 kg). Default 0.5.
         auto_offset: offset automatically when pending >= threshold. Default True.
-        offset_ledger: path of the SQLite ledger; default :func:`default_ledger_path`.
+        offset_ledger: where the ledger is: a SQLite file path (default
+            :func:`default_ledger_path`) or a PostgreSQL URL for a team ledger
+            (``postgresql://user:password@host:5432/dbname``; needs
+            ``carbonoffset[postgresql]``). The password never appears in a repr or log line.
         offset_timeout: seconds a run waits at its end for offsets in flight
             (> 0, default 30). What is not done by then stays in the ledger
             and is finished by a later run or ``carbonoffset reconcile``.
@@ -202,7 +205,7 @@ class OffsetConfig:
     offset_environment: Environment = "production"
     offset_threshold: float = DEFAULT_THRESHOLD_KG
     auto_offset: bool = True
-    offset_ledger: Path | None = None
+    offset_ledger: Path | str | None = None
     offset_timeout: float = DEFAULT_OFFSET_TIMEOUT_S
     offset_request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
     offset_round_up: bool = False
@@ -239,7 +242,11 @@ class OffsetConfig:
                 )
             object.__setattr__(self, name, value)
         if self.offset_ledger is not None:
-            object.__setattr__(self, "offset_ledger", Path(self.offset_ledger).expanduser())
+            from carbonoffset.core.ledger.urls import normalize_location
+
+            if isinstance(self.offset_ledger, str) and not self.offset_ledger.strip():
+                raise ConfigurationError("offset_ledger is empty; give a file path or a PostgreSQL URL, or unset it")
+            object.__setattr__(self, "offset_ledger", normalize_location(self.offset_ledger))
         if self.offset_api_url is not None:
             url = str(self.offset_api_url).strip().rstrip("/")
             if not url.startswith(("http://", "https://")):
@@ -255,16 +262,31 @@ class OffsetConfig:
 
     def __repr__(self) -> str:
         fields = ", ".join(
-            f"{f.name}={'********' if f.name == 'offset_api_key' and self.offset_api_key else getattr(self, f.name)!r}"
+            f"{f.name}={self._shown(f.name)}"
             for f in dataclasses.fields(self)
         )
         return f"OffsetConfig({fields})"
 
+    def _shown(self, name: str) -> str:
+        if name == "offset_api_key" and self.offset_api_key:
+            return "'********'"
+        if name == "offset_ledger" and isinstance(self.offset_ledger, str):
+            return repr(self.ledger_display)
+        return repr(getattr(self, name))
+
     # ------------------------------------------------------------------ derived
     @property
-    def ledger_path(self) -> Path:
-        """The ledger file in use: ``offset_ledger`` or :func:`default_ledger_path`."""
+    def ledger_path(self) -> Path | str:
+        """The ledger in use: ``offset_ledger`` or :func:`default_ledger_path`: a file path, or a
+        database URL (password included: show :attr:`ledger_display` instead)."""
         return self.offset_ledger if self.offset_ledger is not None else default_ledger_path()
+
+    @property
+    def ledger_display(self) -> str:
+        """The ledger in use as text for people: the path, or the URL with its password as ``***``."""
+        from carbonoffset.core.ledger.urls import mask_password
+
+        return mask_password(str(self.ledger_path))
 
     @property
     def account(self) -> str:

@@ -12,9 +12,18 @@ class ConfigurationError(CarbonOffsetError, ValueError):
 
 
 class LedgerError(CarbonOffsetError):
-    """The ledger file cannot be used (corrupt, newer schema, not a ledger).
+    """The ledger cannot be used (corrupt, newer schema, not a ledger, unreachable).
 
-    The file is never modified or overwritten when this is raised.
+    The ledger is never modified or overwritten when this is raised. Its message never
+    contains a database password.
+    """
+
+
+class LedgerUnavailableError(LedgerError):
+    """The ledger could not be read or written just now: a SQLite file locked by another
+    connection past the busy timeout, or a database server that is down, slow or unreachable.
+
+    Nothing was written by the failed call; trying again later is safe.
     """
 
 

@@ -78,6 +78,10 @@ class Offsetter:
         resend_grace_s: seconds after a capture was sent before another process
             may take the offset over and look it up (default 300; see
             :data:`carbonoffset.core.ledger.DEFAULT_RESEND_GRACE_S`).
+        lease_s: seconds an offset this process settles stays its own without a renewal
+            (> 0; default: the longest a purchase with all its attempts can take). A heartbeat
+            renews it every ``lease_s / 3`` while the purchase runs, so another host takes it
+            over only after this process stopped (plus the resend grace).
 
     Raises:
         ConfigurationError: no ``offset_api_key`` (offsetting is impossible).
@@ -93,6 +97,7 @@ class Offsetter:
         wait_initial_s: float = 0.5,
         wait_max_s: float = 8.0,
         resend_grace_s: float = DEFAULT_RESEND_GRACE_S,
+        lease_s: float | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -104,7 +109,7 @@ class Offsetter:
         self.auth_failed = False
         self._auth_lock = threading.Lock()  # the key check and a capture may both learn it: log once
         self._lock = threading.Lock()  # one purchase at a time per Offsetter
-        self._lease_s = (
+        self._lease_s = lease_s or (
             config.offset_request_timeout * (self.max_attempts + 1) * 2 + wait_max_s * self.max_attempts
         )
 
@@ -227,11 +232,28 @@ class Offsetter:
                     record.offset_id, record.amount_lb, "unknown", error="being settled by another session"
                 )
             _SETTLING.add(record.offset_id)
+        stop = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._heartbeat, args=(record.offset_id, stop), name="carbonoffset-lease", daemon=True
+        )
+        heartbeat.start()
         try:
             return self._settle_once(record, claimed=claimed)
         finally:
+            stop.set()
+            heartbeat.join(timeout=1.0)
             with _SETTLING_LOCK:
                 _SETTLING.discard(record.offset_id)
+
+    def _heartbeat(self, offset_id: str, stop: threading.Event) -> None:
+        """Renew this process's lease on ``offset_id`` every third of it until ``stop`` is set."""
+        while not stop.wait(self._lease_s / 3):
+            try:
+                if not self.ledger.renew(offset_id, lease_s=self._lease_s):
+                    return  # settled, or taken over
+            except Exception:  # noqa: BLE001 -- the ledger is away: the lease may lapse, and whoever
+                # takes the offset over looks it up before sending anything
+                logger.debug("renewing the lease of offset %s failed", offset_id, exc_info=True)
 
     def _settle_once(self, record: OffsetRecord, *, claimed: bool) -> OffsetOutcome:
         offset_id = record.offset_id

@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from carbonoffset.core.config import OffsetConfig
-from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.errors import LedgerUnavailableError
+from carbonoffset.core.ledger import Ledger, utc_now
+from carbonoffset.core.ledger.spool import LedgerWriter, replay_left_over
 from carbonoffset.core.meter import MeterSource
 from carbonoffset.core.offsetter import OffsetOutcome, Offsetter
 from carbonoffset.core.sources import EmissionsSource, Measurement
@@ -85,7 +89,7 @@ class RunReport:
         in_flight_lb: pounds still unconfirmed (settled by a later run or
             ``carbonoffset reconcile``).
         pending_kg, credit_kg: the account's position after the run.
-        ledger_path: the ledger file.
+        ledger_path: the ledger file, or its URL with the password shown as ``***``.
         offset_threshold: the ``offset_threshold`` in force, kg CO2eq.
         not_bought: why this run bought nothing (``None`` when it bought, or has in flight,
             at least one pound, and on ranks that do not offset), e.g.
@@ -106,7 +110,7 @@ class RunReport:
     in_flight_lb: int
     pending_kg: float
     credit_kg: float
-    ledger_path: Path | None
+    ledger_path: Path | str | None
     offset_threshold: float = 0.5
     not_bought: str | None = None
 
@@ -300,8 +304,15 @@ class OffsetSession:
         self._ledger = ledger
         self._owns_ledger = ledger is None
         if self.is_writer and self._ledger is None:
-            # the accounting tables are checked now, the whole file by the ledger thread (big files)
-            self._ledger = Ledger(config.ledger_path, full_check=False)
+            # the accounting tables are checked now, the whole file by the ledger thread (big files);
+            # a database server is first reached by the ledger thread
+            self._ledger = Ledger(
+                config.ledger_path, full_check=False, busy_timeout_s=self.LEDGER_TIMEOUT_S, connect=False
+            )
+        # ledger writes that could not be made are kept on local disk (see core.ledger.spool)
+        self._ledger_writer = LedgerWriter(self._ledger) if self.is_writer and self._ledger is not None else None
+        self._unwritten: dict[int, dict[str, Any]] = {}  # queued for the ledger thread, not yet made
+        self._op_numbers = itertools.count()
         self._offsetter: Offsetter | None = None
         self._offsetter_lock = threading.Lock()
         self._worker = _Worker()
@@ -401,6 +412,8 @@ class OffsetSession:
             return
         try:
             self._ledger.verify()
+        except LedgerUnavailableError:
+            return  # not reachable now: the writes go to the local spool and say so
         except Exception as exc:  # noqa: BLE001 -- LedgerError: nothing more is written to the file
             self._warn_once(
                 "corrupt",
@@ -450,7 +463,26 @@ class OffsetSession:
             self._ended_status = None
             self.run_id = run_id
             self._segment_id = None  # the ledger row this process records to (the run's, or a segment's)
-            if self.is_writer and self._ledger is not None:
+            if self.is_writer and self._ledger is not None and run_id is None:
+                # a new run needs nothing from the ledger: its id is made here and the ledger thread
+                # writes it (or keeps it on local disk while the ledger does not answer)
+                self.run_id = self._segment_id = uuid.uuid4().hex
+                self._queue_write(
+                    {
+                        "op": "start_run",
+                        "run_id": self.run_id,
+                        "account": self.config.account,
+                        "environment": self.config.offset_environment,
+                        "label": self.label,
+                        "nodes": nodes,
+                        "started_utc": utc_now(),
+                    },
+                    first=self._opening_job,
+                )
+                # a few ms for the ledger thread to write the run and read the account's figures (so
+                # the first epoch report shows them); a ledger that is slow or away is not waited for
+                self._writer.wait(self.START_WAIT_S)
+            elif self.is_writer and self._ledger is not None:
                 try:
                     if run_id is not None:  # one transaction: concurrent resumes each get a segment
                         segment = self._ledger.resume_run(
@@ -515,11 +547,16 @@ class OffsetSession:
                         "auto_offset is on but offset_api_key is not set: emissions are recorded in the "
                         "ledger %s under account %s and stay pending. Set offset_api_key (or "
                         "CODECARBON_OFFSET_API_KEY), then run `carbonoffset adopt %s` and `carbonoffset offset`",
-                        self.config.ledger_path,
+                        self.config.ledger_display,
                         self.config.account,
                         self.config.account,
                     )
-                elif self._ledger is not None and self._has_open_offsets():
+                elif (
+                    self._ledger is not None
+                    and self._segment_id is not None
+                    and run_id is not None  # (a new run checks on the ledger thread, _started_job)
+                    and self._has_open_offsets()
+                ):
                     self._worker.submit(self._reconcile_job)  # builds the offsetter off the training thread
             return self.run_id
 
@@ -534,6 +571,67 @@ class OffsetSession:
         if accepted:
             with _ACCEPTED_KEYS_LOCK:
                 _ACCEPTED_KEYS.add(_key_check_id(self.config))
+
+    def _opening_job(self) -> None:
+        """Ledger thread, before a new run is written: read the account's figures (a read, which a
+        SQLite writer elsewhere does not block), then check a big file completely."""
+        self._refresh_position_quietly()
+        self._verify_job()
+
+    def _queue_write(self, op: dict[str, Any], *, first: Callable[[], None] | None = None) -> None:
+        """Hand one ledger write to the ledger thread; it stays in :attr:`_unwritten` until made
+        (or spooled), so :meth:`stop` can keep on local disk what that thread did not reach."""
+        number = next(self._op_numbers)
+        self._unwritten[number] = op
+        queued = time.perf_counter()
+
+        def job() -> None:
+            if first is not None:
+                first()
+            try:
+                self._write_op(number, op, queued)
+            finally:
+                self._unwritten.pop(number, None)
+
+        self._writer.submit(job)
+
+    def _write_op(self, number: int, op: dict[str, Any], queued: float) -> None:
+        """Ledger thread: make one write (or spool it), then refresh the figures and maybe offset."""
+        writer = self._ledger_writer
+        if writer is None:
+            return
+        delay = queued + self.WRITE_DELAY_S - time.perf_counter()
+        if delay > 0 and op["op"] == "record":
+            time.sleep(delay)
+        try:
+            written = writer.write(op, force=op["op"] == "end_run")
+        except Exception as exc:  # noqa: BLE001 -- a figure the ledger refuses
+            self._warn_once("ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc)
+            return
+        if not written:
+            return
+        if op["op"] == "start_run":
+            self._started_job()
+            return
+        if op["op"] != "record":
+            return
+        try:
+            self._maybe_offset(self._refresh_position())
+        except Exception as exc:  # noqa: BLE001 -- e.g. the ledger cannot be read
+            self._warn_once("offset", "carbonoffset could not decide an offset (%s); training continues", exc)
+
+    def _started_job(self) -> None:
+        """Ledger thread, once a new run is in the ledger: write spools other processes left for
+        it, read the figures, settle open offsets."""
+        if self._ledger is None:
+            return
+        try:
+            replay_left_over(self._ledger, self._ledger.path or self._ledger.location)
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once("spool", "carbonoffset could not write figures kept on local disk (%s)", exc)
+        self._refresh_position_quietly()
+        if self.config.auto_offset and self.config.can_offset and self._has_open_offsets():
+            self._worker.submit(self._reconcile_job)
 
     def _has_open_offsets(self) -> bool:
         try:
@@ -624,8 +722,18 @@ class OffsetSession:
             if epoch is not None:
                 self._epochs = max(self._epochs, epoch + 1)
             if self.is_writer and self._ledger is not None and self._segment_id is not None:
-                run_id, queued = self._segment_id, time.perf_counter()
-                self._writer.submit(lambda: self._write_record(run_id, total, epoch, queued))
+                self._queue_write(
+                    {
+                        "op": "record",
+                        "run_id": self._segment_id,
+                        "account": self.config.account,
+                        "environment": self.config.offset_environment,
+                        "label": self.label,
+                        "emissions_kg": total.emissions_kg,
+                        "energy_kwh": total.energy_kwh,
+                        "epoch": epoch,
+                    }
+                )
             report = self._epoch_report(epoch, total)
             # (a tracker starting late reads zeros at first: project from the first real figures)
             if epoch is not None and max_epochs and not self._projection_checked and total.emissions_kg > 0:
@@ -667,31 +775,18 @@ class OffsetSession:
         )
 
     # ---------------------------------------------------------------- offsets
+    #: Seconds a session's ledger call waits for a lock or a database server before the figures go
+    #: to the local spool instead (the ledger thread's wait; training never waits for it).
+    LEDGER_TIMEOUT_S = 5.0
+
+    #: Seconds :meth:`start` waits, at most, for the ledger thread to write a new run and read the
+    #: account's figures (then training goes on and the figures show from a later epoch).
+    START_WAIT_S = 0.02
+
     #: The ledger thread starts a write at least this long after it was queued (s): the rest of the
     #: training thread's hook (e.g. a framework handing metrics on) then runs without competing
     #: with it for the GIL. Jobs queued earlier (a backlog) do not wait.
     WRITE_DELAY_S = 0.005
-
-    def _write_record(self, run_id: str, total: Measurement, epoch: int | None, queued: float) -> None:
-        """Ledger thread: write one cumulative total, refresh the figures, maybe queue an offset.
-
-        Takes no session lock (``stop()`` may wait for this thread while holding it).
-        """
-        if self._ledger is None:
-            return
-        delay = queued + self.WRITE_DELAY_S - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        try:
-            self._ledger.record(
-                run_id, emissions_kg=total.emissions_kg, energy_kwh=total.energy_kwh, epoch=epoch
-            )
-        except Exception as exc:  # noqa: BLE001
-            self._warn_once("ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc)
-        try:
-            self._maybe_offset(self._refresh_position())
-        except Exception as exc:  # noqa: BLE001 -- e.g. the ledger cannot be read
-            self._warn_once("offset", "carbonoffset could not decide an offset (%s); training continues", exc)
 
     def _maybe_offset(self, position: _Position) -> None:
         if not self.config.auto_offset or self._offset_queued or self._ledger is None:
@@ -713,9 +808,16 @@ class OffsetSession:
             self._offset_queued = False
         if offsetter is None:
             return
-        outcome = offsetter.offset_pending(
-            run_id=self.run_id, round_up=round_up, respect_threshold=respect_threshold
-        )
+        try:
+            outcome = offsetter.offset_pending(
+                run_id=self.run_id, round_up=round_up, respect_threshold=respect_threshold
+            )
+        except LedgerUnavailableError as exc:  # offsets are decided only against the ledger itself
+            self._warn_once(
+                "offset", "carbonoffset could not decide an offset (%s); nothing was bought, the emissions "
+                "stay pending", exc
+            )
+            return
         if outcome is not None:
             with self._lock:
                 self._outcomes.append(outcome)
@@ -828,11 +930,12 @@ class OffsetSession:
                 self.config.offset_timeout,
             )
         if self.is_writer and self._ledger is not None and self._segment_id is not None:
-            try:
-                self._ledger.end_run(self._segment_id, status=status)
-                self._ledger.set_run_details(self._segment_id, self._run_details())
-            except Exception as exc:  # noqa: BLE001
-                self._warn_once("ledger", "carbonoffset could not write its ledger (%s)", exc)
+            self._queue_write({"op": "details", "run_id": self._segment_id, "details": self._run_details()})
+            self._queue_write({"op": "end_run", "run_id": self._segment_id, "status": status})
+            self.flush(max(self.LEDGER_TIMEOUT_S, deadline - time.monotonic()))
+            if self._unwritten and self._ledger_writer is not None:
+                # the ledger thread is still waiting for the ledger: keep the rest on local disk now
+                self._ledger_writer.keep(list(self._unwritten.values()))
         self._worker.shutdown()  # nothing left running after a run: the thread ends once idle
         self._writer.shutdown()
         self._ended_status = status if final_offset else f"{status}, without a final offset"
@@ -865,7 +968,12 @@ class OffsetSession:
         total = self._last
         offset_kg = pending_kg = credit_kg = 0.0
         confirmed_lb = in_flight_lb = 0
-        if self.is_writer and self._ledger is not None:
+        outage = self._ledger_writer is not None and self._ledger_writer.outage
+        if outage:  # the ledger did not answer: the figures of the last read, not another timeout
+            position = self._position
+            balance_kg = position.balance_kg + max(0.0, total.emissions_kg - position.run_kg)
+            pending_kg, credit_kg = max(0.0, balance_kg), max(0.0, -balance_kg)
+        if self.is_writer and self._ledger is not None and not outage:
             try:
                 balance = self._ledger.balance(self.config.account)
                 pending_kg, credit_kg = balance.pending_kg, balance.credit_kg
@@ -891,7 +999,7 @@ class OffsetSession:
             in_flight_lb=in_flight_lb,
             pending_kg=pending_kg,
             credit_kg=credit_kg,
-            ledger_path=self._ledger.path if self._ledger is not None else None,
+            ledger_path=(self._ledger.path or self._ledger.location) if self._ledger is not None else None,
             offset_threshold=self.config.offset_threshold,
             not_bought=self._not_bought(confirmed_lb + in_flight_lb, pending_kg, credit_kg),
         )
@@ -934,6 +1042,10 @@ class OffsetSession:
             self.stop(final_offset=False, status="interrupted")
         self.flush()  # epoch figures still queued are written first
         self._writer.shutdown()
+        if self._ledger_writer is not None:
+            if self._unwritten:
+                self._ledger_writer.keep(list(self._unwritten.values()))
+            self._ledger_writer.close()
         if self._owns_ledger and self._ledger is not None:
             if self._worker.busy:
                 # an offset still in flight after stop() finishes with the ledger open

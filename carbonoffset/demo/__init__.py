@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.session import RunReport
@@ -53,7 +54,7 @@ def account_credit_kg(config: OffsetConfig) -> float:
     """The account's credit (kg CO2eq) in its ledger before the demo runs: the unused part of
     earlier rounded-up offsets. 0 when the ledger file does not exist yet (it is not created)."""
     path = config.ledger_path
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         return 0.0
     from carbonoffset.core.ledger import Ledger
 

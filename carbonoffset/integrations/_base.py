@@ -154,7 +154,7 @@ class CallbackCore:
         if session is None:
             # an unusable ledger (corrupt, newer version, unwritable folder) is reported here,
             # when the callback is built, not as a crash inside the framework's fit
-            Ledger(self.config.ledger_path, full_check=False).close()
+            Ledger(self.config.ledger_path, full_check=False, connect=False).close()
         self.max_emissions_kg = max_emissions_kg
         self.log_metrics = log_metrics
         self.label = label

@@ -410,7 +410,12 @@ if _TrainerCallback is not None:
             run_id = (
                 report.run_id if report is not None else (session.run_id if session is not None else None)
             )
-            ledger = report.ledger_path if report is not None else None
+            # the session's own setting: a report shows a team ledger's URL with its password masked
+            ledger = (
+                session.config.ledger_path
+                if session is not None
+                else (report.ledger_path if report is not None else None)
+            )
             if run_id is None:
                 logger.warning("model card written without carbon figures: no training run was recorded yet")
                 return

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,9 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _backends import execute
 
 from carbonoffset.core.errors import LedgerError
-from carbonoffset.core.ledger import _PID_NS, APPLICATION_ID, SCHEMA_VERSION, Ledger
+from carbonoffset.core.ledger import APPLICATION_ID, PID_NAMESPACE, SCHEMA_VERSION, Ledger, host_identity
 from carbonoffset.core.units import KG_PER_LB, whole_lb_ceil, whole_lb_floor
 
 SANDBOX = "sandbox:aaaaaaaaaaaaaaaa"
@@ -26,8 +26,8 @@ OTHER_KEY = "sandbox:bbbbbbbbbbbbbbbb"
 
 
 @pytest.fixture
-def ledger(ledger_path: Path) -> Ledger:
-    with Ledger(ledger_path) as opened:
+def ledger(ledger_target: Path | str) -> Ledger:
+    with Ledger(ledger_target) as opened:
         yield opened  # type: ignore[misc]
 
 
@@ -193,7 +193,7 @@ def test_offset_states_move_the_balance(ledger: Ledger) -> None:
     assert intent(amount_lb_for=whole_lb_ceil, min_pending_kg=0.0) is None  # nothing pending: no purchase
 
 
-def test_claim_respects_live_owners_and_takes_over_dead_ones(ledger: Ledger, ledger_path: Path) -> None:
+def test_claim_respects_live_owners_and_takes_over_dead_ones(ledger: Ledger, ledger_target: Path | str) -> None:
     run = ledger.start_run(account=SANDBOX, environment="sandbox")
     ledger.record(run, emissions_kg=1.0, energy_kwh=0.0)
     intent = ledger.create_intent(
@@ -209,32 +209,28 @@ def test_claim_respects_live_owners_and_takes_over_dead_ones(ledger: Ledger, led
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = socket.gethostname()
-    raw = sqlite3.connect(ledger_path, timeout=30)
-    try:
-        # a live process (pid 1) on this host holds a valid lease: hands off
-        raw.execute(
-            "UPDATE offsets SET owner = ? WHERE offset_id = ?", (f"{host}:{_PID_NS}:1", intent.offset_id)
+    host = host_identity()
+
+    def set_owner(owner: str, lease_until: float | None = None) -> None:
+        execute(
+            ledger_target,
+            "UPDATE offsets SET owner = :owner, lease_until = COALESCE(:lease, lease_until) WHERE offset_id = :id",
+            {"owner": owner, "lease": lease_until, "id": intent.offset_id},
         )
-        raw.commit()
-        assert ledger.claim(intent.offset_id, lease_s=600) is None
-        # its owner died (kill -9): taken over although the lease has not expired
-        raw.execute(
-            "UPDATE offsets SET owner = ? WHERE offset_id = ?",
-            (f"{host}:{_PID_NS}:{dead.pid}", intent.offset_id),
-        )
-        raw.commit()
-        claimed = ledger.claim(intent.offset_id, lease_s=600)
-        assert claimed is not None and claimed.owner == f"{host}:{_PID_NS}:{os.getpid()}"
-        # another host's offset with an expired lease can be taken over too
-        raw.execute(
-            "UPDATE offsets SET owner = 'elsewhere:1', lease_until = ? WHERE offset_id = ?",
-            (time.time() - 1, intent.offset_id),
-        )
-        raw.commit()
-        assert ledger.claim(intent.offset_id, lease_s=600) is not None
-    finally:
-        raw.close()
+
+    # a live process (pid 1) on this host holds a valid lease: hands off
+    set_owner(f"{host}:{PID_NAMESPACE}:1")
+    assert ledger.claim(intent.offset_id, lease_s=600) is None
+    # its owner died (kill -9): taken over although the lease has not expired
+    set_owner(f"{host}:{PID_NAMESPACE}:{dead.pid}")
+    claimed = ledger.claim(intent.offset_id, lease_s=600)
+    assert claimed is not None and claimed.owner == f"{host}:{PID_NAMESPACE}:{os.getpid()}"
+    # a dead PID on another host proves nothing: its valid lease is respected
+    set_owner(f"elsewhere:{PID_NAMESPACE}:{dead.pid}")
+    assert ledger.claim(intent.offset_id, lease_s=600) is None
+    # another host's offset with an expired lease can be taken over
+    set_owner("elsewhere:1:1", lease_until=time.time() - 1)
+    assert ledger.claim(intent.offset_id, lease_s=600) is not None
     ledger.mark_confirmed(intent.offset_id, user_id="U", time_utc="t", carbon_captured=2)
     assert ledger.claim(intent.offset_id, lease_s=600) is None  # closed
 
@@ -377,11 +373,11 @@ def run_processes(script: str, args: list[list[str]], *, timeout: float = 120) -
 
 
 @pytest.mark.slow
-def test_eight_processes_record_fifty_times_on_one_fresh_file(ledger_path: Path) -> None:
+def test_eight_processes_record_fifty_times_on_one_fresh_file(ledger_target: Path | str) -> None:
     go = str(time.time() + 1.5)
-    runs = run_processes(_RECORDER, [[str(ledger_path), SANDBOX, go] for _ in range(8)])
+    runs = run_processes(_RECORDER, [[str(ledger_target), SANDBOX, go] for _ in range(8)])
     assert len(set(runs)) == 8
-    with Ledger(ledger_path) as ledger:
+    with Ledger(ledger_target) as ledger:
         assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(8 * 0.5, abs=1e-9)
         assert {r.run_id for r in ledger.runs(SANDBOX)} == set(runs)
         for run in ledger.runs(SANDBOX):
@@ -456,17 +452,17 @@ def test_every_rank_opening_one_fresh_ledger_at_the_same_instant_succeeds(tmp_pa
 
 
 @pytest.mark.slow
-def test_concurrent_intents_never_buy_the_same_emissions_twice(ledger_path: Path) -> None:
-    with Ledger(ledger_path) as ledger:
+def test_concurrent_intents_never_buy_the_same_emissions_twice(ledger_target: Path | str) -> None:
+    with Ledger(ledger_target) as ledger:
         run = ledger.start_run(account=SANDBOX, environment="sandbox")
         ledger.record(run, emissions_kg=10.0, energy_kwh=0.0)
     # eight processes race for the same 10 kg: exactly one wins
     go = str(time.time() + 1.5)
-    outputs = run_processes(_INTENDER, [[str(ledger_path), SANDBOX, go, "race"] for _ in range(8)])
+    outputs = run_processes(_INTENDER, [[str(ledger_target), SANDBOX, go, "race"] for _ in range(8)])
     made = [item for out in outputs for item in out.split()]
     assert len(made) == 1
     assert made[0].endswith(":22")  # floor(10 / 0.45359237)
-    with Ledger(ledger_path) as ledger:
+    with Ledger(ledger_target) as ledger:
         balance = ledger.balance(SANDBOX)
         assert balance.in_flight_kg == pytest.approx(22 * KG_PER_LB)
         assert balance.pending_kg == pytest.approx(10.0 - 22 * KG_PER_LB, abs=1e-9)
@@ -474,12 +470,12 @@ def test_concurrent_intents_never_buy_the_same_emissions_twice(ledger_path: Path
 
 
 @pytest.mark.slow
-def test_concurrent_record_and_intent_from_eight_processes(ledger_path: Path) -> None:
-    Ledger(ledger_path).close()
+def test_concurrent_record_and_intent_from_eight_processes(ledger_target: Path | str) -> None:
+    Ledger(ledger_target).close()
     go = str(time.time() + 1.5)
-    outputs = run_processes(_INTENDER, [[str(ledger_path), SANDBOX, go, "record"] for _ in range(8)])
+    outputs = run_processes(_INTENDER, [[str(ledger_target), SANDBOX, go, "record"] for _ in range(8)])
     made = [item.split(":") for out in outputs for item in out.split()]
-    with Ledger(ledger_path) as ledger:
+    with Ledger(ledger_target) as ledger:
         balance = ledger.balance(SANDBOX)
         offsets = ledger.offsets(SANDBOX)
     assert balance.recorded_kg == pytest.approx(4.0, abs=1e-9)
@@ -592,8 +588,8 @@ def test_an_unwritable_ledger_folder_is_a_ledger_error(tmp_path: Path) -> None:
         Ledger(blocker / "sub" / "ledger.sqlite3")
 
 
-def test_move_runs_refuses_to_cross_environments(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "l.sqlite3") as ledger:
+def test_move_runs_refuses_to_cross_environments(ledger_target: Path | str) -> None:
+    with Ledger(ledger_target) as ledger:
         ledger.start_run(account="production:no-key", environment="production")
         with pytest.raises(ValueError, match="different environments"):
             ledger.move_runs(from_account="production:no-key", to_account="sandbox:abc")
@@ -601,16 +597,12 @@ def test_move_runs_refuses_to_cross_environments(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ resumed runs
-def _raw_sum(path: Path) -> float:
+def _raw_sum(target: Path | str) -> float:
     """What any reader of schema 2, this version or an older one, counts for the runs."""
-    raw = sqlite3.connect(path)
-    try:
-        return float(raw.execute("SELECT SUM(emissions_kg) FROM runs").fetchone()[0])
-    finally:
-        raw.close()
+    return float(execute(target, "SELECT SUM(emissions_kg) FROM runs")[0][0])
 
 
-def test_resumed_segments_add_up_for_every_reader(ledger: Ledger, ledger_path: Path) -> None:
+def test_resumed_segments_add_up_for_every_reader(ledger: Ledger, ledger_target: Path | str) -> None:
     run = ledger.start_run(account=SANDBOX, environment="sandbox")
     ledger.record(run, emissions_kg=10.0, energy_kwh=20.0, epoch=4)
     # two branches resumed from the checkpoint at epoch 4 (10 kg), at the same time
@@ -626,7 +618,7 @@ def test_resumed_segments_add_up_for_every_reader(ledger: Ledger, ledger_path: P
     ledger.record(a.run_id, emissions_kg=15.0, energy_kwh=30.0, epoch=9)  # cumulative, base included
     ledger.record(b.run_id, emissions_kg=14.0, energy_kwh=28.0, epoch=7)
     assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(19.0)  # 10 + 5 + 4
-    assert _raw_sum(ledger_path) == pytest.approx(19.0)  # an older carbonoffset sees the same
+    assert _raw_sum(ledger_target) == pytest.approx(19.0)  # an older carbonoffset sees the same
     whole = ledger.run(b.run_id)  # a segment's id gives its run
     assert whole is not None
     assert (whole.run_id, whole.segments, whole.epochs) == (run, 3, 10)
@@ -659,7 +651,7 @@ def test_a_checkpoint_ahead_of_its_writer_row_is_caught_up_on_that_row_only(ledg
 
 
 def test_resuming_a_run_this_ledger_does_not_know_creates_it_with_the_checkpoint_figures(
-    ledger: Ledger, ledger_path: Path
+    ledger: Ledger, ledger_target: Path | str
 ) -> None:
     first = ledger.resume_run(
         "f" * 32, account=SANDBOX, environment="sandbox", at_least_kg=0.5, at_least_kwh=2.0
@@ -669,7 +661,7 @@ def test_resuming_a_run_this_ledger_does_not_know_creates_it_with_the_checkpoint
     second = ledger.resume_run("f" * 32, account=SANDBOX, environment="sandbox")  # same id, at once
     assert second.resumed_from == "f" * 32 and second.base_emissions_kg == pytest.approx(0.75)
     ledger.record(second.run_id, emissions_kg=1.0, energy_kwh=4.0)
-    assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(1.0) == _raw_sum(ledger_path)
+    assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(1.0) == _raw_sum(ledger_target)
 
 
 def test_a_ledger_is_created_in_place_where_hard_links_fail(

@@ -109,6 +109,12 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 
+@pytest.fixture
+def settings(settings: dict[str, Any], ledger_target: Path | str) -> dict[str, Any]:
+    """Every test here runs on both backends: a SQLite file, then a PostgreSQL database."""
+    return {**settings, "offset_ledger": ledger_target}
+
+
 # -------------------------------------------------------------------- threshold
 def test_threshold_offsets_whole_pounds_and_carries_the_rest(
     server: FakeOneClickImpact, settings: dict[str, Any]
@@ -515,6 +521,60 @@ _KILLED = textwrap.dedent(
     """
 )
 
+_KILLED_ON_HOST_A = textwrap.dedent(
+    """
+    import os, sys, time
+    os.environ["CARBONOFFSET_HOST_ID"] = "host-a"
+    from carbonoffset.core.session import OffsetSession
+    from carbonoffset.testing import ScriptedEmissions
+    url, ledger, key = sys.argv[1], sys.argv[2], sys.argv[3]
+    session = OffsetSession(
+        source=ScriptedEmissions([0.7]), offset_api_key=key, offset_environment="sandbox", offset_api_url=url,
+        offset_ledger=ledger, offset_request_timeout=60.0, offset_timeout=60.0,
+        offsetter_options={"lease_s": 3.0},
+    )
+    session.start()
+    session.record_epoch(0)   # the worker writes the intent, then calls capture_carbon
+    time.sleep(120)           # killed with SIGKILL before the answer arrives
+    """
+)
+
+
+@pytest.mark.slow
+def test_another_host_takes_a_killed_hosts_offset_over_only_after_its_lease_and_buys_nothing_twice(
+    server: FakeOneClickImpact, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.inject(Fault(delay_s=30))  # captured at once, answered only after 30 s
+    args = [settings["offset_api_url"], str(settings["offset_ledger"]), settings["offset_api_key"]]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_ON_HOST_A, *args], env=subprocess_env())
+    try:
+        wait_for(lambda: len(server.captures) == 1 or child.poll() is not None)
+        assert child.poll() is None
+        time.sleep(1.5)  # the heartbeat renewed the 3 s lease meanwhile
+        (intent,) = offsets_of(settings)
+        assert intent.owner.startswith("host-a:") and intent.lease_until > time.time() + 1.0
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+    monkeypatch.setenv("CARBONOFFSET_HOST_ID", "host-b")  # this process is now the other host
+    config = OffsetConfig.resolve(**settings)
+    with Ledger(config.ledger_path) as ledger:
+        # host-a's PID is gone, but on another host that proves nothing: its lease holds
+        assert Offsetter(config, ledger, **FAST, resend_grace_s=0.0).reconcile() == []
+        wait_for(lambda: (ledger.offset(intent.offset_id).lease_until or 0) < time.time() - 0.1, timeout=10)  # type: ignore[union-attr]
+        # the lease expired; within the resend grace nothing is taken over either
+        assert Offsetter(config, ledger, **FAST).reconcile() == []
+        assert len(server.captures) == 1
+        # after both, host-b looks the capture up and confirms it: nothing bought twice
+        (outcome,) = Offsetter(config, ledger, **FAST, resend_grace_s=0.0).reconcile()
+    assert outcome.state == "confirmed" and outcome.offset_id == intent.offset_id
+    assert len(server.captures) == 1
+    assert_server_matches_ledger(server, settings, 1)
+    assert_conserved(balance_of(settings), 0.7)
+    (offset,) = offsets_of(settings)
+    assert offset.owner is not None and offset.owner.startswith("host-b:")
+
+
 _KILLED_BEFORE_SENDING = textwrap.dedent(
     """
     import os, signal, sys
@@ -731,7 +791,8 @@ def test_the_key_never_leaks(
 
     # no file written anywhere under the test's folders (home, cwd, ledger and its WAL) holds it
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert Path(settings["offset_ledger"]) in files
+    if isinstance(settings["offset_ledger"], Path):
+        assert Path(settings["offset_ledger"]) in files
     for path in files:
         data = path.read_bytes()
         assert SECRET.encode() not in data, path

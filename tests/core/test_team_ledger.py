@@ -1,0 +1,404 @@
+"""The team ledger: details, migrations, secrets, network file systems, outages, reports and copies."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from carbonoffset.cli import EXIT_LEDGER, app
+from carbonoffset.core.config import OffsetConfig
+from carbonoffset.core.errors import LedgerError, LedgerUnavailableError
+from carbonoffset.core.ledger import SCHEMA_VERSION, Ledger
+from carbonoffset.core.ledger.filesystems import warn_if_network_filesystem
+from carbonoffset.core.session import OffsetSession
+from carbonoffset.core.units import KG_PER_LB
+from carbonoffset.testing import FakeOneClickImpact, ScriptedEmissions
+from carbonoffset.testing.postgres import PostgresCluster
+
+SANDBOX = "sandbox:aaaaaaaaaaaaaaaa"
+FAST = {"wait_initial_s": 0.01, "wait_max_s": 0.05}
+
+
+# --------------------------------------------------------------------- details
+def test_run_details_merge_and_fold_into_the_run(ledger_target: Path | str) -> None:
+    with Ledger(ledger_target) as ledger:
+        run = ledger.start_run(account=SANDBOX, environment="sandbox")
+        assert ledger.run(run).details == {}  # type: ignore[union-attr]
+        ledger.set_run_details(run, {"model": "digits", "co2_eq_emissions": 1.5})
+        ledger.set_run_details(run, {"co2_eq_emissions": None, "source": "carbonoffset"})
+        assert ledger.run(run).details == {  # type: ignore[union-attr]
+            "model": "digits",
+            "co2_eq_emissions": None,
+            "source": "carbonoffset",
+        }
+        segment = ledger.resume_run(run, account=SANDBOX, environment="sandbox")
+        ledger.set_run_details(segment.run_id, {"model": "digits-v2"})
+        whole = ledger.run(run)
+        assert whole is not None and whole.segments == 2
+        assert whole.details["model"] == "digits-v2" and whole.details["source"] == "carbonoffset"
+        with pytest.raises(KeyError):
+            ledger.set_run_details("nope", {"a": 1})
+        with pytest.raises(TypeError):
+            ledger.set_run_details(run, {"a": object()})
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_old_sqlite_ledgers_open_and_get_the_new_columns(
+    tmp_path: Path, schema: int, as_schema_1: Callable[[Path], None], as_schema_2: Callable[[Path], None]
+) -> None:
+    path = tmp_path / f"v{schema}.sqlite3"
+    with Ledger(path) as ledger:
+        run = ledger.start_run(account=SANDBOX, environment="sandbox")
+        ledger.record(run, emissions_kg=0.7, energy_kwh=1.0, epoch=0)
+    (as_schema_1 if schema == 1 else as_schema_2)(path)
+    with Ledger(path) as ledger:
+        assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.7)
+        assert ledger.run(run).details == {}  # type: ignore[union-attr]
+        ledger.set_run_details(run, {"k": 1})
+        assert ledger.run(run).details == {"k": 1}  # type: ignore[union-attr]
+        assert ledger.create_intent(
+            account=SANDBOX, environment="sandbox", run_id=run, amount_lb_for=lambda kg: 1,
+            min_pending_kg=0.5, lease_s=10,
+        )
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    raw.close()
+
+
+# --------------------------------------------------------------------- secrets
+def test_the_database_password_never_leaks(
+    postgres: PostgresCluster, postgres_url: str, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    password = postgres.password
+    texts: list[str] = []
+    caplog.set_level(logging.DEBUG)
+    with Ledger(postgres_url) as ledger:
+        texts += [repr(ledger), ledger.location, str(ledger.location)]
+    wrong = postgres_url.replace(password, password + "-wrong")
+    refused = f"postgresql://{postgres.user}:{password}@127.0.0.1:1/none"  # nothing listens on port 1
+    for url in (wrong, refused):
+        with pytest.raises(LedgerUnavailableError) as info:
+            Ledger(url, busy_timeout_s=2)
+        texts += [str(info.value), repr(info.value), "".join(info.exconly())]
+        assert "***" in str(info.value) or "127.0.0.1" in str(info.value)
+    config = OffsetConfig(offset_ledger=postgres_url)
+    texts += [repr(config), str(config), config.ledger_display]
+    # a session on a ledger whose server refuses the password: warnings, spool file, report
+    session = OffsetSession(source=ScriptedEmissions([0.3]), offset_ledger=wrong, offset_environment="sandbox")
+    session.start()
+    session.record_epoch(0)
+    report = session.stop()
+    session.close()
+    texts += [repr(report), str(report.ledger_path), repr(session)]
+    for record in caplog.records:
+        texts += [record.getMessage(), repr(record.args)]
+    assert any("kept on local disk" in record.getMessage() for record in caplog.records)
+    for text in texts:
+        assert password not in text, text
+    for path in (p for p in tmp_path.rglob("*") if p.is_file()):
+        assert password.encode() not in path.read_bytes(), path
+
+
+# -------------------------------------------------------- network file systems
+def test_a_sqlite_ledger_on_nfs_is_warned_about_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    shared.mkdir()
+    local.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        f"/dev/sda1 / ext4 rw 0 0\nfiler:/export {shared} nfs4 rw,relatime 0 0\nfiler:/x {tmp_path}/sharedx nfs 0 0\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        assert warn_if_network_filesystem(shared / "ledger.sqlite3", str(mounts))
+        assert warn_if_network_filesystem(shared / "ledger.sqlite3", str(mounts))
+        assert not warn_if_network_filesystem(local / "ledger.sqlite3", str(mounts))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "network file system (nfs4)" in warnings[0] and "postgresql://" in warnings[0]
+
+
+# --------------------------------------------------------------------- outages
+def _hold_write_lock(path: Path, seconds: float, started: threading.Event) -> threading.Thread:
+    def hold() -> None:
+        raw = sqlite3.connect(path, timeout=30, isolation_level=None)
+        raw.execute("BEGIN IMMEDIATE")
+        started.set()
+        time.sleep(seconds)
+        raw.execute("ROLLBACK")
+        raw.close()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["fit start", "mid-run"])
+def test_a_locked_sqlite_ledger_never_delays_training_and_loses_nothing(
+    when: str, ledger_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another connection holds the write lock for 8 s, longer than the session's ledger timeout
+    (5 s; a 65 s lock takes the same path): training goes on at full speed, the figures are kept
+    on local disk, and all of them are in the ledger once the lock is gone."""
+    Ledger(ledger_path).close()
+    emissions = [0.1 * (n + 1) for n in range(6)]
+    session = OffsetSession(
+        source=ScriptedEmissions(emissions), offset_ledger=ledger_path, offset_environment="sandbox"
+    )
+    locked = threading.Event()
+    holder = None
+    caplog.set_level(logging.INFO, logger="carbonoffset")
+    if when == "fit start":
+        holder = _hold_write_lock(ledger_path, 8.0, locked)
+        assert locked.wait(10)
+    began = time.perf_counter()
+    run_id = session.start()
+    session.record_epoch(0)
+    first_step_s = time.perf_counter() - began
+    if when == "mid-run":
+        holder = _hold_write_lock(ledger_path, 8.0, locked)
+        assert locked.wait(10)
+    slowest = 0.0
+    for epoch in range(1, 6):
+        began = time.perf_counter()
+        session.record_epoch(epoch)
+        slowest = max(slowest, time.perf_counter() - began)
+        time.sleep(0.5)
+    assert first_step_s < 0.1, first_step_s
+    assert slowest < 0.1, slowest
+    holder.join(15)
+    report = session.stop()
+    session.close()
+    assert report.emissions_kg == pytest.approx(0.6)
+    with Ledger(ledger_path) as ledger:
+        run = ledger.run(run_id)  # type: ignore[arg-type]
+        assert run is not None and run.status == "finished"
+        assert (run.emissions_kg, run.epochs) == (pytest.approx(0.6), 6)
+        assert ledger.balance(session.config.account).recorded_kg == pytest.approx(0.6)  # once
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("database is locked" in m and "kept on local disk" in m for m in messages), messages
+    assert any("answers again" in m for m in messages), messages
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    """A cluster of this test's own, to stop and start."""
+    from carbonoffset.testing.postgres import server_bindir
+
+    if server_bindir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+def test_a_postgresql_server_down_at_start_and_mid_run_never_stalls_training(
+    own_postgres: PostgresCluster, server: FakeOneClickImpact, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = own_postgres.create_database("team")
+    settings: dict[str, Any] = {
+        "offset_api_key": "test_team_key_0001",
+        "offset_environment": "sandbox",
+        "offset_api_url": server.url,
+        "offset_ledger": url,
+        "offset_request_timeout": 2.0,
+        "offset_timeout": 10.0,
+    }
+    Ledger(url).close()  # the schema exists; then the server goes away
+    own_postgres.stop_server()
+    session = OffsetSession(source=ScriptedEmissions([0.2 * (n + 1) for n in range(8)]), offsetter_options=FAST, **settings)
+    caplog.set_level(logging.INFO, logger="carbonoffset")
+    slowest = 0.0
+    began = time.perf_counter()
+    run_id = session.start()
+    for epoch in range(8):
+        if epoch == 3:
+            own_postgres.restart()
+        if epoch == 5:
+            own_postgres.stop_server()
+        if epoch == 7:
+            own_postgres.restart()
+        began = time.perf_counter() if epoch else began
+        session.record_epoch(epoch)
+        slowest = max(slowest, time.perf_counter() - began)
+        time.sleep(0.3)
+    assert slowest < 0.1, slowest
+    report = session.stop()
+    session.close()
+    assert report.emissions_kg == pytest.approx(1.6)
+    with Ledger(url) as ledger:
+        run = ledger.run(run_id)  # type: ignore[arg-type]
+        assert run is not None and run.status == "finished"
+        assert (run.emissions_kg, run.epochs) == (pytest.approx(1.6), 8)
+        balance = ledger.balance(session.config.account)
+        offsets = ledger.offsets(session.config.account)
+    assert balance.recorded_kg == pytest.approx(1.6)
+    assert sum(o.amount_lb for o in offsets if o.state == "confirmed") == server.total_lb() == 3  # once
+    assert balance.pending_kg == pytest.approx(1.6 - 3 * KG_PER_LB, abs=1e-9)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("kept on local disk" in m for m in messages), messages
+
+
+# ------------------------------------------------------------ reports, copies
+def _fill(target: Path | str) -> tuple[str, str]:
+    with Ledger(target) as ledger:
+        first = ledger.start_run(account=SANDBOX, environment="sandbox", label="lightning")
+        ledger.record(first, emissions_kg=0.6, energy_kwh=2.0, epoch=0)
+        ledger.end_run(first)
+        intent = ledger.create_intent(
+            account=SANDBOX, environment="sandbox", run_id=first, amount_lb_for=lambda kg: 1,
+            min_pending_kg=0.5, lease_s=10,
+        )
+        assert intent is not None
+        ledger.mark_confirmed(intent.offset_id, user_id="U1", time_utc="2026-12-01T10:00:00Z", carbon_captured=1)
+        second = ledger.start_run(account=SANDBOX, environment="sandbox", label="keras")
+        ledger.set_run_details(second, {"project_name": "digits"})
+        ledger.record(second, emissions_kg=0.2, energy_kwh=1.0, epoch=0)
+        return first, intent.offset_id
+
+
+def test_report_by_run_project_host_and_account(ledger_target: Path | str) -> None:
+    first, offset_id = _fill(ledger_target)
+    runner = CliRunner()
+    done = runner.invoke(app, ["report", "--ledger", str(ledger_target), "--by", "run", "--json"])
+    assert done.exit_code == 0, done.output
+    document = json.loads(done.stdout)
+    runs = {row["run_id"]: row for row in document["groups"]}
+    assert runs[first]["status"] == "finished" and runs[first]["duration_s"] >= 0
+    assert runs[first]["offset_lb"] == 1 and runs[first]["receipts"][0]["offset_id"] == offset_id
+    assert runs[first]["emissions_kg"] == pytest.approx(0.6) and runs[first]["energy_kwh"] == pytest.approx(2.0)
+    (other,) = [row for row in runs.values() if row["run_id"] != first]
+    assert other["status"] == "running" and other["duration_s"] is None and other["project"] == "digits"
+    by_project = json.loads(runner.invoke(app, ["report", "--ledger", str(ledger_target), "--by", "project", "--json"]).stdout)
+    assert {g["group"]: g["emissions_kg"] for g in by_project["groups"]} == {
+        "lightning": pytest.approx(0.6),
+        "digits": pytest.approx(0.2),
+    }
+    by_account = json.loads(runner.invoke(app, ["report", "--ledger", str(ledger_target), "--by", "account", "--json"]).stdout)
+    (account,) = by_account["groups"]
+    assert (account["runs"], account["offset_lb"]) == (2, 1)
+    assert account["pending_kg"] == pytest.approx(0.8 - KG_PER_LB, abs=1e-9)
+    table = runner.invoke(app, ["report", "--ledger", str(ledger_target), "--by", "host"])
+    assert table.exit_code == 0 and "0.8" in table.stdout
+    assert runner.invoke(app, ["report", "--ledger", str(ledger_target), "--by", "moon"]).exit_code != 0
+    if isinstance(ledger_target, str):
+        assert ledger_target.split(":")[2].split("@")[0] not in done.stdout  # the password
+
+
+def test_ledger_copy_keeps_ids_is_idempotent_and_refuses_conflicts(
+    ledger_path: Path, postgres_url: str, tmp_path: Path
+) -> None:
+    first, offset_id = _fill(ledger_path)
+    runner = CliRunner()
+    for _ in range(2):
+        done = runner.invoke(app, ["ledger", "copy", str(ledger_path), postgres_url])
+        assert done.exit_code == 0, done.output
+        assert postgres_url.split(":")[2].split("@")[0] not in done.stdout
+    with Ledger(ledger_path) as source, Ledger(postgres_url) as target:
+        assert source.runs() == target.runs()
+        assert source.offsets() == target.offsets()
+        assert source.history() == target.history()
+        assert target.balance(SANDBOX) == source.balance(SANDBOX)
+        # new records after a copy continue the ids
+        target.record(first, emissions_kg=0.7, energy_kwh=2.0, epoch=1)
+        assert target.balance(SANDBOX).recorded_kg == pytest.approx(0.9)
+    # another ledger with a run under the same id but other figures: refused, nothing copied
+    other = tmp_path / "other.sqlite3"
+    with Ledger(other) as ledger:
+        ledger.start_run(account=SANDBOX, environment="sandbox", run_id=first)
+        ledger.start_run(account=SANDBOX, environment="sandbox", run_id="new-run")
+    done = runner.invoke(app, ["ledger", "copy", str(other), postgres_url])
+    assert done.exit_code == EXIT_LEDGER
+    assert "nothing was copied" in " ".join(done.output.split())
+    with Ledger(postgres_url) as target:
+        assert target.run("new-run") is None
+
+
+def test_an_unsupported_database_url_is_refused_naming_the_fix() -> None:
+    with pytest.raises(LedgerError, match="postgresql://") as info:
+        Ledger("mysql://user:hunter2@db/ledger")
+    assert "hunter2" not in str(info.value)
+
+
+# ------------------------------------------------------------- damaged files
+def test_a_big_damaged_ledger_is_never_modified_by_a_session(
+    ledger_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over 4 MiB, not in WAL mode, damaged only in its epoch records: a session finds the damage
+    on its ledger thread before any write (no switch to WAL, no `running` row), and keeps the
+    run's figures on local disk."""
+    import hashlib
+    import random
+
+    with Ledger(ledger_path) as ledger:
+        run = ledger.start_run(account=SANDBOX, environment="sandbox")
+    raw = sqlite3.connect(ledger_path)
+    raw.execute("PRAGMA journal_mode = DELETE")
+    raw.executemany(
+        "INSERT INTO records (run_id, epoch, emissions_kg, energy_kwh, recorded_utc) VALUES (?, ?, ?, ?, ?)",
+        ((run, e, e * 1e-6, 0.0, "2026-01-01T00:00:00.000000Z") for e in range(70_000)),
+    )
+    raw.commit()
+    raw.close()
+    assert ledger_path.stat().st_size > Ledger.FULL_CHECK_MAX_BYTES
+    data = bytearray(ledger_path.read_bytes())
+    middle = len(data) // 4096 // 2 * 4096
+    data[middle : middle + 3 * 4096] = random.Random(3).randbytes(3 * 4096)
+    ledger_path.write_bytes(bytes(data))
+    before = hashlib.sha256(ledger_path.read_bytes()).hexdigest()
+
+    session = OffsetSession(
+        source=ScriptedEmissions([0.1, 0.2]), offset_ledger=ledger_path, offset_environment="sandbox"
+    )
+    with caplog.at_level(logging.WARNING, logger="carbonoffset"):
+        new_run = session.start()
+        session.record_epoch(0)
+        session.record_epoch(1)
+        report = session.stop()
+        session.close()
+    assert report.emissions_kg == pytest.approx(0.2)
+    assert hashlib.sha256(ledger_path.read_bytes()).hexdigest() == before
+    assert not Path(f"{ledger_path}-wal").exists()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("corrupt" in m and "writes nothing to it" in m for m in messages), messages
+    spooled = [
+        json.loads(line)
+        for path in (tmp_path / "home").rglob("spool/*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert {op["run_id"] for op in spooled} == {new_run}
+    assert max(op.get("emissions_kg", 0.0) for op in spooled) == pytest.approx(0.2)
+    assert spooled[-1] == {"op": "end_run", "run_id": new_run, "status": "finished"}
+
+
+def test_figures_spooled_by_an_ended_process_are_written_by_ledger_replay(ledger_target: Path | str) -> None:
+    from carbonoffset.core.ledger.spool import LedgerWriter
+
+    closed = Ledger(ledger_target)
+    closed.close()  # every write now fails: they go to the spool
+    writer = LedgerWriter(closed)
+    start = {"op": "start_run", "run_id": "r1", "account": SANDBOX, "environment": "sandbox", "nodes": 1}
+    assert not writer.write(start)
+    for kg in (0.1, 0.3, 0.2):  # an older, smaller total arriving late changes nothing
+        assert not writer.write({**start, "op": "record", "emissions_kg": kg, "energy_kwh": kg, "epoch": None})
+    assert not writer.write({"op": "end_run", "run_id": "r1", "status": "finished"})
+    spooled = writer.spool.path
+    writer.close()  # the process "ends": the spool stays on disk
+    assert spooled.exists()
+    runner = CliRunner()
+    for made in ("Wrote 5", "Nothing spooled"):  # a second replay finds nothing: written once
+        done = runner.invoke(app, ["ledger", "replay", "--ledger", str(ledger_target)])
+        assert done.exit_code == 0 and made in done.stdout, done.output
+    with Ledger(ledger_target) as ledger:
+        run = ledger.run("r1")
+        assert run is not None and (run.status, run.emissions_kg) == ("finished", pytest.approx(0.3))
+        assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.3)
