@@ -133,7 +133,7 @@ def as_schema_1() -> Callable[[Path], None]:
             _downgrade_to_2(raw)
             raw.execute("DROP INDEX runs_by_root")
             raw.execute("ALTER TABLE offsets DROP COLUMN last_sent")
-            for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh", "details"):
+            for column in ("resumed_from", "base_emissions_kg", "base_energy_kwh"):
                 raw.execute(f"ALTER TABLE runs DROP COLUMN {column}")
             raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
         raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")

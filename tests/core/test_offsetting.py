@@ -25,6 +25,7 @@ from carbonoffset.core.client import METADATA_ID_KEY, OffsetClient
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.errors import OffsetServiceError
 from carbonoffset.core.ledger import Balance, Ledger
+from carbonoffset.core.ledger.urls import mask_password
 from carbonoffset.core.offsetter import Offsetter
 from carbonoffset.core.session import OffsetSession, RunReport
 from carbonoffset.core.sources import CodeCarbonSource, Measurement
@@ -483,7 +484,7 @@ def test_the_end_line_says_what_was_recorded_bought_and_left_pending(
         f"bought 2 lb ({2 * KG_PER_LB:.3g} kg) this run; {pending:.3g} kg pending below the 0.5 kg threshold"
         in line
     )
-    assert f"ledger {settings['offset_ledger']}" in line
+    assert f"ledger {mask_password(str(settings['offset_ledger']))}" in line  # never the password
 
     report, line = end_line()  # 0.293 + 1.2 kg pending now: 3 lb
     assert report.confirmed_lb == 3

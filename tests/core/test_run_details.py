@@ -91,16 +91,14 @@ def test_a_resumed_run_merges_its_segments_details_latest_last(tmp_path: Path) -
         assert ledger.run(run_id).details == {"cpu_model": "second", "country_iso_code": "FRA"}  # type: ignore[union-attr]
 
 
-def test_a_version_2_ledger_gets_the_details_column_keeping_its_runs(tmp_path: Path) -> None:
+def test_a_version_2_ledger_gets_the_details_column_keeping_its_runs(
+    tmp_path: Path, as_schema_2: Callable[[Path], None]
+) -> None:
     path = tmp_path / "v2.sqlite3"
     with Ledger(path) as ledger:
         run_id = ledger.start_run(account="sandbox:a", environment="sandbox")
         ledger.record(run_id, emissions_kg=0.25, energy_kwh=1.0, epoch=0)
-    raw = sqlite3.connect(path)
-    with raw:
-        raw.execute("ALTER TABLE runs DROP COLUMN details")
-        raw.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    raw.close()
+    as_schema_2(path)
     with Ledger(path) as ledger:
         assert ledger.run(run_id).emissions_kg == pytest.approx(0.25)  # type: ignore[union-attr]
         assert ledger.run(run_id).details == {}  # type: ignore[union-attr]

@@ -47,7 +47,7 @@ def test_run_details_merge_and_fold_into_the_run(ledger_target: Path | str) -> N
         assert whole.details["model"] == "digits-v2" and whole.details["source"] == "carbonoffset"
         with pytest.raises(KeyError):
             ledger.set_run_details("nope", {"a": 1})
-        with pytest.raises(TypeError):
+        with pytest.raises(ValueError, match="JSON"):
             ledger.set_run_details(run, {"a": object()})
 
 

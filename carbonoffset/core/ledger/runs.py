@@ -166,9 +166,12 @@ class RunsMixin(Store):
 
         Raises:
             KeyError: unknown ``run_id``.
-            TypeError: a value that JSON cannot hold.
+            ValueError: a value that JSON cannot hold (nothing is written).
         """
-        json.dumps(dict(details))  # refuse what cannot be stored before opening a transaction
+        try:  # refuse what cannot be stored before opening a transaction
+            json.dumps(dict(details))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"run details must be JSON values: {exc}") from None
         with self._transaction(write=True) as conn:
             row = conn.execute(
                 sa.select(runs_t.c.details).where(runs_t.c.run_id == run_id).with_for_update()
