@@ -30,13 +30,38 @@ class Measurement:
     Attributes:
         emissions_kg: emissions since the run started, kg CO2eq (>= 0).
         energy_kwh: energy since the run started, kWh (>= 0).
+        estimated_kg: the part of ``emissions_kg`` that is an estimate rather
+            than CodeCarbon's measurement, kg CO2eq (0 <= ``estimated_kg`` <=
+            ``emissions_kg``): time no tracker measured yet, see
+            :class:`~carbonoffset.core.meter.MeterSource` and
+            :attr:`CodeCarbonSource.late_start_estimate`.
+        estimated_kwh: the estimated part of ``energy_kwh``, kWh.
     """
 
     emissions_kg: float = 0.0
     energy_kwh: float = 0.0
+    estimated_kg: float = 0.0
+    estimated_kwh: float = 0.0
 
     def __add__(self, other: Measurement) -> Measurement:
-        return Measurement(self.emissions_kg + other.emissions_kg, self.energy_kwh + other.energy_kwh)
+        return Measurement(
+            self.emissions_kg + other.emissions_kg,
+            self.energy_kwh + other.energy_kwh,
+            self.estimated_kg + other.estimated_kg,
+            self.estimated_kwh + other.estimated_kwh,
+        )
+
+    @property
+    def measured(self) -> Measurement:
+        """The measured part only (the estimated part left out), with no estimate in it."""
+        return Measurement(
+            max(0.0, self.emissions_kg - self.estimated_kg), max(0.0, self.energy_kwh - self.estimated_kwh)
+        )
+
+    @staticmethod
+    def estimate(emissions_kg: float, energy_kwh: float) -> Measurement:
+        """Figures that are estimated in full."""
+        return Measurement(emissions_kg, energy_kwh, emissions_kg, energy_kwh)
 
 
 @runtime_checkable
@@ -469,11 +494,21 @@ class CodeCarbonSource:
         self._gap: Measurement | None = None  # estimate for the late start, once known
         self._cached: Measurement | None = None
         self._read_flushes = False  # read() may flush itself until the first refresh
+        self._flush_failed = False  # warned about a failing flush() in this run
 
     def _build(self) -> Any:
         from codecarbon import EmissionsTracker, OfflineEmissionsTracker
 
-        kwargs: dict[str, Any] = {"output_methods": [], "log_level": "error", **self.tracker_kwargs}
+        # allow_multiple_runs: CodeCarbon's lock file (its ``allow_multiple_runs = false`` setting) would
+        # refuse a run while another CodeCarbon runs or after a killed one left the file, and replaces
+        # the process's SIGINT/SIGTERM handlers; carbonoffset's trackers never take it (an argument
+        # given here still wins)
+        kwargs: dict[str, Any] = {
+            "output_methods": [],
+            "log_level": "error",
+            "allow_multiple_runs": True,
+            **self.tracker_kwargs,
+        }
         kwargs["output_handlers"] = [self._handler, *kwargs.get("output_handlers", [])]
         _quiet_codecarbon(kwargs)
         if self.country_iso_code:
@@ -498,6 +533,7 @@ class CodeCarbonSource:
             self._handler = _TotalsHandler()
             self._gap = None
             self._cached = None
+            self._flush_failed = False
             self.late_start_s = 0.0
             self._halt = threading.Event()
             self._started = threading.Event()
@@ -553,7 +589,19 @@ class CodeCarbonSource:
 
     def _flush_locked(self) -> None:
         if self.tracker is not None and self._started.is_set():
-            self.tracker.flush()
+            try:
+                self.tracker.flush()
+            except Exception as exc:  # noqa: BLE001 -- a failed reading must not end the refreshes
+                if not self._flush_failed:
+                    self._flush_failed = True
+                    logger.warning(
+                        "CodeCarbon's reading failed (%s: %s); carbonoffset retries every %g s and "
+                        "estimates the time its figures do not cover",
+                        type(exc).__name__,
+                        exc,
+                        self.refresh_s,
+                    )
+                return
             self._update_locked(final=False)
 
     @staticmethod
@@ -566,7 +614,7 @@ class CodeCarbonSource:
             power_w = last.energy_kwh * 3.6e6 / handler.duration_s
         energy_kwh = power_w * gap_s / 3.6e6
         intensity = last.emissions_kg / last.energy_kwh if last.energy_kwh > 0 else 0.0
-        return Measurement(energy_kwh * intensity, energy_kwh)
+        return Measurement.estimate(energy_kwh * intensity, energy_kwh)
 
     @property
     def late_start_estimate(self) -> Measurement:
@@ -578,6 +626,11 @@ class CodeCarbonSource:
         """Seconds between the run's start and the moment the tracker began measuring."""
         began = handler.at - handler.duration_s  # from the duration CodeCarbon reports
         return max(0.0, began - self._t0)
+
+    @property
+    def power_w(self) -> float:
+        """The power CodeCarbon reported last (CPU + GPU + RAM, W); 0 until its first figures."""
+        return self._handler.power_w
 
     def coverage(self) -> tuple[float, float] | None:
         """What the figures :meth:`read` returns cover: ``(measured_at, unmeasured_s)``, with
