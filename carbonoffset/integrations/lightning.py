@@ -69,6 +69,14 @@ def _collective(trainer: Any) -> Collective | None:
     return Collective(world_size=int(trainer.world_size), sum=sum_across, broadcast=broadcast)
 
 
+def _interrupted(exception: BaseException) -> bool:
+    """Ctrl-C (``KeyboardInterrupt``) or a SIGTERM (Lightning's ``SIGTERMException``, raised by its
+    loops after its signal handler, in both Lightning packages): the run was stopped, not failed."""
+    return isinstance(exception, KeyboardInterrupt) or any(
+        cls.__name__ == "SIGTERMException" for cls in type(exception).__mro__
+    )
+
+
 class _CarbonOffsetLogic(CallbackViews):
     """Measure each fit with CodeCarbon, log ``carbon/*`` metrics, offset through 1ClickImpact.
 
@@ -108,7 +116,7 @@ class _CarbonOffsetLogic(CallbackViews):
       :attr:`final_report`.
     * ``on_exception`` (``KeyboardInterrupt`` included): stop the tracker,
       keep everything measured in the ledger (status ``"interrupted"`` for
-      ``KeyboardInterrupt``, ``"failed"`` otherwise), no final offset: what
+      ``KeyboardInterrupt`` and for a SIGTERM, ``"failed"`` otherwise), no final offset: what
       was measured stays pending for a later run or ``carbonoffset offset``.
 
     Args:
@@ -276,7 +284,7 @@ class _CarbonOffsetLogic(CallbackViews):
         """Stop the tracker and keep what was measured (no final offset); nothing is left running."""
         self._deferred_ranks = None
         self._final_logged = True
-        self._core.abort("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed")
+        self._core.abort("interrupted" if _interrupted(exception) else "failed")
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
