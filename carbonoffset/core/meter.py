@@ -504,7 +504,7 @@ class MeterSource:
                 return self._cached
             self._stopping = True
             answered = self._answered
-        if meter is not None and meter.send({"op": "stop"}):
+        if meter is not None and meter.send({"op": "stop", "sent": time.monotonic()}):
             answered.wait(STOP_WAIT_S)
         with self._lock:
             if self._meter is not None and self._final is not None:
@@ -538,13 +538,13 @@ def _tracking_mode(tracker_kwargs: dict[str, Any]) -> str:
 def _remember(source: CodeCarbonSource, country_iso_code: str | None, kwargs: dict[str, Any]) -> None:
     """Keep the power CodeCarbon measured last and the run's intensity for the next runs'
     estimates (:func:`estimates.remember`)."""
-    measured = source.read().measured  # the final figures (cached by stop())
-    if source.coverage() is None or measured.energy_kwh <= 0 or source.power_w <= 0:
+    final = source.read()  # the final figures (cached by stop()); their intensity is CodeCarbon's
+    if source.coverage() is None or final.energy_kwh <= 0 or source.power_w <= 0:
         return
     estimates.remember(
         estimates.settings_key(country_iso_code, kwargs),
         power_w=source.power_w,
-        kg_per_kwh=measured.emissions_kg / measured.energy_kwh,
+        kg_per_kwh=final.emissions_kg / final.energy_kwh,
     )
 
 
@@ -589,7 +589,8 @@ def _serve(inbox: queue.Queue[str | None], send: Any) -> None:
             source.start(started_ago_s=max(0.0, time.monotonic() - sent))
             next_at = time.monotonic() + min(source.refresh_s, 0.2)  # a first reading soon
         elif op == "stop":
-            send("stopped", source)  # stops it: the exact final figures
+            # stops it: the exact final figures (of the run up to when the stop was sent)
+            send("stopped", source, ended=float(message.get("sent", time.monotonic())))
             if source is not None:
                 _remember(source, message_country, kwargs)
             source = None
@@ -613,9 +614,11 @@ def main(argv: list[str]) -> int:
     send_lock = threading.Lock()
 
     def send(event: str, source: CodeCarbonSource | None, **extra: Any) -> None:
+        ended = float(extra.pop("ended", time.monotonic()))
         message: dict[str, Any] = {"event": event, **extra}
         if source is not None:
-            figures = source.read() if event == "totals" else source.stop()
+            ended_ago_s = max(0.0, time.monotonic() - ended)
+            figures = source.read() if event == "totals" else source.stop(ended_ago_s=ended_ago_s)
             coverage = source.coverage()
             if coverage is None:  # nothing measured: a zero would claim the run so far was covered
                 if event == "stopped":

@@ -675,19 +675,32 @@ class CodeCarbonSource:
                 self._flush_locked()
             return self._cached if self._cached is not None else Measurement()
 
-    def stop(self) -> Measurement:
-        """Stop the tracker (waiting for a start still in progress) and return the exact final figures."""
+    def stop(self, *, ended_ago_s: float = 0.0) -> Measurement:
+        """Stop the tracker (waiting for a start still in progress) and return the exact final figures.
+
+        Args:
+            ended_ago_s: seconds (>= 0) since the run really ended, when it ended before this call
+                (a measuring process told late). If the tracker only began after that end (a run
+                shorter than its late start), nothing of the run was measured: the whole run is
+                estimated (at the power of the tracker's reading) instead of counting the time the
+                tracker measured after the run.
+        """
         with self._lock:
             thread, self._thread = self._thread, None
             self._halt.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         with self._lock:
-            return self._stop_locked()
+            return self._stop_locked(time.perf_counter() - max(0.0, float(ended_ago_s)))
 
-    def _stop_locked(self) -> Measurement:
+    def _stop_locked(self, ended: float | None = None) -> Measurement:
         tracker, self.tracker = self.tracker, None
         if tracker is not None and self._started.is_set():
             tracker.stop()
             self._update_locked(final=True)
+            handler = self._handler
+            if ended is not None and handler.count and handler.at - handler.duration_s >= ended > self._t0:
+                self._gap = self._estimate_gap(handler, ended - self._t0)
+                self.late_start_s = ended - self._t0
+                self._cached = self._gap  # the tracker measured only time after the run
         return self._cached if self._cached is not None else Measurement()
