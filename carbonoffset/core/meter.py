@@ -536,14 +536,15 @@ def _tracking_mode(tracker_kwargs: dict[str, Any]) -> str:
 
 
 def _remember(source: CodeCarbonSource, country_iso_code: str | None, kwargs: dict[str, Any]) -> None:
-    """Keep the power CodeCarbon measured last and the run's intensity for the next runs'
-    estimates (:func:`estimates.remember`)."""
+    """Keep the average power CodeCarbon measured in the run and its intensity for the next runs'
+    estimates (:func:`estimates.remember`), when it measured at least
+    :attr:`CodeCarbonSource.GAP_POWER_MIN_S` (a shorter run's power is a single reading)."""
     final = source.read()  # the final figures (cached by stop()); their intensity is CodeCarbon's
-    if source.coverage() is None or final.energy_kwh <= 0 or source.power_w <= 0:
+    if source.coverage() is None or final.energy_kwh <= 0 or source.measured_s < source.GAP_POWER_MIN_S:
         return
     estimates.remember(
         estimates.settings_key(country_iso_code, kwargs),
-        power_w=source.power_w,
+        power_w=source.average_power_w,
         kg_per_kwh=final.emissions_kg / final.energy_kwh,
     )
 

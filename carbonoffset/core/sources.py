@@ -632,6 +632,17 @@ class CodeCarbonSource:
         """The power CodeCarbon reported last (CPU + GPU + RAM, W); 0 until its first figures."""
         return self._handler.power_w
 
+    @property
+    def measured_s(self) -> float:
+        """Seconds the tracker has measured (CodeCarbon's ``duration``); 0 until its first figures."""
+        return self._handler.duration_s
+
+    @property
+    def average_power_w(self) -> float:
+        """CodeCarbon's energy over the time it measured, as a power (W); 0 until its first figures."""
+        handler = self._handler
+        return handler.last.energy_kwh * 3.6e6 / handler.duration_s if handler.duration_s > 0 else 0.0
+
     def coverage(self) -> tuple[float, float] | None:
         """What the figures :meth:`read` returns cover: ``(measured_at, unmeasured_s)``, with
         ``measured_at`` the ``time.perf_counter()`` at which CodeCarbon measured them and

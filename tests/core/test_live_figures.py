@@ -135,7 +135,9 @@ def _script(body: str, tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("framework", ["lightning", "keras", "huggingface"])
-def test_a_three_epoch_digits_fit_logs_true_figures_from_the_first_epoch(framework: str, tmp_path: Path) -> None:
+def test_a_three_epoch_digits_fit_logs_true_figures_from_the_first_epoch(
+    framework: str, tmp_path: Path
+) -> None:
     body = {"lightning": _LIGHTNING, "keras": _KERAS, "huggingface": _HUGGINGFACE}[framework]
     (out,) = run_script(_script(body, tmp_path), env=_fresh_env(tmp_path))
     epochs_kg, estimated_kg = out["epochs_kg"], out["estimated_kg"]
@@ -144,7 +146,10 @@ def test_a_three_epoch_digits_fit_logs_true_figures_from_the_first_epoch(framewo
     assert all(kg > 0 for kg in epochs_kg), epochs_kg
     assert epochs_kg == sorted(epochs_kg), epochs_kg
     # the estimate is labelled: a part of the figure, never more than it
-    assert all(0 <= est <= kg for est, kg in zip(estimated_kg, epochs_kg, strict=True)), (estimated_kg, epochs_kg)
+    assert all(0 <= est <= kg for est, kg in zip(estimated_kg, epochs_kg, strict=True)), (
+        estimated_kg,
+        epochs_kg,
+    )
     assert out["final_kg"] > 0
     assert out["codecarbon_imported"] is False  # CodeCarbon ran in the measuring process only
 
@@ -198,7 +203,15 @@ def _interrupt_after_second_epoch(tmp_path: Path, signum: int) -> tuple[int, str
 
 def _report(tmp_path: Path) -> Any:
     done = subprocess.run(
-        [sys.executable, "-m", "carbonoffset.cli", "report", "--json", "--ledger", str(tmp_path / "ledger.sqlite3")],
+        [
+            sys.executable,
+            "-m",
+            "carbonoffset.cli",
+            "report",
+            "--json",
+            "--ledger",
+            str(tmp_path / "ledger.sqlite3"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -182,7 +182,9 @@ def _locked_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_a_stale_codecarbon_lock_never_gives_a_measured_zero(tmp_path: Path) -> None:
-    script = f"LEDGER = {str(tmp_path / 'a.sqlite3')!r}\nLEDGER2 = {str(tmp_path / 'b.sqlite3')!r}\n" + _LOCKED
+    script = (
+        f"LEDGER = {str(tmp_path / 'a.sqlite3')!r}\nLEDGER2 = {str(tmp_path / 'b.sqlite3')!r}\n" + _LOCKED
+    )
     (out,) = run_script(script, env=_locked_env(tmp_path))
     # carbonoffset's own trackers (measuring process, in process) do not take CodeCarbon's lock
     assert 0 < out["epoch_kg"] <= out["final_kg"]

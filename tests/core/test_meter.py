@@ -300,3 +300,33 @@ def test_messages_from_an_earlier_run_are_ignored() -> None:
     source._on_message(run, {"event": "totals", "emissions_kg": 1.0, "energy_kwh": 1.0, "at": time.time()})  # noqa: SLF001
     assert source.read().emissions_kg < 1.0
     source.stop()
+
+
+def test_the_power_a_run_measured_is_remembered_for_the_first_seconds_of_the_next() -> None:
+    from carbonoffset.core import estimates
+
+    before = estimates.prior("FRA", {})
+    assert before.origin == "default"  # a machine (home) where carbonoffset never ran
+    assert before.kg_per_kwh == pytest.approx(0.056039)  # CodeCarbon's figure for France
+    assert before.power_w == estimates.DEFAULT_W_PER_THREAD * (os.cpu_count() or 1) + estimates._ram_w(  # noqa: SLF001
+        estimates._memory_gb()  # noqa: SLF001
+    )
+    source = MeterSource("FRA", refresh_s=0.2)
+    source.start()
+    _first_reading(source)
+    _busy(2.5)
+    final = source.stop()
+    key = estimates.settings_key("FRA", {})
+    deadline = time.monotonic() + 20
+    while estimates.remembered(key) is None:  # written by the meter once it answered stop()
+        assert time.monotonic() < deadline, "nothing remembered"
+        time.sleep(0.05)
+    remembered = estimates.prior("FRA", {})
+    assert remembered.origin == "remembered"
+    assert remembered.kg_per_kwh == pytest.approx(final.emissions_kg / final.energy_kwh, rel=0.01)
+    assert 1 < remembered.power_w < 1000
+    # the next run's first moments are estimated at it
+    source.start()
+    first = source.read()  # before the meter's first reading of this run
+    assert first.measured == Measurement() and first.estimated_kwh > 0
+    source.stop()
