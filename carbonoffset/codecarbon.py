@@ -19,12 +19,14 @@ loaded on first access).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import math
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, overload
 
 import codecarbon as _cc
@@ -401,6 +403,24 @@ class OneClickImpactOutput(BaseOutput):
 
 
 # ------------------------------------------------------------------------ trackers
+@contextlib.contextmanager
+def _keeping_signal_handlers() -> Iterator[None]:
+    """Keep the process's SIGINT/SIGTERM handlers: with ``allow_multiple_runs = false`` CodeCarbon's
+    lock replaces them (on the main thread) with one that raises ``SystemExit(1)``, so the user's
+    handler never ran and Ctrl-C stopped raising ``KeyboardInterrupt``. CodeCarbon still removes its
+    lock file at ``stop()`` and at exit (``atexit``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None and signal.getsignal(signum) is not handler:
+                signal.signal(signum, handler)
+
+
 def _explicit_settings(values: dict[str, Any]) -> dict[str, Any]:
     return {name: values[name] for name in OFFSET_ARGUMENTS if values.get(name) is not None}
 
@@ -462,8 +482,28 @@ class _OffsetMixin:
         if handler is not None:
             handler.finish()  # a no-op when CodeCarbon already called exit()
 
+    def _refused_by_lock(self) -> bool:
+        """CodeCarbon refused this tracker (``allow_multiple_runs = false`` and its lock file exists:
+        another CodeCarbon run, or one killed before it removed the file). Warned once, naming the file."""
+        if not getattr(self, "_another_instance_already_running", False):
+            return False
+        lock = getattr(getattr(self, "_lock", None), "lockfile_path", None) or "CodeCarbon's lock file"
+        logger.warning(
+            "CodeCarbon refused to start: lock file %s exists (allow_multiple_runs = false; another "
+            "CodeCarbon run holds it, or a killed one left it). This run is not measured; it is recorded as "
+            "'unmeasured', never as zero. Delete the file if no other CodeCarbon run is going on, or set "
+            "allow_multiple_runs = true",
+            lock,
+        )
+        return True
+
     # The tracker's own start() and stop() (next in the MRO), with the offset run around them.
     def start(self) -> None:
+        if self.offset_handler is not None and self._refused_by_lock():
+            self._begin_offset_run()
+            self.offset_handler.session.stop(final_offset=False, status="unmeasured")
+            super().start()  # type: ignore[misc]  # CodeCarbon's own refusal (it measures nothing)
+            return
         self._begin_offset_run()
         super().start()  # type: ignore[misc]
 
@@ -546,7 +586,8 @@ class EmissionsTracker(_OffsetMixin, _cc.EmissionsTracker):
     ) -> None:
         settings = {name: value for name, value in locals().items() if name in OFFSET_ARGUMENTS}
         kwargs = self._setup_offsetting(args, kwargs, settings)
-        super().__init__(**kwargs)
+        with _keeping_signal_handlers():
+            super().__init__(**kwargs)
         self._name_offset_runs()
 
 
@@ -584,7 +625,8 @@ class OfflineEmissionsTracker(_OffsetMixin, _cc.OfflineEmissionsTracker):
     ) -> None:
         settings = {name: value for name, value in locals().items() if name in OFFSET_ARGUMENTS}
         kwargs = self._setup_offsetting(args, kwargs, settings)
-        super().__init__(**kwargs)
+        with _keeping_signal_handlers():
+            super().__init__(**kwargs)
         self._name_offset_runs()
 
 

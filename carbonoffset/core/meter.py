@@ -33,14 +33,23 @@ import weakref
 from pathlib import Path
 from typing import IO, Any
 
+from carbonoffset.core import estimates
 from carbonoffset.core.config import read_codecarbon_section
 from carbonoffset.core.errors import ConfigurationError
+from carbonoffset.core.estimates import PowerEstimate
 from carbonoffset.core.sources import CodeCarbonSource, Measurement
 
 logger = logging.getLogger(__name__)
 
 #: Longest :meth:`MeterSource.stop` waits for the measuring process's final figures, s.
 STOP_WAIT_S = 30.0
+
+#: What unmeasured time is estimated at for the few milliseconds before :func:`estimates.prior` is known.
+_FIRST_GUESS = PowerEstimate(
+    estimates.DEFAULT_W_PER_THREAD * (os.cpu_count() or 1) + 2 * estimates.RAM_W_PER_DIMM,
+    estimates.WORLD_KG_PER_KWH,
+    "default",
+)
 
 
 class _Meter:
@@ -66,6 +75,10 @@ class _Meter:
             text=True,
             encoding="utf-8",
             bufsize=1,
+            # its own session (POSIX): Ctrl-C in a terminal or a notebook, and a SIGINT/SIGTERM sent to
+            # the process group (Jupyter, SLURM), reach the training process only; the meter still
+            # ends when the training process does (end of its input)
+            start_new_session=os.name == "posix",
         )
         self._send_lock = threading.Lock()
         self.thread = threading.Thread(target=self._read, name="carbonoffset-meter", daemon=True)
@@ -264,10 +277,20 @@ class MeterSource:
     Same figures as :class:`~carbonoffset.core.sources.CodeCarbonSource` (which
     runs in that process, a new tracker for every ``start()``), without its cost
     in the training process: no CodeCarbon import, no hardware detection, no
-    flushes there; ``read()`` returns the last figures the meter sent (at most
-    ``refresh_s`` seconds old plus a line of JSON; zeros until its tracker
-    runs). ``start()`` only sends a message (a few ms when it must start the
-    process); ``stop()`` waits for the exact final figures.
+    flushes there. ``start()`` only sends a message (a few ms when it must
+    start the process); ``stop()`` waits for the exact final figures.
+
+    ``read()`` (microseconds) returns the figures the meter sent last, plus
+    an estimate of the time they do not cover yet: the run's first seconds,
+    before the meter's first reading (1-5 s into a run, more on a busy
+    machine), and the seconds since its last reading. That time is estimated
+    at the power CodeCarbon measured last in this run, and before its first
+    reading at the power last measured on this machine with these settings,
+    or CodeCarbon's defaults for it (:mod:`carbonoffset.core.estimates`). So
+    the figures are above zero from the run's first moment and never go
+    down; the estimated part is :attr:`Measurement.estimated_kg` (it also
+    includes CodeCarbon's late-start estimate, see :attr:`late_start_s`).
+    ``stop()`` returns CodeCarbon's own final figures.
 
     Args:
         country_iso_code: ISO 3166-1 alpha-3 code; when given, CodeCarbon's
@@ -323,6 +346,11 @@ class MeterSource:
         self._covered_to = 0.0  # perf_counter(): the meter's figures cover the run up to here
         self._t0 = 0.0
         self._run = 0  # messages from an earlier run are ignored
+        # (figures, covered up to, CodeCarbon's power W): what read() extrapolates, replaced at once
+        self._snapshot: tuple[Measurement, float, float] = (Measurement(), 0.0, 0.0)
+        self._prior: PowerEstimate | None = None
+        self._returned = Measurement()  # read() never returns less than it returned before
+        self._read_lock = threading.Lock()
         self._stopping = False
         self._final: Measurement | None = None
         self._answered = threading.Event()
@@ -341,12 +369,17 @@ class MeterSource:
         with self._lock:
             self._run += 1
             self._t0 = self._covered_to = time.perf_counter()
-            self._cached = self._base = self.late_start_estimate = Measurement()
+            self._cached = self._base = self.late_start_estimate = self._returned = Measurement()
+            self._snapshot = (Measurement(), self._t0, 0.0)
             self.late_start_s = 0.0
             self._fallback = None
             self._stopping = False
             self._final = None
             self._answered = threading.Event()
+            self._prior = None
+            threading.Thread(
+                target=self._find_prior, args=(self._run,), name="carbonoffset-estimate", daemon=True
+            ).start()
             reason = _in_process_reason(self.tracker_kwargs)
             if reason is not None:
                 self._fall_back_locked(reason, quiet=True)
@@ -371,6 +404,12 @@ class MeterSource:
             if not sent:
                 self._fall_back_locked("the measuring process ended")
 
+    def _find_prior(self, run: int) -> None:
+        """On a short-lived thread (a file read, a few ms the first time in a process)."""
+        found = estimates.prior(self.country_iso_code, self.tracker_kwargs)
+        if run == self._run:
+            self._prior = found
+
     def _on_message(self, run: int, message: dict[str, Any]) -> None:
         """On the meter's reader thread."""
         event = message.get("event")
@@ -379,7 +418,11 @@ class MeterSource:
                 return
             if event in ("totals", "stopped"):
                 figures = Measurement(
-                    float(message["emissions_kg"]), float(message["energy_kwh"]), message.get("details") or {}
+                    float(message["emissions_kg"]),
+                    float(message["energy_kwh"]),
+                    float(message.get("late_start_kg", 0.0)),
+                    float(message.get("late_start_kwh", 0.0)),
+                    details=message.get("details") or {},
                 )
                 self._cached = figures
                 # the figures cover the run up to when CodeCarbon measured them, except a late
@@ -389,9 +432,10 @@ class MeterSource:
                     self._t0, time.perf_counter() - age_s - float(message.get("unmeasured_s", 0.0))
                 )
                 self.late_start_s = float(message.get("late_start_s", 0.0))
-                self.late_start_estimate = Measurement(
+                self.late_start_estimate = Measurement.estimate(
                     float(message.get("late_start_kg", 0.0)), float(message.get("late_start_kwh", 0.0))
                 )
+                self._snapshot = (figures, self._covered_to, float(message.get("power_w", 0.0)))
                 if event == "stopped":
                     self._final = figures
                     self._answered.set()
@@ -419,11 +463,36 @@ class MeterSource:
         self._fallback = fallback
 
     def read(self) -> Measurement:
-        """Cumulative figures since :meth:`start`: the meter's last reading (zeros until its first)."""
+        """Cumulative figures since :meth:`start`: the meter's last reading plus the estimate of the
+        time it does not cover (see the class notes); > 0 once any time passed, never decreasing."""
         fallback = self._fallback
         if fallback is not None:
-            return self._base + fallback.read()
-        return self._cached
+            figures = self._base + fallback.read()
+            coverage = fallback.coverage()
+            covered_to = self._covered_to if coverage is None else coverage[0] - coverage[1]
+            power_w = fallback.power_w
+        else:
+            figures, covered_to, power_w = self._snapshot
+        return self._live(figures, covered_to, power_w)
+
+    def _live(self, figures: Measurement, covered_to: float, power_w: float) -> Measurement:
+        prior = self._prior or _FIRST_GUESS
+        measured = figures.measured
+        kg_per_kwh = (
+            measured.emissions_kg / measured.energy_kwh if measured.energy_kwh > 0 else prior.kg_per_kwh
+        )
+        gap_kwh = (
+            (power_w if power_w > 0 else prior.power_w) * max(0.0, time.perf_counter() - covered_to) / 3.6e6
+        )
+        live = figures + Measurement.estimate(gap_kwh * kg_per_kwh, gap_kwh)
+        with self._read_lock:
+            last = self._returned
+            if live.emissions_kg < last.emissions_kg or live.energy_kwh < last.energy_kwh:
+                # the first reading came in below the estimate made before it: hold the figure
+                kg, kwh = max(live.emissions_kg, last.emissions_kg), max(live.energy_kwh, last.energy_kwh)
+                live = Measurement(kg, kwh, kg - measured.emissions_kg, kwh - measured.energy_kwh)
+            self._returned = live
+        return live
 
     def stop(self) -> Measurement:
         """Stop the run and return its exact final figures (see the class notes for failures)."""
@@ -437,7 +506,7 @@ class MeterSource:
                 return self._cached
             self._stopping = True
             answered = self._answered
-        if meter is not None and meter.send({"op": "stop"}):
+        if meter is not None and meter.send({"op": "stop", "sent": time.monotonic()}):
             answered.wait(STOP_WAIT_S)
         with self._lock:
             if self._meter is not None and self._final is not None:
@@ -468,9 +537,25 @@ def _tracking_mode(tracker_kwargs: dict[str, Any]) -> str:
     return str(mode)
 
 
+def _remember(source: CodeCarbonSource, country_iso_code: str | None, kwargs: dict[str, Any]) -> None:
+    """Keep the average power CodeCarbon measured in the run and its intensity for the next runs'
+    estimates (:func:`estimates.remember`), when it measured at least
+    :attr:`CodeCarbonSource.GAP_POWER_MIN_S` (a shorter run's power is a single reading)."""
+    final = source.read()  # the final figures (cached by stop()); their intensity is CodeCarbon's
+    if source.coverage() is None or final.energy_kwh <= 0 or source.measured_s < source.GAP_POWER_MIN_S:
+        return
+    estimates.remember(
+        estimates.settings_key(country_iso_code, kwargs),
+        power_w=source.average_power_w,
+        kg_per_kwh=final.emissions_kg / final.energy_kwh,
+    )
+
+
 def _serve(inbox: queue.Queue[str | None], send: Any) -> None:
     """Run trackers as the parent asks until its input ends."""
     source: CodeCarbonSource | None = None
+    message_country: str | None = None
+    kwargs: dict[str, Any] = {}
     next_at = float("inf")
     while True:
         try:
@@ -499,14 +584,18 @@ def _serve(inbox: queue.Queue[str | None], send: Any) -> None:
             if _tracking_mode(kwargs) == "process":
                 send("refused", None, reason="tracking_mode 'process' would measure the measuring process")
                 continue
+            message_country = message.get("country_iso_code")
             source = CodeCarbonSource(
-                message.get("country_iso_code"), refresh_s=float(message.get("refresh_s", 1.0)), **kwargs
+                message_country, refresh_s=float(message.get("refresh_s", 1.0)), **kwargs
             )
             sent = float(message.get("sent", time.monotonic()))  # the parent's clock: system-wide
             source.start(started_ago_s=max(0.0, time.monotonic() - sent))
             next_at = time.monotonic() + min(source.refresh_s, 0.2)  # a first reading soon
         elif op == "stop":
-            send("stopped", source)  # stops it: the exact final figures
+            # stops it: the exact final figures (of the run up to when the stop was sent)
+            send("stopped", source, ended=float(message.get("sent", time.monotonic())))
+            if source is not None:
+                _remember(source, message_country, kwargs)
             source = None
 
 
@@ -526,12 +615,17 @@ def main(argv: list[str]) -> int:
     # tracker at the very end of the run, its energy all estimated. CodeCarbon's CPU-model
     # detection (1-2 s, once per machine) still runs at a lower priority (sources._lower_priority).
     logging.basicConfig(level=logging.WARNING, format="carbonoffset meter: %(levelname)s %(message)s")
+    # Ctrl-C is the training process's: it stops the run, which sends the final figures (the meter
+    # has its own session on POSIX; this covers the rest)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     send_lock = threading.Lock()
 
     def send(event: str, source: CodeCarbonSource | None, **extra: Any) -> None:
+        ended = float(extra.pop("ended", time.monotonic()))
         message: dict[str, Any] = {"event": event, **extra}
         if source is not None:
-            figures = source.read() if event == "totals" else source.stop()
+            ended_ago_s = max(0.0, time.monotonic() - ended)
+            figures = source.read() if event == "totals" else source.stop(ended_ago_s=ended_ago_s)
             coverage = source.coverage()
             if coverage is None:  # nothing measured: a zero would claim the run so far was covered
                 if event == "stopped":
@@ -546,6 +640,7 @@ def main(argv: list[str]) -> int:
                 late_start_s=source.late_start_s,
                 late_start_kg=source.late_start_estimate.emissions_kg,
                 late_start_kwh=source.late_start_estimate.energy_kwh,
+                power_w=source.power_w,
             )
             if event == "stopped":
                 message["details"] = dict(figures.details)  # hardware, location (Measurement.details)

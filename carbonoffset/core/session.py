@@ -53,6 +53,10 @@ class EpochReport:
         pending_kg: the account's emissions not yet offset, kg CO2eq (all runs).
         credit_kg: the account's unused overshoot of rounded-up offsets, kg.
         over_budget: ``emissions_kg`` passed ``max_emissions_kg``.
+        estimated_kg: the part of ``emissions_kg`` that is estimated, not yet
+            measured by CodeCarbon, kg CO2eq (see
+            :attr:`~carbonoffset.core.sources.Measurement.estimated_kg`); 0 in
+            the final figures unless CodeCarbon itself started late.
     """
 
     epoch: int | None
@@ -62,15 +66,18 @@ class EpochReport:
     pending_kg: float
     credit_kg: float = 0.0
     over_budget: bool = False
+    estimated_kg: float = 0.0
 
     def metrics(self) -> dict[str, float]:
-        """The four logged metrics: ``carbon/energy_kwh``, ``carbon/emissions_kg``,
-        ``carbon/offset_kg``, ``carbon/pending_kg``."""
+        """The logged metrics: ``carbon/energy_kwh``, ``carbon/emissions_kg``,
+        ``carbon/offset_kg``, ``carbon/pending_kg`` and ``carbon/estimated_kg``
+        (the estimated part of ``carbon/emissions_kg``)."""
         return {
             f"{METRIC_PREFIX}energy_kwh": self.energy_kwh,
             f"{METRIC_PREFIX}emissions_kg": self.emissions_kg,
             f"{METRIC_PREFIX}offset_kg": self.offset_kg,
             f"{METRIC_PREFIX}pending_kg": self.pending_kg,
+            f"{METRIC_PREFIX}estimated_kg": self.estimated_kg,
         }
 
 
@@ -94,6 +101,8 @@ class RunReport:
         not_bought: why this run bought nothing (``None`` when it bought, or has in flight,
             at least one pound, and on ranks that do not offset), e.g.
             ``"auto_offset is off"``, ``"offset_api_key is not set"``, ``"below threshold"``.
+        estimated_kg: the estimated part of ``emissions_kg`` (CodeCarbon's
+            late-start estimate; see :class:`EpochReport`).
 
     :attr:`summary` is the line logged at the end of every run.
     """
@@ -113,11 +122,17 @@ class RunReport:
     ledger_path: Path | str | None
     offset_threshold: float = 0.5
     not_bought: str | None = None
+    estimated_kg: float = 0.0
 
     def metrics(self) -> dict[str, float]:
-        """The same four metrics as :meth:`EpochReport.metrics`, for the whole run."""
+        """The same metrics as :meth:`EpochReport.metrics`, for the whole run."""
         return EpochReport(
-            None, self.energy_kwh, self.emissions_kg, self.offset_kg, self.pending_kg
+            None,
+            self.energy_kwh,
+            self.emissions_kg,
+            self.offset_kg,
+            self.pending_kg,
+            estimated_kg=self.estimated_kg,
         ).metrics()
 
     @property
@@ -333,6 +348,7 @@ class OffsetSession:
         self._epochs = 0
         self._projection_checked = False
         self._tracker_final: Measurement | None = None
+        self._source_failed = False  # the source did not start: the run is not measured
         self._exit_finalizer: Any = None
         self._ended_status: str | None = None
         self._key_check: threading.Thread | None = None
@@ -514,14 +530,19 @@ class OffsetSession:
                 self._refresh_position_quietly()
                 self._writer.submit(self._verify_job)
             self._last = self._base
+            self._source_failed = False
             if self.is_tracking:
                 try:
                     if self.source is None:
                         self.source = MeterSource(country_iso_code=self.config.country_iso_code)
                     self.source.start()
                 except Exception as exc:  # noqa: BLE001
+                    self._source_failed = True  # not read or stopped in this run: one warning
                     self._warn_once(
-                        "source", "emissions tracking failed to start (%s); training continues", exc
+                        "source",
+                        "emissions tracking failed to start (%s); training continues, this run is not "
+                        "measured (recorded as 'unmeasured')",
+                        exc,
                     )
             self.running = True
             atexit.register(self._stop_at_exit)
@@ -658,12 +679,12 @@ class OffsetSession:
     def measure(self) -> Measurement:
         """This process's cumulative measurement for the run (base + tracker), without recording it."""
         with self._lock:
-            if not (self.running and self.is_tracking and self.source is not None):
+            if not (self.running and self.is_tracking and self.source is not None) or self._source_failed:
                 return self._last if self.is_tracking else Measurement()
             try:
                 return self._base + self.source.read()
             except Exception as exc:  # noqa: BLE001
-                self._warn_once("read", "reading emissions failed (%s); training continues", exc)
+                self._warn_once("source", "reading emissions failed (%s); training continues", exc)
                 return self._last
 
     def stop_tracking(self) -> Measurement:
@@ -678,11 +699,11 @@ class OffsetSession:
         with self._lock:
             if self._tracker_final is None:
                 node = self._last if self.is_tracking else Measurement()
-                if self.is_tracking and self.source is not None:
+                if self.is_tracking and self.source is not None and not self._source_failed:
                     try:
                         node = self._base + self.source.stop()
                     except Exception as exc:  # noqa: BLE001
-                        self._warn_once("stop", "stopping the tracker failed (%s)", exc)
+                        self._warn_once("source", "stopping the tracker failed (%s)", exc)
                 self._tracker_final = node
             return self._tracker_final
 
@@ -716,12 +737,22 @@ class OffsetSession:
         last read by that thread plus what this run recorded since, so this call
         reads no file: offsets settled meanwhile by other processes show from
         the next epoch on.
+
+        The ledger gets the measured part of ``total`` only
+        (:attr:`Measurement.measured`): an estimate never decides an offset;
+        the run's final figures (:meth:`stop`) are recorded whole.
         """
+        return self._record(total, epoch=epoch, max_epochs=max_epochs, whole=False)
+
+    def _record(
+        self, total: Measurement, *, epoch: int | None, max_epochs: int | None, whole: bool
+    ) -> EpochReport:
         with self._lock:
             self._last = total
             if epoch is not None:
                 self._epochs = max(self._epochs, epoch + 1)
             if self.is_writer and self._ledger is not None and self._segment_id is not None:
+                written = total if whole else total.measured  # an estimate never decides an offset
                 self._queue_write(
                     {
                         "op": "record",
@@ -729,8 +760,8 @@ class OffsetSession:
                         "account": self.config.account,
                         "environment": self.config.offset_environment,
                         "label": self.label,
-                        "emissions_kg": total.emissions_kg,
-                        "energy_kwh": total.energy_kwh,
+                        "emissions_kg": written.emissions_kg,
+                        "energy_kwh": written.energy_kwh,
                         "epoch": epoch,
                     }
                 )
@@ -771,7 +802,14 @@ class OffsetSession:
             offset_kg = position.run_offset_kg
         over = self.max_emissions_kg is not None and total.emissions_kg > self.max_emissions_kg
         return EpochReport(
-            epoch, total.energy_kwh, total.emissions_kg, offset_kg, pending_kg, credit_kg, over
+            epoch,
+            total.energy_kwh,
+            total.emissions_kg,
+            offset_kg,
+            pending_kg,
+            credit_kg,
+            over,
+            estimated_kg=total.estimated_kg,
         )
 
     # ---------------------------------------------------------------- offsets
@@ -891,7 +929,8 @@ class OffsetSession:
             final_offset: offset what is pending (respecting ``offset_threshold``,
                 or rounding up when ``offset_round_up`` is set). Pass ``False``
                 when the run failed: what was measured stays pending.
-            status: stored in the ledger (``finished``, ``failed``, ``interrupted``).
+            status: stored in the ledger (``finished``, ``failed``, ``interrupted``);
+                ``unmeasured`` replaces it when the emissions source failed to start.
             total: the run's final cumulative figures (all nodes summed) to
                 record instead of this process's own measurement (distributed
                 integrations, after :meth:`stop_tracking`). The tracker is
@@ -914,7 +953,9 @@ class OffsetSession:
             if self._exit_finalizer is not None:
                 self._exit_finalizer.cancel()
                 self._exit_finalizer = None
-        self.record(total, epoch=None)
+        self._record(total, epoch=None, max_epochs=None, whole=True)
+        if self._source_failed and self.is_tracking:
+            status = "unmeasured"  # never a measured zero
         deadline = time.monotonic() + self.config.offset_timeout
         if self.is_writer:
             self.flush()  # the final figures are in the ledger
@@ -1002,6 +1043,7 @@ class OffsetSession:
             ledger_path=(self._ledger.path or self._ledger.location) if self._ledger is not None else None,
             offset_threshold=self.config.offset_threshold,
             not_bought=self._not_bought(confirmed_lb + in_flight_lb, pending_kg, credit_kg),
+            estimated_kg=total.estimated_kg,
         )
 
     def _not_bought(self, bought_lb: int, pending_kg: float, credit_kg: float) -> str | None:

@@ -33,6 +33,12 @@ class Measurement:
     Attributes:
         emissions_kg: emissions since the run started, kg CO2eq (>= 0).
         energy_kwh: energy since the run started, kWh (>= 0).
+        estimated_kg: the part of ``emissions_kg`` that is an estimate rather
+            than CodeCarbon's measurement, kg CO2eq (0 <= ``estimated_kg`` <=
+            ``emissions_kg``): time no tracker measured yet, see
+            :class:`~carbonoffset.core.meter.MeterSource` and
+            :attr:`CodeCarbonSource.late_start_estimate`.
+        estimated_kwh: the estimated part of ``energy_kwh``, kWh.
         details: what the figures were measured on and where, as JSON values: for CodeCarbon the
             :data:`DETAIL_FIELDS` of its ``EmissionsData`` (hardware, location, tracking mode,
             versions; ``ram_total_size`` in GB, ``duration`` in s); empty when the source gives none.
@@ -41,6 +47,8 @@ class Measurement:
 
     emissions_kg: float = 0.0
     energy_kwh: float = 0.0
+    estimated_kg: float = 0.0
+    estimated_kwh: float = 0.0
     details: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __add__(self, other: Measurement) -> Measurement:
@@ -50,8 +58,26 @@ class Measurement:
             else other.details or self.details
         )
         return Measurement(
-            self.emissions_kg + other.emissions_kg, self.energy_kwh + other.energy_kwh, details
+            self.emissions_kg + other.emissions_kg,
+            self.energy_kwh + other.energy_kwh,
+            self.estimated_kg + other.estimated_kg,
+            self.estimated_kwh + other.estimated_kwh,
+            details=details,
         )
+
+    @property
+    def measured(self) -> Measurement:
+        """The measured part only (the estimated part left out), with no estimate in it."""
+        return Measurement(
+            max(0.0, self.emissions_kg - self.estimated_kg),
+            max(0.0, self.energy_kwh - self.estimated_kwh),
+            details=self.details,
+        )
+
+    @staticmethod
+    def estimate(emissions_kg: float, energy_kwh: float) -> Measurement:
+        """Figures that are estimated in full."""
+        return Measurement(emissions_kg, energy_kwh, emissions_kg, energy_kwh)
 
 
 #: The fields of CodeCarbon's public ``EmissionsData`` kept in :attr:`Measurement.details`: what the
@@ -132,7 +158,9 @@ class _TotalsHandler:
     def out(self, total: Any, delta: Any) -> None:
         try:
             last = Measurement(
-                float(total.emissions or 0.0), float(total.energy_consumed or 0.0), codecarbon_details(total)
+                float(total.emissions or 0.0),
+                float(total.energy_consumed or 0.0),
+                details=codecarbon_details(total),
             )
             duration_s = float(getattr(total, "duration", 0.0) or 0.0)
             power_w = sum(
@@ -529,11 +557,21 @@ class CodeCarbonSource:
         self._gap: Measurement | None = None  # estimate for the late start, once known
         self._cached: Measurement | None = None
         self._read_flushes = False  # read() may flush itself until the first refresh
+        self._flush_failed = False  # warned about a failing flush() in this run
 
     def _build(self) -> Any:
         from codecarbon import EmissionsTracker, OfflineEmissionsTracker
 
-        kwargs: dict[str, Any] = {"output_methods": [], "log_level": "error", **self.tracker_kwargs}
+        # allow_multiple_runs: CodeCarbon's lock file (its ``allow_multiple_runs = false`` setting) would
+        # refuse a run while another CodeCarbon runs or after a killed one left the file, and replaces
+        # the process's SIGINT/SIGTERM handlers; carbonoffset's trackers never take it (an argument
+        # given here still wins)
+        kwargs: dict[str, Any] = {
+            "output_methods": [],
+            "log_level": "error",
+            "allow_multiple_runs": True,
+            **self.tracker_kwargs,
+        }
         kwargs["output_handlers"] = [self._handler, *kwargs.get("output_handlers", [])]
         _quiet_codecarbon(kwargs)
         if self.country_iso_code:
@@ -558,6 +596,7 @@ class CodeCarbonSource:
             self._handler = _TotalsHandler()
             self._gap = None
             self._cached = None
+            self._flush_failed = False
             self.late_start_s = 0.0
             self._halt = threading.Event()
             self._started = threading.Event()
@@ -613,7 +652,19 @@ class CodeCarbonSource:
 
     def _flush_locked(self) -> None:
         if self.tracker is not None and self._started.is_set():
-            self.tracker.flush()
+            try:
+                self.tracker.flush()
+            except Exception as exc:  # noqa: BLE001 -- a failed reading must not end the refreshes
+                if not self._flush_failed:
+                    self._flush_failed = True
+                    logger.warning(
+                        "CodeCarbon's reading failed (%s: %s); carbonoffset retries every %g s and "
+                        "estimates the time its figures do not cover",
+                        type(exc).__name__,
+                        exc,
+                        self.refresh_s,
+                    )
+                return
             self._update_locked(final=False)
 
     @staticmethod
@@ -626,7 +677,7 @@ class CodeCarbonSource:
             power_w = last.energy_kwh * 3.6e6 / handler.duration_s
         energy_kwh = power_w * gap_s / 3.6e6
         intensity = last.emissions_kg / last.energy_kwh if last.energy_kwh > 0 else 0.0
-        return Measurement(energy_kwh * intensity, energy_kwh)
+        return Measurement.estimate(energy_kwh * intensity, energy_kwh)
 
     @property
     def late_start_estimate(self) -> Measurement:
@@ -638,6 +689,22 @@ class CodeCarbonSource:
         """Seconds between the run's start and the moment the tracker began measuring."""
         began = handler.at - handler.duration_s  # from the duration CodeCarbon reports
         return max(0.0, began - self._t0)
+
+    @property
+    def power_w(self) -> float:
+        """The power CodeCarbon reported last (CPU + GPU + RAM, W); 0 until its first figures."""
+        return self._handler.power_w
+
+    @property
+    def measured_s(self) -> float:
+        """Seconds the tracker has measured (CodeCarbon's ``duration``); 0 until its first figures."""
+        return self._handler.duration_s
+
+    @property
+    def average_power_w(self) -> float:
+        """CodeCarbon's energy over the time it measured, as a power (W); 0 until its first figures."""
+        handler = self._handler
+        return handler.last.energy_kwh * 3.6e6 / handler.duration_s if handler.duration_s > 0 else 0.0
 
     def coverage(self) -> tuple[float, float] | None:
         """What the figures :meth:`read` returns cover: ``(measured_at, unmeasured_s)``, with
@@ -682,19 +749,32 @@ class CodeCarbonSource:
                 self._flush_locked()
             return self._cached if self._cached is not None else Measurement()
 
-    def stop(self) -> Measurement:
-        """Stop the tracker (waiting for a start still in progress) and return the exact final figures."""
+    def stop(self, *, ended_ago_s: float = 0.0) -> Measurement:
+        """Stop the tracker (waiting for a start still in progress) and return the exact final figures.
+
+        Args:
+            ended_ago_s: seconds (>= 0) since the run really ended, when it ended before this call
+                (a measuring process told late). If the tracker only began after that end (a run
+                shorter than its late start), nothing of the run was measured: the whole run is
+                estimated (at the power of the tracker's reading) instead of counting the time the
+                tracker measured after the run.
+        """
         with self._lock:
             thread, self._thread = self._thread, None
             self._halt.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         with self._lock:
-            return self._stop_locked()
+            return self._stop_locked(time.perf_counter() - max(0.0, float(ended_ago_s)))
 
-    def _stop_locked(self) -> Measurement:
+    def _stop_locked(self, ended: float | None = None) -> Measurement:
         tracker, self.tracker = self.tracker, None
         if tracker is not None and self._started.is_set():
             tracker.stop()
             self._update_locked(final=True)
+            handler = self._handler
+            if ended is not None and handler.count and handler.at - handler.duration_s >= ended > self._t0:
+                self._gap = self._estimate_gap(handler, ended - self._t0)
+                self.late_start_s = ended - self._t0
+                self._cached = self._gap  # the tracker measured only time after the run
         return self._cached if self._cached is not None else Measurement()

@@ -276,12 +276,12 @@ class CallbackCore:
         else:
             node = session.measure()  # zeros where no tracker runs
             self._node_last = node
-            emissions_kg, energy_kwh = collective.sum([node.emissions_kg, node.energy_kwh])
+            summed = collective.sum(
+                [node.emissions_kg, node.energy_kwh, node.estimated_kg, node.estimated_kwh]
+            )
             mine = None
             if session.is_writer:  # records, offsets, decides (and warns) for the job
-                mine = session.record(
-                    Measurement(emissions_kg, energy_kwh), epoch=epoch, max_epochs=max_epochs
-                )
+                mine = session.record(Measurement(*summed), epoch=epoch, max_epochs=max_epochs)
             # global rank 0's figures (offset, pending, budget decision) on every process
             report = collective.broadcast(mine)
         self.last_report = report

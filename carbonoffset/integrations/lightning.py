@@ -114,6 +114,14 @@ def _progress_bar_figure(metrics: dict[str, float]) -> dict[str, Any]:
     return {} if emissions_kg is None else {PROGRESS_BAR_KEY: short_mass(emissions_kg)}
 
 
+def _interrupted(exception: BaseException) -> bool:
+    """Ctrl-C (``KeyboardInterrupt``) or a SIGTERM (Lightning's ``SIGTERMException``, raised by its
+    loops after its signal handler, in both Lightning packages): the run was stopped, not failed."""
+    return isinstance(exception, KeyboardInterrupt) or any(
+        cls.__name__ == "SIGTERMException" for cls in type(exception).__mro__
+    )
+
+
 class _CarbonOffsetLogic(CallbackViews):
     """Measure each fit with CodeCarbon, log ``carbon/*`` metrics, offset through 1ClickImpact.
 
@@ -156,7 +164,7 @@ class _CarbonOffsetLogic(CallbackViews):
       so no epoch's values are overwritten) and kept in :attr:`final_report`.
     * ``on_exception`` (``KeyboardInterrupt`` included): stop the tracker,
       keep everything measured in the ledger (status ``"interrupted"`` for
-      ``KeyboardInterrupt``, ``"failed"`` otherwise), no final offset: what
+      ``KeyboardInterrupt`` and for a SIGTERM, ``"failed"`` otherwise), no final offset: what
       was measured stays pending for a later run or ``carbonoffset offset``.
 
     Args:
@@ -342,7 +350,7 @@ class _CarbonOffsetLogic(CallbackViews):
         """Stop the tracker and keep what was measured (no final offset); nothing is left running."""
         self._deferred_ranks = None
         self._final_logged = True
-        self._core.abort("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed")
+        self._core.abort("interrupted" if _interrupted(exception) else "failed")
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

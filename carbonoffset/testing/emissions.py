@@ -62,7 +62,7 @@ class ScriptedEmissions:
     def _next(self) -> Measurement:
         kg = self._value(self.reads)
         self.reads += 1
-        self._last = Measurement(kg, kg / self._intensity, self._details)
+        self._last = Measurement(kg, kg / self._intensity, details=self._details)
         return self._last
 
     def start(self) -> None:
