@@ -103,6 +103,8 @@ class RunReport:
             ``"auto_offset is off"``, ``"offset_api_key is not set"``, ``"below threshold"``.
         estimated_kg: the estimated part of ``emissions_kg`` (CodeCarbon's
             late-start estimate; see :class:`EpochReport`).
+        spool_path: the local file holding the figures the ledger did not take (it did not
+            answer; see :mod:`carbonoffset.core.ledger.spool`), ``None`` when they are all in it.
 
     :attr:`summary` is the line logged at the end of every run.
     """
@@ -123,6 +125,7 @@ class RunReport:
     offset_threshold: float = 0.5
     not_bought: str | None = None
     estimated_kg: float = 0.0
+    spool_path: Path | None = None
 
     def metrics(self) -> dict[str, float]:
         """The same metrics as :meth:`EpochReport.metrics`, for the whole run."""
@@ -165,7 +168,13 @@ class RunReport:
             parts.append("nothing pending")
         if self.credit_kg > 0:
             parts.append(f"credit {_fmt(self.credit_kg)} kg")
-        if self.ledger_path is not None:
+        if self.spool_path is not None:  # where the figures are: not (all) in the ledger
+            parts.append(
+                f"the ledger {self.ledger_path} did not answer: the figures are kept on local disk in "
+                f"{self.spool_path} (account {self.account}) until the next run that opens it, or "
+                "`carbonoffset ledger replay`, writes them"
+            )
+        elif self.ledger_path is not None:
             parts.append(f"ledger {self.ledger_path} (account {self.account})")
         return "; ".join(parts)
 
@@ -1042,11 +1051,14 @@ class OffsetSession:
             credit_kg=credit_kg,
             ledger_path=(self._ledger.path or self._ledger.location) if self._ledger is not None else None,
             offset_threshold=self.config.offset_threshold,
-            not_bought=self._not_bought(confirmed_lb + in_flight_lb, pending_kg, credit_kg),
+            not_bought=self._not_bought(confirmed_lb + in_flight_lb, pending_kg, credit_kg, outage=outage),
             estimated_kg=total.estimated_kg,
+            spool_path=self._ledger_writer.spool.path if outage and self._ledger_writer is not None else None,
         )
 
-    def _not_bought(self, bought_lb: int, pending_kg: float, credit_kg: float) -> str | None:
+    def _not_bought(
+        self, bought_lb: int, pending_kg: float, credit_kg: float, *, outage: bool = False
+    ) -> str | None:
         """Why the run bought nothing (``None`` when it did, or on ranks that do not offset)."""
         if bought_lb or not self.is_writer:
             return None
@@ -1070,6 +1082,8 @@ class OffsetSession:
             return f"the run ended {ended}"
         if pending_kg < self.config.offset_threshold:
             return NOT_BOUGHT_BELOW_THRESHOLD
+        if outage:  # offsets are decided only from the ledger itself
+            return "the ledger did not answer, and offsets are decided only from it"
         if self.running:
             return "the run is still going"
         return "the offset did not finish within offset_timeout (see the warning above)"

@@ -248,6 +248,39 @@ def test_a_postgresql_server_down_at_start_and_mid_run_never_stalls_training(
     assert any("kept on local disk" in m for m in messages), messages
 
 
+def test_the_end_line_of_a_run_whose_ledger_never_answered_says_the_figures_are_on_local_disk(
+    tmp_path: Path, server: FakeOneClickImpact, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A team ledger whose server is down for the whole run: the end line names the spool file that
+    holds the figures (not the ledger, which has none of them) and says why nothing was bought."""
+    url = "postgresql://team:Pw-not-shown@127.0.0.1:1/ledger"  # nothing listens on port 1
+    session = OffsetSession(
+        source=ScriptedEmissions([0.4, 0.8, 1.3]),
+        offset_ledger=url,
+        offset_api_key="test_team_key_0002",
+        offset_environment="sandbox",
+        offset_api_url=server.url,
+        offset_timeout=5.0,
+        offsetter_options=FAST,
+    )
+    caplog.set_level(logging.INFO, logger="carbonoffset")
+    session.start()
+    for epoch in range(3):
+        session.record_epoch(epoch)
+    report = session.stop()
+    spooled = sorted((tmp_path / "home").rglob("spool/*.jsonl"))
+    assert len(spooled) == 1
+    assert report.spool_path == spooled[0]
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("carbonoffset: recorded")]
+    assert len(ends) == 1 and ends[0] == f"carbonoffset: {report.summary}"
+    assert f"kept on local disk in {spooled[0]}" in report.summary
+    assert "offset_timeout" not in report.summary  # nothing was in flight: the ledger did not answer
+    assert "the ledger did not answer" in (report.not_bought or "")
+    assert "Pw-not-shown" not in report.summary
+    session.close()
+    assert server.total_lb() == 0  # offsets are decided only from the ledger itself
+
+
 # ------------------------------------------------------------ reports, copies
 def _fill(target: Path | str) -> tuple[str, str]:
     with Ledger(target) as ledger:
