@@ -134,14 +134,14 @@ def resolve_run_id(ledger: Ledger, run: str) -> str:
     runs = ledger.runs()
     if run == LATEST:
         if not runs:
-            raise KeyError(f"the ledger {ledger.path} has no runs yet")
+            raise KeyError(f"the ledger {ledger.location} has no runs yet")
         return runs[-1].run_id
     matches = [r.run_id for r in runs if r.run_id.startswith(run)] if run else []
     if len(matches) == 1:
         return matches[0]
     if matches:
         raise KeyError(f"run id prefix {run!r} matches {len(matches)} runs; give more of the id")
-    raise KeyError(f"no run {run!r} in the ledger {ledger.path}; `--run latest` names the last run")
+    raise KeyError(f"no run {run!r} in the ledger {ledger.location}; `--run latest` names the last run")
 
 
 def run_carbon(ledger: Ledger, run_id: str) -> RunCarbon:
@@ -152,7 +152,7 @@ def run_carbon(ledger: Ledger, run_id: str) -> RunCarbon:
     """
     run = ledger.run(run_id)
     if run is None:
-        raise KeyError(f"no run {run_id!r} in the ledger {ledger.path}")
+        raise KeyError(f"no run {run_id!r} in the ledger {ledger.location}")
     runs = ledger.runs(run.account)
     offsets = [o for o in ledger.offsets(run.account) if o.state != "failed"]
     return _share_offsets(run, runs, offsets)
@@ -632,7 +632,7 @@ class _ledger:
     def __enter__(self) -> Ledger:
         if self._given is not None:
             return self._given
-        from carbonoffset.core.ledger.urls import normalize_location
+        from carbonoffset.core.ledger.urls import normalize_location, unmask
 
         path = self._path
         if path is None:
@@ -640,7 +640,7 @@ class _ledger:
 
             value = read_external_settings().get("offset_ledger")
             path = value if value else default_ledger_path()
-        location = normalize_location(path)
+        location = unmask(normalize_location(path))  # a report's URL has its password masked
         if isinstance(location, Path) and not location.exists():
             raise KeyError(f"no ledger at {location}; pass the ledger the run was recorded in")
         self._opened = Ledger(location)
