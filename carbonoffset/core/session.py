@@ -361,6 +361,7 @@ class OffsetSession:
         self._exit_finalizer: Any = None
         self._ended_status: str | None = None
         self._key_check: threading.Thread | None = None
+        self._kept_path: Path | None = None  # where stop() kept the writes the ledger did not take
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -486,6 +487,7 @@ class OffsetSession:
             self._projection_checked = False
             self._outcomes = []
             self._ended_status = None
+            self._kept_path = None
             self.run_id = run_id
             self._segment_id = None  # the ledger row this process records to (the run's, or a segment's)
             if self.is_writer and self._ledger is not None and run_id is None:
@@ -966,9 +968,20 @@ class OffsetSession:
         if self._source_failed and self.is_tracking:
             status = "unmeasured"  # never a measured zero
         deadline = time.monotonic() + self.config.offset_timeout
+        # the ledger is waited for as long as one ledger call waits, not offset_timeout: what it has
+        # not taken by then is kept on local disk (a ledger that is down must not hold the run's end)
+        ledger_deadline = time.monotonic() + self.LEDGER_TIMEOUT_S
+        answered = True
         if self.is_writer:
-            self.flush()  # the final figures are in the ledger
-        if final_offset and self.is_writer and self.config.auto_offset and self._get_offsetter() is not None:
+            # the final figures are in the ledger (or kept on local disk: then no offset is decided)
+            answered = self.flush(self.LEDGER_TIMEOUT_S) and not self._in_outage()
+        if (
+            final_offset
+            and answered
+            and self.is_writer
+            and self.config.auto_offset
+            and self._get_offsetter() is not None
+        ):
             round_up = self.config.offset_round_up
             self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=not round_up))
         if self._key_check is not None:  # a short run still hears about a refused key
@@ -982,10 +995,14 @@ class OffsetSession:
         if self.is_writer and self._ledger is not None and self._segment_id is not None:
             self._queue_write({"op": "details", "run_id": self._segment_id, "details": self._run_details()})
             self._queue_write({"op": "end_run", "run_id": self._segment_id, "status": status})
-            self.flush(max(self.LEDGER_TIMEOUT_S, deadline - time.monotonic()))
+            self.flush(
+                max(self.LEDGER_TIMEOUT_S, deadline - time.monotonic())
+                if answered and not self._in_outage()
+                else max(0.0, ledger_deadline - time.monotonic())
+            )
             if self._unwritten and self._ledger_writer is not None:
                 # the ledger thread is still waiting for the ledger: keep the rest on local disk now
-                self._ledger_writer.keep(list(self._unwritten.values()))
+                self._kept_path = self._ledger_writer.keep(list(self._unwritten.values()))
         self._worker.shutdown()  # nothing left running after a run: the thread ends once idle
         self._writer.shutdown()
         self._ended_status = status if final_offset else f"{status}, without a final offset"
@@ -993,6 +1010,10 @@ class OffsetSession:
         if self.is_writer:
             logging.getLogger("carbonoffset").info("carbonoffset: %s", report.summary)
         return report
+
+    def _in_outage(self) -> bool:
+        """The ledger did not take the last write (it is kept on local disk)."""
+        return self._ledger_writer is not None and self._ledger_writer.outage
 
     def _run_details(self) -> dict[str, Any]:
         """What this run was measured on and where, for the ledger (see :meth:`Ledger.set_run_details`):
@@ -1013,12 +1034,12 @@ class OffsetSession:
     def report(self) -> RunReport:
         """The current :class:`RunReport` (cheap; reads the ledger once the figures recorded so far
         are written to it)."""
-        if self.is_writer:
+        if self.is_writer and not self._in_outage():  # (figures kept on local disk: not waited for)
             self.flush()
         total = self._last
         offset_kg = pending_kg = credit_kg = 0.0
         confirmed_lb = in_flight_lb = 0
-        outage = self._ledger_writer is not None and self._ledger_writer.outage
+        outage = self._in_outage()
         if outage:  # the ledger did not answer: the figures of the last read, not another timeout
             position = self._position
             balance_kg = position.balance_kg + max(0.0, total.emissions_kg - position.run_kg)
@@ -1053,7 +1074,9 @@ class OffsetSession:
             offset_threshold=self.config.offset_threshold,
             not_bought=self._not_bought(confirmed_lb + in_flight_lb, pending_kg, credit_kg, outage=outage),
             estimated_kg=total.estimated_kg,
-            spool_path=self._ledger_writer.spool.path if outage and self._ledger_writer is not None else None,
+            spool_path=(self._kept_path or self._ledger_writer.spool.path)
+            if outage and self._ledger_writer is not None
+            else None,
         )
 
     def _not_bought(
@@ -1096,7 +1119,8 @@ class OffsetSession:
         """
         if self.running:
             self.stop(final_offset=False, status="interrupted")
-        self.flush()  # epoch figures still queued are written first
+        # epoch figures still queued are written first (kept on local disk at once in an outage)
+        self.flush(0.0 if self._in_outage() else self.LEDGER_TIMEOUT_S)
         self._writer.shutdown()
         if self._ledger_writer is not None:
             if self._unwritten:
@@ -1106,6 +1130,10 @@ class OffsetSession:
             if self._worker.busy:
                 # an offset still in flight after stop() finishes with the ledger open
                 self._worker.submit(self._ledger.close)
+            elif self._writer.busy:
+                # the ledger thread still waits for a ledger that does not answer: closed after it
+                self._writer.submit(self._ledger.close)
+                self._writer.shutdown()
             else:
                 self._ledger.close()
         self._worker.shutdown()

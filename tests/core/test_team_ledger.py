@@ -281,6 +281,53 @@ def test_the_end_line_of_a_run_whose_ledger_never_answered_says_the_figures_are_
     assert server.total_lb() == 0  # offsets are decided only from the ledger itself
 
 
+@pytest.mark.slow
+def test_a_ledger_server_that_never_answers_holds_the_runs_end_one_ledger_timeout_and_loses_nothing(
+    tmp_path: Path, server: FakeOneClickImpact
+) -> None:
+    """A server that accepts connections and never answers (a hung host): stop() waits for it no
+    longer than one ledger call does, not offset_timeout; close() returns at once; the run's
+    figures, details and end are all on local disk, and a replay writes them once."""
+    import socket
+
+    from carbonoffset.core.ledger.spool import replay_left_over
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        url = f"postgresql://team:Pw-not-shown@127.0.0.1:{hole.getsockname()[1]}/ledger"
+        session = OffsetSession(
+            source=ScriptedEmissions([0.4, 0.8, 1.3], details={"cpu_model": "EPYC"}),
+            offset_ledger=url,
+            offset_api_key="test_team_key_0003",
+            offset_environment="sandbox",
+            offset_api_url=server.url,
+            offset_timeout=30.0,
+            offsetter_options=FAST,
+        )
+        run_id = session.start()
+        for epoch in range(3):
+            session.record_epoch(epoch)
+        began = time.perf_counter()
+        report = session.stop()
+        stop_s = time.perf_counter() - began
+        began = time.perf_counter()
+        session.close()
+        close_s = time.perf_counter() - began
+        assert stop_s < OffsetSession.LEDGER_TIMEOUT_S + 2.0, stop_s
+        assert close_s < 1.0, close_s
+        assert report.spool_path is not None and report.spool_path.exists()
+        assert report.emissions_kg == pytest.approx(1.3)
+        with Ledger(tmp_path / "replayed.sqlite3") as ledger:
+            assert replay_left_over(ledger, report.ledger_path) > 0  # type: ignore[arg-type]
+            run = ledger.run(run_id)  # type: ignore[arg-type]
+            assert run is not None and run.status == "finished"
+            assert (run.emissions_kg, run.epochs) == (pytest.approx(1.3), 3)
+            assert run.details["cpu_model"] == "EPYC"
+            assert ledger.balance(session.config.account).recorded_kg == pytest.approx(1.3)  # once
+    assert server.total_lb() == 0
+
+
 # ------------------------------------------------------------ reports, copies
 def _fill(target: Path | str) -> tuple[str, str]:
     with Ledger(target) as ledger:

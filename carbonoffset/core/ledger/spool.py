@@ -197,6 +197,8 @@ class LedgerWriter:
         self._wait = self.RETRY_INITIAL_S
         self.last_error: str | None = None
         self._warned = False
+        #: spool files :meth:`keep` wrote while the spool was being replayed
+        self.kept_paths: list[Path] = []
 
     @property
     def outage(self) -> bool:
@@ -244,10 +246,34 @@ class LedgerWriter:
         self.last_error = None
         return True
 
-    def keep(self, ops: list[dict[str, Any]]) -> None:
-        """Spool ``ops`` at once, without trying the ledger (writes a run could not wait for)."""
-        if ops:
-            self._keep(ops)
+    #: Longest :meth:`keep` waits for the spool while the ledger thread replays it (s).
+    KEEP_WAIT_S = 0.05
+
+    def keep(self, ops: list[dict[str, Any]]) -> Path | None:
+        """Spool ``ops`` at once, without trying the ledger (writes a run could not wait for).
+
+        While the ledger thread replays the spool to a ledger that is slow to answer, they go
+        to a spool file of their own instead (closed at once, so the next replay writes it).
+
+        Returns:
+            The file that holds them (``None`` for no ops).
+        """
+        if not ops:
+            return None
+        if self._spool_lock.acquire(timeout=self.KEEP_WAIT_S):
+            try:
+                for op in ops:
+                    self.spool.append(op)
+            finally:
+                self._spool_lock.release()
+            return self.spool.path
+        own = Spool(self.ledger.path if self.ledger.path is not None else self.ledger.location, self.spool.directory)
+        for op in ops:
+            own.append(op)
+        path = own.path
+        own.close()  # not empty: it stays, unlocked, for the next replay
+        self.kept_paths.append(path)
+        return path
 
     def _keep(self, ops: list[dict[str, Any]]) -> None:
         with self._spool_lock:
@@ -269,6 +295,15 @@ class LedgerWriter:
 
     def close(self) -> None:
         """Close the spool; say where the figures are if some never reached the ledger."""
+        for path in self.kept_paths:
+            logger.warning(
+                "the run's last figures were kept on local disk in %s while the ledger %s did not answer (%s); "
+                "the next run that opens this ledger writes them (or `carbonoffset ledger replay`)",
+                path,
+                self.ledger.location,
+                self.last_error,
+            )
+        self.kept_paths = []
         if self.spool.pending:
             logger.warning(
                 "the run's last figures are not in the ledger %s (%s): %d writes are kept on local disk in "
