@@ -105,6 +105,8 @@ class RunReport:
             late-start estimate; see :class:`EpochReport`).
         spool_path: the local file holding the figures the ledger did not take (it did not
             answer; see :mod:`carbonoffset.core.ledger.spool`), ``None`` when they are all in it.
+        measured: ``False`` when the emissions source failed to start: the figures are then no
+            measurement (the ledger's status is ``unmeasured``), never a measured zero.
 
     :attr:`summary` is the line logged at the end of every run.
     """
@@ -126,6 +128,7 @@ class RunReport:
     not_bought: str | None = None
     estimated_kg: float = 0.0
     spool_path: Path | None = None
+    measured: bool = True
 
     def metrics(self) -> dict[str, float]:
         """The same metrics as :meth:`EpochReport.metrics`, for the whole run."""
@@ -143,9 +146,12 @@ class RunReport:
         """One line: what the run recorded, what it bought, what stays pending and why, and where
         the figures are, e.g. ``recorded 0.0123 kg CO2eq (0.0456 kWh) in 5 epochs; bought 1 lb
         (0.454 kg) this run; 0.0271 kg pending below the 0.5 kg threshold; ledger /path``."""
+        epochs = f" in {self.epochs} epoch{'' if self.epochs == 1 else 's'}" if self.epochs else ""
         parts = [
-            f"recorded {_fmt(self.emissions_kg)} kg CO2eq ({_fmt(self.energy_kwh)} kWh)"
-            + (f" in {self.epochs} epoch{'' if self.epochs == 1 else 's'}" if self.epochs else "")
+            f"recorded {_fmt(self.emissions_kg)} kg CO2eq ({_fmt(self.energy_kwh)} kWh){epochs}"
+            if self.measured
+            else f"not measured{epochs}: emissions tracking failed to start (see the warning above), so this "
+            "run's emissions are unknown, not zero (status 'unmeasured' in the ledger)"
         ]
         if self.confirmed_lb:
             parts.append(f"bought {self.confirmed_lb} lb ({_fmt(self.confirmed_lb * KG_PER_LB)} kg) this run")
@@ -1074,6 +1080,8 @@ class OffsetSession:
             offset_threshold=self.config.offset_threshold,
             not_bought=self._not_bought(confirmed_lb + in_flight_lb, pending_kg, credit_kg, outage=outage),
             estimated_kg=total.estimated_kg,
+            measured=not (self._source_failed and self.is_tracking)
+            and not (self._ended_status or "").startswith("unmeasured"),
             spool_path=(self._kept_path or self._ledger_writer.spool.path)
             if outage and self._ledger_writer is not None
             else None,
