@@ -374,6 +374,21 @@ def test_report_by_run_project_host_and_account(ledger_target: Path | str) -> No
         assert ledger_target.split(":")[2].split("@")[0] not in done.stdout  # the password
 
 
+def test_report_plot_of_a_team_ledger(ledger_target: Path | str, tmp_path: Path) -> None:
+    """`report --plot` (and `--plot --run`) on both backends: a PNG, the password in no output."""
+    pytest.importorskip("matplotlib")
+    first, _ = _fill(ledger_target)
+    runner = CliRunner()
+    for extra in ([], ["--run", first]):
+        plot = tmp_path / f"plot{len(extra)}.png"
+        done = runner.invoke(app, ["report", "--ledger", str(ledger_target), "--plot", str(plot), *extra])
+        assert done.exit_code == 0, done.output
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if isinstance(ledger_target, str):
+            password = ledger_target.split(":")[2].split("@")[0]
+            assert password not in done.output and password.encode() not in plot.read_bytes()
+
+
 def test_ledger_copy_keeps_ids_is_idempotent_and_refuses_conflicts(
     ledger_path: Path, postgres_url: str, tmp_path: Path
 ) -> None:
