@@ -497,3 +497,31 @@ def test_figures_spooled_by_an_ended_process_are_written_by_ledger_replay(ledger
         run = ledger.run("r1")
         assert run is not None and (run.status, run.emissions_kg) == ("finished", pytest.approx(0.3))
         assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.3)
+
+
+def test_a_spool_torn_by_a_crash_holds_up_no_other_spool(ledger_path: Path) -> None:
+    """Two spools left by ended processes; the first ends in a line torn mid-write (power cut, full
+    disk). `ledger replay` writes every whole line of both, and says nothing is left after."""
+    from carbonoffset.core.ledger.spool import LedgerWriter
+
+    closed = Ledger(ledger_path)
+    closed.close()  # every write now fails: they go to the spool
+    paths = []
+    for run_id, kg in (("r1", 0.2), ("r2", 0.4)):
+        writer = LedgerWriter(closed)
+        start = {"op": "start_run", "run_id": run_id, "account": SANDBOX, "environment": "sandbox", "nodes": 1}
+        assert not writer.write(start)
+        assert not writer.write({**start, "op": "record", "emissions_kg": kg, "energy_kwh": kg, "epoch": 0})
+        paths.append(writer.spool.path)
+        writer.close()
+    first = min(paths)  # replayed first (sorted names)
+    with first.open("a", encoding="utf-8") as torn:
+        torn.write('{"account": "sandbox:aaaa", "emissions_kg": 0.3, "energy')  # no newline: the crash
+    runner = CliRunner()
+    done = runner.invoke(app, ["ledger", "replay", "--ledger", str(ledger_path)])
+    assert done.exit_code == 0 and "Wrote 4" in done.stdout, done.output
+    with Ledger(ledger_path) as ledger:
+        assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.6)
+    assert not any(p.exists() for p in paths)
+    again = runner.invoke(app, ["ledger", "replay", "--ledger", str(ledger_path)])
+    assert again.exit_code == 0 and "Nothing spooled" in again.stdout, again.output

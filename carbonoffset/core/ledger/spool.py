@@ -37,6 +37,24 @@ def spool_directory() -> Path:
     return platformdirs.user_data_path("carbonoffset", appauthor=False) / "spool"
 
 
+def _ops(text: str, path: Path) -> list[dict[str, Any]]:
+    """The writes in a spool file's text. A line that is not JSON (the last one, torn by a crash or a
+    full disk before its ``fsync``) is skipped with a warning, so it cannot hold up the others."""
+    ops = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            op = json.loads(line)
+        except ValueError:
+            op = None
+        if isinstance(op, dict) and "op" in op:
+            ops.append(op)
+        else:
+            logger.warning("skipping a damaged line of the spool file %s (%d characters)", path, len(line))
+    return ops
+
+
 def _start(ledger: Any, op: dict[str, Any]) -> None:
     ledger.start_run(
         account=op["account"],
@@ -121,7 +139,7 @@ class Spool:
         if self._handle is None or not self.pending:
             return 0
         self._handle.seek(0)
-        ops = [json.loads(line) for line in self._handle.read().splitlines() if line.strip()]
+        ops = _ops(self._handle.read(), self.path)
         for op in ops:
             apply(ledger, op, replay=True)
         self._handle.seek(0)
@@ -163,7 +181,7 @@ def replay_left_over(ledger: Any, location: Path | str, directory: Path | None =
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # its process is alive and writes it itself
-            ops = [json.loads(line) for line in handle.read().splitlines() if line.strip()]
+            ops = _ops(handle.read(), path)
             for op in ops:
                 apply(ledger, op, replay=True)
             made += len(ops)
