@@ -229,6 +229,7 @@ class _Worker:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._idle = threading.Condition()
         self._outstanding = 0
+        self.done = 0  # jobs finished so far
         self._thread: threading.Thread | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
@@ -275,6 +276,7 @@ class _Worker:
             finally:
                 with self._idle:
                     self._outstanding -= 1
+                    self.done += 1
                     self._idle.notify_all()
 
 
@@ -974,13 +976,11 @@ class OffsetSession:
         if self._source_failed and self.is_tracking:
             status = "unmeasured"  # never a measured zero
         deadline = time.monotonic() + self.config.offset_timeout
-        # the ledger is waited for as long as one ledger call waits, not offset_timeout: what it has
-        # not taken by then is kept on local disk (a ledger that is down must not hold the run's end)
-        ledger_deadline = time.monotonic() + self.LEDGER_TIMEOUT_S
+        # a busy ledger is waited for up to offset_timeout, one that does not answer (no write made
+        # for a ledger call's wait) no longer: what it has not taken is kept on local disk
         answered = True
         if self.is_writer:
-            # the final figures are in the ledger (or kept on local disk: then no offset is decided)
-            answered = self.flush(self.LEDGER_TIMEOUT_S) and not self._in_outage()
+            answered = self._flush_while_answering(deadline)  # the final figures are in the ledger
         if (
             final_offset
             and answered
@@ -1001,11 +1001,8 @@ class OffsetSession:
         if self.is_writer and self._ledger is not None and self._segment_id is not None:
             self._queue_write({"op": "details", "run_id": self._segment_id, "details": self._run_details()})
             self._queue_write({"op": "end_run", "run_id": self._segment_id, "status": status})
-            self.flush(
-                max(self.LEDGER_TIMEOUT_S, deadline - time.monotonic())
-                if answered and not self._in_outage()
-                else max(0.0, ledger_deadline - time.monotonic())
-            )
+            if answered:
+                self._flush_while_answering(max(time.monotonic() + self.LEDGER_TIMEOUT_S, deadline))
             if self._unwritten and self._ledger_writer is not None:
                 # the ledger thread is still waiting for the ledger: keep the rest on local disk now
                 self._kept_path = self._ledger_writer.keep(list(self._unwritten.values()))
@@ -1016,6 +1013,17 @@ class OffsetSession:
         if self.is_writer:
             logging.getLogger("carbonoffset").info("carbonoffset: %s", report.summary)
         return report
+
+    def _flush_while_answering(self, deadline: float) -> bool:
+        """:meth:`flush` until ``deadline`` (monotonic) while the ledger thread makes writes: it gives
+        up once none was made for a little longer than one ledger call waits (a ledger that hangs)."""
+        while True:
+            made = self._writer.done
+            step = min(self.LEDGER_TIMEOUT_S + 1.0, deadline - time.monotonic())
+            if self._writer.wait(max(0.0, step)):
+                return True
+            if self._writer.done == made or time.monotonic() >= deadline:
+                return False
 
     def _in_outage(self) -> bool:
         """The ledger did not take the last write (it is kept on local disk)."""
