@@ -189,13 +189,16 @@ _LOCKED = textwrap.dedent(
 
     # 2. the drop-in honours the setting: refused, named once, recorded as unmeasured
     from carbonoffset import OfflineEmissionsTracker
+    from carbonoffset.testing import FakeOneClickImpact
+    fake = FakeOneClickImpact(environment="sandbox").start()  # the key check: never the real service
     tracker = OfflineEmissionsTracker(country_iso_code="FRA", offset_api_key="test_lock_key",
                                       offset_environment="sandbox", auto_offset=False, offset_ledger=LEDGER2,
-                                      output_methods=[], log_level="critical")
+                                      offset_api_url=fake.url, output_methods=[], log_level="critical")
     tracker.start()
     busy(0.3)
     dropin = tracker.stop()
     tracker.offset_handler.close()
+    fake.stop()
     with Ledger(LEDGER) as ledger:
         (session_run,) = ledger.runs()
     with Ledger(LEDGER2) as ledger:
