@@ -299,8 +299,8 @@ class CallbackCore:
             self.final_report = session.stop()
         else:
             node = session.stop_tracking()
-            emissions_kg, energy_kwh = collective.sum([node.emissions_kg, node.energy_kwh])
-            report = session.stop(total=Measurement(emissions_kg, energy_kwh))
+            summed = collective.sum([node.emissions_kg, node.energy_kwh, node.estimated_kg, node.estimated_kwh])
+            report = session.stop(total=Measurement(*summed))  # the estimated part stays labelled
             self.final_report = collective.broadcast(report)
         return self.final_report
 
