@@ -1015,14 +1015,20 @@ class OffsetSession:
         return report
 
     def _flush_while_answering(self, deadline: float) -> bool:
-        """:meth:`flush` until ``deadline`` (monotonic) while the ledger thread makes writes: it gives
-        up once none was made for a little longer than one ledger call waits (a ledger that hangs)."""
+        """:meth:`flush` until ``deadline`` (monotonic) while the ledger thread makes writes.
+
+        Returns:
+            ``False`` when it gave up because no write was made for a little longer than one
+            ledger call waits (a ledger that hangs); ``True`` otherwise, done or not.
+        """
         while True:
             made = self._writer.done
             step = min(self.LEDGER_TIMEOUT_S + 1.0, deadline - time.monotonic())
             if self._writer.wait(max(0.0, step)):
                 return True
-            if self._writer.done == made or time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:
+                return True  # busy, not hung: as before, the rest is kept and the offset goes ahead
+            if self._writer.done == made:
                 return False
 
     def _in_outage(self) -> bool:
