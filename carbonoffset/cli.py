@@ -364,8 +364,8 @@ def card_command(
             print(card.new_card(carbon, training_type=training_type), end="")
     except ModuleNotFoundError as exc:
         raise _fail(EXIT_CONFIG, str(exc)) from None
-    except ValueError as exc:  # a card whose front matter is not a mapping
-        raise _fail(EXIT_CONFIG, f"cannot update {update}: {exc}") from None
+    except ValueError as exc:  # a card whose front matter is not a mapping, an unmeasured run
+        raise _fail(EXIT_CONFIG, f"cannot update {update}: {exc}" if update is not None else str(exc)) from None
 
 
 def _plot(book: Ledger, target: Path, run_id: str | None) -> int:

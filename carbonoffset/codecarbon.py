@@ -37,7 +37,7 @@ from carbonoffset.core.client import _import_sdk
 from carbonoffset.core.config import OffsetConfig, read_external_settings
 from carbonoffset.core.errors import ConfigurationError
 from carbonoffset.core.session import OffsetSession, RunReport
-from carbonoffset.core.sources import Measurement
+from carbonoffset.core.sources import Measurement, codecarbon_details
 from carbonoffset.core.units import KG_PER_LB, whole_lb_floor
 
 __all__ = ["EmissionsTracker", "OfflineEmissionsTracker", "OneClickImpactOutput", "track_emissions"]
@@ -87,7 +87,9 @@ class _PushedTotals:
     def push(self, total: Measurement) -> Measurement:
         with self._lock:
             self._last = Measurement(
-                max(self._last.emissions_kg, total.emissions_kg), max(self._last.energy_kwh, total.energy_kwh)
+                max(self._last.emissions_kg, total.emissions_kg),
+                max(self._last.energy_kwh, total.energy_kwh),
+                details=total.details or self._last.details,  # what CodeCarbon measured on, where
             )
             return self._last
 
@@ -304,7 +306,7 @@ class OneClickImpactOutput(BaseOutput):
                 self.begin(ref)
                 if not self._session.running:
                     return
-            measured = self._source.push(Measurement(emissions_kg, energy_kwh))
+            measured = self._source.push(Measurement(emissions_kg, energy_kwh, details=codecarbon_details(total)))
             self._session.record(measured)
 
     # ------------------------------------------------------------ manual control

@@ -413,7 +413,8 @@ def plot_ledger(
     top_in = 0.5  # room for the two heading lines, in inches
     height = fig.get_figheight()
     fig.suptitle(
-        f"{heading} · {book.path.name}{heading_extra}",
+        # a team ledger: its URL, password masked
+        f"{heading} · {book.path.name if book.path is not None else book.location}{heading_extra}",
         x=0.01,
         y=1 - 0.12 / height,
         ha="left",

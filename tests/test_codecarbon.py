@@ -579,3 +579,24 @@ def test_track_emissions_chooses_the_tracker_as_codecarbon_does(
         assert set(where.countries) == {"FRA"}
     else:
         assert "FRA" not in where.countries and "DEU" not in where.countries
+
+
+def test_the_drop_in_stores_what_codecarbon_measured_on_and_where(settings: dict[str, Any]) -> None:
+    """A drop-in run's ledger row carries CodeCarbon's own details (as a callback's does), so its
+    card and statement name CodeCarbon, the country and the hardware."""
+    from carbonoffset.core import card
+    from carbonoffset.core.ledger import Ledger
+
+    tracker = tracker_with(settings, output_methods=[])
+    tracker.start()
+    tracker.stop()
+    data = tracker.final_emissions_data
+    report = tracker.offset_handler.report()
+    with Ledger(settings["offset_ledger"]) as ledger:
+        run = ledger.run(report.run_id)  # type: ignore[arg-type]
+        assert run is not None
+        assert run.details.get("country_iso_code") == "FRA"
+        assert run.details.get("codecarbon_version") == data.codecarbon_version
+        assert run.details.get("cpu_model") == data.cpu_model
+        carbon = card.run_carbon(ledger, run.run_id)
+    assert f"CodeCarbon {data.codecarbon_version}" in card.statement(carbon)

@@ -43,6 +43,8 @@ SECTION_END: Final[str] = "<!-- carbonoffset:carbon-statement:end -->"
 METADATA_KEY: Final[str] = "co2_eq_emissions"
 #: ``run`` value meaning the run that started last.
 LATEST: Final[str] = "latest"
+#: The status of a run whose emissions source failed to start (its figures are no measurement).
+UNMEASURED: Final[str] = "unmeasured"
 
 _EPS_KG: Final[float] = 1e-12
 _SECTION_RE = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END) + r"\n?", re.DOTALL)
@@ -134,14 +136,14 @@ def resolve_run_id(ledger: Ledger, run: str) -> str:
     runs = ledger.runs()
     if run == LATEST:
         if not runs:
-            raise KeyError(f"the ledger {ledger.path} has no runs yet")
+            raise KeyError(f"the ledger {ledger.location} has no runs yet")
         return runs[-1].run_id
     matches = [r.run_id for r in runs if r.run_id.startswith(run)] if run else []
     if len(matches) == 1:
         return matches[0]
     if matches:
         raise KeyError(f"run id prefix {run!r} matches {len(matches)} runs; give more of the id")
-    raise KeyError(f"no run {run!r} in the ledger {ledger.path}; `--run latest` names the last run")
+    raise KeyError(f"no run {run!r} in the ledger {ledger.location}; `--run latest` names the last run")
 
 
 def run_carbon(ledger: Ledger, run_id: str) -> RunCarbon:
@@ -152,7 +154,7 @@ def run_carbon(ledger: Ledger, run_id: str) -> RunCarbon:
     """
     run = ledger.run(run_id)
     if run is None:
-        raise KeyError(f"no run {run_id!r} in the ledger {ledger.path}")
+        raise KeyError(f"no run {run_id!r} in the ledger {ledger.location}")
     runs = ledger.runs(run.account)
     offsets = [o for o in ledger.offsets(run.account) if o.state != "failed"]
     return _share_offsets(run, runs, offsets)
@@ -319,7 +321,16 @@ def co2_eq_emissions(carbon: RunCarbon, *, training_type: str | None = None) -> 
     Returns:
         ``emissions`` in **grams** CO2eq (``kg_to_g`` of the ledger's figure, exact), ``source``,
         and, when known, ``training_type``, ``geographical_location`` and ``hardware_used``.
+
+    Raises:
+        ValueError: the run was not measured (status ``unmeasured``): its emissions are unknown,
+            and a figure of 0 g would claim they were measured as zero.
     """
+    if carbon.run.status == UNMEASURED:
+        raise ValueError(
+            f"run {carbon.run_id} was not measured (emissions tracking failed to start): its emissions "
+            "are unknown, so it has no co2_eq_emissions for a model card"
+        )
     data: dict[str, Any] = {"emissions": kg_to_g(carbon.emissions_kg), "source": source(carbon)}
     if training_type:
         data["training_type"] = training_type
@@ -349,6 +360,21 @@ def card_section(carbon: RunCarbon) -> str:
     """The markdown section "Carbon emissions and offsets" (between :data:`SECTION_BEGIN` and
     :data:`SECTION_END`), ending with a newline."""
     run = carbon.run
+    if run.status == UNMEASURED:  # its figures are no measurement: none is shown
+        return (
+            "\n".join(
+                [
+                    SECTION_BEGIN,
+                    f"## {SECTION_TITLE}",
+                    "",
+                    f"> **Not measured:** emissions tracking failed to start for carbonoffset run "
+                    f"`{run.run_id}`, so its energy and emissions are unknown (not zero).",
+                    "",
+                    SECTION_END,
+                ]
+            )
+            + "\n"
+        )
     rows = [
         ("Energy", format_energy(carbon.energy_kwh)),
         ("Emissions", f"{format_mass(carbon.emissions_kg)} CO2eq ({kg_to_g(carbon.emissions_kg)!r} g)"),
@@ -492,10 +518,11 @@ def metadata_yaml(carbon: RunCarbon, *, training_type: str | None = None) -> str
 
 
 def as_json(carbon: RunCarbon, *, training_type: str | None = None) -> dict[str, Any]:
-    """Everything as JSON values: the metadata block, the section, the figures and receipts (kg, kWh)."""
+    """Everything as JSON values: the metadata block (``None`` for a run that was not measured),
+    the section, the figures and receipts (kg, kWh)."""
     run = carbon.run
     return {
-        METADATA_KEY: co2_eq_emissions(carbon, training_type=training_type),
+        METADATA_KEY: None if run.status == UNMEASURED else co2_eq_emissions(carbon, training_type=training_type),
         "section": card_section(carbon),
         "statement": statement(carbon),
         "run": {
@@ -565,6 +592,11 @@ def statement(carbon: RunCarbon) -> str:
     run = carbon.run
     took = _run_time(run)
     epochs = f"{run.epochs} epoch{'s' if run.epochs != 1 else ''}"
+    if run.status == UNMEASURED:
+        return (
+            f"Training this model (carbonoffset run {run.run_id[:8]}, {epochs}) was not measured: emissions "
+            "tracking failed to start, so its energy use and emissions are unknown."
+        )
     head = (
         f"Training this model (carbonoffset run {run.run_id[:8]}, {epochs}"
         + (f", {took}" if took else "")
@@ -632,7 +664,7 @@ class _ledger:
     def __enter__(self) -> Ledger:
         if self._given is not None:
             return self._given
-        from carbonoffset.core.ledger.urls import normalize_location
+        from carbonoffset.core.ledger.urls import normalize_location, unmask
 
         path = self._path
         if path is None:
@@ -640,7 +672,7 @@ class _ledger:
 
             value = read_external_settings().get("offset_ledger")
             path = value if value else default_ledger_path()
-        location = normalize_location(path)
+        location = unmask(normalize_location(path))  # a report's URL has its password masked
         if isinstance(location, Path) and not location.exists():
             raise KeyError(f"no ledger at {location}; pass the ledger the run was recorded in")
         self._opened = Ledger(location)

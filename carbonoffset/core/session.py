@@ -103,6 +103,10 @@ class RunReport:
             ``"auto_offset is off"``, ``"offset_api_key is not set"``, ``"below threshold"``.
         estimated_kg: the estimated part of ``emissions_kg`` (CodeCarbon's
             late-start estimate; see :class:`EpochReport`).
+        spool_path: the local file holding the figures the ledger did not take (it did not
+            answer; see :mod:`carbonoffset.core.ledger.spool`), ``None`` when they are all in it.
+        measured: ``False`` when the emissions source failed to start: the figures are then no
+            measurement (the ledger's status is ``unmeasured``), never a measured zero.
 
     :attr:`summary` is the line logged at the end of every run.
     """
@@ -123,6 +127,8 @@ class RunReport:
     offset_threshold: float = 0.5
     not_bought: str | None = None
     estimated_kg: float = 0.0
+    spool_path: Path | None = None
+    measured: bool = True
 
     def metrics(self) -> dict[str, float]:
         """The same metrics as :meth:`EpochReport.metrics`, for the whole run."""
@@ -140,9 +146,12 @@ class RunReport:
         """One line: what the run recorded, what it bought, what stays pending and why, and where
         the figures are, e.g. ``recorded 0.0123 kg CO2eq (0.0456 kWh) in 5 epochs; bought 1 lb
         (0.454 kg) this run; 0.0271 kg pending below the 0.5 kg threshold; ledger /path``."""
+        epochs = f" in {self.epochs} epoch{'' if self.epochs == 1 else 's'}" if self.epochs else ""
         parts = [
-            f"recorded {_fmt(self.emissions_kg)} kg CO2eq ({_fmt(self.energy_kwh)} kWh)"
-            + (f" in {self.epochs} epoch{'' if self.epochs == 1 else 's'}" if self.epochs else "")
+            f"recorded {_fmt(self.emissions_kg)} kg CO2eq ({_fmt(self.energy_kwh)} kWh){epochs}"
+            if self.measured
+            else f"not measured{epochs}: emissions tracking failed to start (see the warning above), so this "
+            "run's emissions are unknown, not zero (status 'unmeasured' in the ledger)"
         ]
         if self.confirmed_lb:
             parts.append(f"bought {self.confirmed_lb} lb ({_fmt(self.confirmed_lb * KG_PER_LB)} kg) this run")
@@ -165,7 +174,13 @@ class RunReport:
             parts.append("nothing pending")
         if self.credit_kg > 0:
             parts.append(f"credit {_fmt(self.credit_kg)} kg")
-        if self.ledger_path is not None:
+        if self.spool_path is not None:  # where the figures are: not (all) in the ledger
+            parts.append(
+                f"the ledger {self.ledger_path} did not answer: the figures are kept on local disk in "
+                f"{self.spool_path} (account {self.account}) until the next run that opens it, or "
+                "`carbonoffset ledger replay`, writes them"
+            )
+        elif self.ledger_path is not None:
             parts.append(f"ledger {self.ledger_path} (account {self.account})")
         return "; ".join(parts)
 
@@ -214,6 +229,7 @@ class _Worker:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._idle = threading.Condition()
         self._outstanding = 0
+        self.done = 0  # jobs finished so far
         self._thread: threading.Thread | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
@@ -260,6 +276,7 @@ class _Worker:
             finally:
                 with self._idle:
                     self._outstanding -= 1
+                    self.done += 1
                     self._idle.notify_all()
 
 
@@ -352,6 +369,7 @@ class OffsetSession:
         self._exit_finalizer: Any = None
         self._ended_status: str | None = None
         self._key_check: threading.Thread | None = None
+        self._kept_path: Path | None = None  # where stop() kept the writes the ledger did not take
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -477,6 +495,7 @@ class OffsetSession:
             self._projection_checked = False
             self._outcomes = []
             self._ended_status = None
+            self._kept_path = None
             self.run_id = run_id
             self._segment_id = None  # the ledger row this process records to (the run's, or a segment's)
             if self.is_writer and self._ledger is not None and run_id is None:
@@ -957,9 +976,18 @@ class OffsetSession:
         if self._source_failed and self.is_tracking:
             status = "unmeasured"  # never a measured zero
         deadline = time.monotonic() + self.config.offset_timeout
+        # a busy ledger is waited for up to offset_timeout, one that does not answer (no write made
+        # for a ledger call's wait) no longer: what it has not taken is kept on local disk
+        answered = True
         if self.is_writer:
-            self.flush()  # the final figures are in the ledger
-        if final_offset and self.is_writer and self.config.auto_offset and self._get_offsetter() is not None:
+            answered = self._flush_while_answering(deadline)  # the final figures are in the ledger
+        if (
+            final_offset
+            and answered
+            and self.is_writer
+            and self.config.auto_offset
+            and self._get_offsetter() is not None
+        ):
             round_up = self.config.offset_round_up
             self._worker.submit(lambda: self._offset_job(round_up=round_up, respect_threshold=not round_up))
         if self._key_check is not None:  # a short run still hears about a refused key
@@ -973,10 +1001,11 @@ class OffsetSession:
         if self.is_writer and self._ledger is not None and self._segment_id is not None:
             self._queue_write({"op": "details", "run_id": self._segment_id, "details": self._run_details()})
             self._queue_write({"op": "end_run", "run_id": self._segment_id, "status": status})
-            self.flush(max(self.LEDGER_TIMEOUT_S, deadline - time.monotonic()))
+            if answered:
+                self._flush_while_answering(max(time.monotonic() + self.LEDGER_TIMEOUT_S, deadline))
             if self._unwritten and self._ledger_writer is not None:
                 # the ledger thread is still waiting for the ledger: keep the rest on local disk now
-                self._ledger_writer.keep(list(self._unwritten.values()))
+                self._kept_path = self._ledger_writer.keep(list(self._unwritten.values()))
         self._worker.shutdown()  # nothing left running after a run: the thread ends once idle
         self._writer.shutdown()
         self._ended_status = status if final_offset else f"{status}, without a final offset"
@@ -984,6 +1013,27 @@ class OffsetSession:
         if self.is_writer:
             logging.getLogger("carbonoffset").info("carbonoffset: %s", report.summary)
         return report
+
+    def _flush_while_answering(self, deadline: float) -> bool:
+        """:meth:`flush` until ``deadline`` (monotonic) while the ledger thread makes writes.
+
+        Returns:
+            ``False`` when it gave up because no write was made for a little longer than one
+            ledger call waits (a ledger that hangs); ``True`` otherwise, done or not.
+        """
+        while True:
+            made = self._writer.done
+            step = min(self.LEDGER_TIMEOUT_S + 1.0, deadline - time.monotonic())
+            if self._writer.wait(max(0.0, step)):
+                return True
+            if time.monotonic() >= deadline:
+                return True  # busy, not hung: as before, the rest is kept and the offset goes ahead
+            if self._writer.done == made:
+                return False
+
+    def _in_outage(self) -> bool:
+        """The ledger did not take the last write (it is kept on local disk)."""
+        return self._ledger_writer is not None and self._ledger_writer.outage
 
     def _run_details(self) -> dict[str, Any]:
         """What this run was measured on and where, for the ledger (see :meth:`Ledger.set_run_details`):
@@ -1004,12 +1054,12 @@ class OffsetSession:
     def report(self) -> RunReport:
         """The current :class:`RunReport` (cheap; reads the ledger once the figures recorded so far
         are written to it)."""
-        if self.is_writer:
+        if self.is_writer and not self._in_outage():  # (figures kept on local disk: not waited for)
             self.flush()
         total = self._last
         offset_kg = pending_kg = credit_kg = 0.0
         confirmed_lb = in_flight_lb = 0
-        outage = self._ledger_writer is not None and self._ledger_writer.outage
+        outage = self._in_outage()
         if outage:  # the ledger did not answer: the figures of the last read, not another timeout
             position = self._position
             balance_kg = position.balance_kg + max(0.0, total.emissions_kg - position.run_kg)
@@ -1042,11 +1092,18 @@ class OffsetSession:
             credit_kg=credit_kg,
             ledger_path=(self._ledger.path or self._ledger.location) if self._ledger is not None else None,
             offset_threshold=self.config.offset_threshold,
-            not_bought=self._not_bought(confirmed_lb + in_flight_lb, pending_kg, credit_kg),
+            not_bought=self._not_bought(confirmed_lb + in_flight_lb, pending_kg, credit_kg, outage=outage),
             estimated_kg=total.estimated_kg,
+            measured=not (self._source_failed and self.is_tracking)
+            and not (self._ended_status or "").startswith("unmeasured"),
+            spool_path=(self._kept_path or self._ledger_writer.spool.path)
+            if outage and self._ledger_writer is not None
+            else None,
         )
 
-    def _not_bought(self, bought_lb: int, pending_kg: float, credit_kg: float) -> str | None:
+    def _not_bought(
+        self, bought_lb: int, pending_kg: float, credit_kg: float, *, outage: bool = False
+    ) -> str | None:
         """Why the run bought nothing (``None`` when it did, or on ranks that do not offset)."""
         if bought_lb or not self.is_writer:
             return None
@@ -1070,6 +1127,8 @@ class OffsetSession:
             return f"the run ended {ended}"
         if pending_kg < self.config.offset_threshold:
             return NOT_BOUGHT_BELOW_THRESHOLD
+        if outage:  # offsets are decided only from the ledger itself
+            return "the ledger did not answer, and offsets are decided only from it"
         if self.running:
             return "the run is still going"
         return "the offset did not finish within offset_timeout (see the warning above)"
@@ -1082,7 +1141,8 @@ class OffsetSession:
         """
         if self.running:
             self.stop(final_offset=False, status="interrupted")
-        self.flush()  # epoch figures still queued are written first
+        # epoch figures still queued are written first (kept on local disk at once in an outage)
+        self.flush(0.0 if self._in_outage() else self.LEDGER_TIMEOUT_S)
         self._writer.shutdown()
         if self._ledger_writer is not None:
             if self._unwritten:
@@ -1092,6 +1152,10 @@ class OffsetSession:
             if self._worker.busy:
                 # an offset still in flight after stop() finishes with the ledger open
                 self._worker.submit(self._ledger.close)
+            elif self._writer.busy:
+                # the ledger thread still waits for a ledger that does not answer: closed after it
+                self._writer.submit(self._ledger.close)
+                self._writer.shutdown()
             else:
                 self._ledger.close()
         self._worker.shutdown()

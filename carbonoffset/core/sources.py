@@ -43,6 +43,10 @@ class Measurement:
             :data:`DETAIL_FIELDS` of its ``EmissionsData`` (hardware, location, tracking mode,
             versions; ``ram_total_size`` in GB, ``duration`` in s); empty when the source gives none.
             Not compared by ``==``. A sum keeps both sides' details (the right side's win).
+            Keyword only in practice: the third positional field is ``estimated_kg``.
+
+    Raises:
+        TypeError: a figure is not a number (e.g. details given positionally).
     """
 
     emissions_kg: float = 0.0
@@ -50,6 +54,15 @@ class Measurement:
     estimated_kg: float = 0.0
     estimated_kwh: float = 0.0
     details: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # details positionally (``Measurement(kg, kwh, {...})``) would land in ``estimated_kg``
+        for name in ("emissions_kg", "energy_kwh", "estimated_kg", "estimated_kwh"):
+            if not isinstance(getattr(self, name), numbers.Real):
+                raise TypeError(
+                    f"Measurement.{name} must be a number (got {type(getattr(self, name)).__name__}); "
+                    "pass details by keyword: Measurement(kg, kwh, details={...})"
+                )
 
     def __add__(self, other: Measurement) -> Measurement:
         details = (

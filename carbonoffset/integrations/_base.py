@@ -281,7 +281,8 @@ class CallbackCore:
             )
             mine = None
             if session.is_writer:  # records, offsets, decides (and warns) for the job
-                mine = session.record(Measurement(*summed), epoch=epoch, max_epochs=max_epochs)
+                kg, kwh, estimated_kg, estimated_kwh = summed
+                mine = session.record(Measurement(kg, kwh, estimated_kg, estimated_kwh), epoch=epoch, max_epochs=max_epochs)
             # global rank 0's figures (offset, pending, budget decision) on every process
             report = collective.broadcast(mine)
         self.last_report = report
@@ -299,8 +300,11 @@ class CallbackCore:
             self.final_report = session.stop()
         else:
             node = session.stop_tracking()
-            emissions_kg, energy_kwh = collective.sum([node.emissions_kg, node.energy_kwh])
-            report = session.stop(total=Measurement(emissions_kg, energy_kwh))
+            kg, kwh, estimated_kg, estimated_kwh = collective.sum(
+                [node.emissions_kg, node.energy_kwh, node.estimated_kg, node.estimated_kwh]
+            )
+            # the estimated part stays labelled
+            report = session.stop(total=Measurement(kg, kwh, estimated_kg, estimated_kwh))
             self.final_report = collective.broadcast(report)
         return self.final_report
 

@@ -261,3 +261,33 @@ def test_a_failed_run_is_stated_as_one(tmp_path: Path) -> None:
     assert f"(carbonoffset run {run_id[:8]}, 2 epochs, " in card.statement(carbon)
     assert ", failed before its end)" in card.statement(carbon)
     assert "> The training run failed before its end" in card.card_section(carbon)
+
+
+def test_a_card_from_the_report_of_a_run_on_a_team_ledger_opens_that_ledger(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The report shows the URL with its password masked; the card is still made from that ledger,
+    and a run it lacks is named with the masked URL (never the password, never "None")."""
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import ModelCard
+
+    from carbonoffset.core.ledger.urls import url_password
+
+    session = OffsetSession(
+        source=ScriptedEmissions([0.004, 0.008], details=HARDWARE),
+        offset_ledger=postgres_url,
+        offset_environment="sandbox",
+    )
+    session.start()
+    session.record_epoch(0)
+    report = session.stop()
+    session.close()
+    password = url_password(postgres_url)
+    assert password and password not in str(report.ledger_path)
+    path = card.update_model_card(tmp_path / "README.md", report)
+    assert ModelCard.load(path).data.co2_eq_emissions["emissions"] == 4.0  # the last figure read, in g
+    assert report.run_id is not None and report.run_id in path.read_text()
+    with pytest.raises(KeyError) as info:
+        card.update_model_card(tmp_path / "README.md", "nope", ledger=report.ledger_path)
+    message = str(info.value)
+    assert str(report.ledger_path) in message and "None" not in message and password not in message

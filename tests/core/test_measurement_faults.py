@@ -7,6 +7,7 @@ processes whose ``TMPDIR`` is the test's own folder, so they never touch the mac
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import sys
@@ -115,6 +116,39 @@ def test_a_dead_source_warns_once_and_its_run_is_recorded_unmeasured(
     assert run.status == "unmeasured"  # never a measured zero
 
 
+def test_an_unmeasured_run_is_never_stated_as_a_measured_zero(
+    ledger_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The end line, the statement, the card section and the model card metadata of a run whose
+    source failed to start say it was not measured; none of them claims 0 kg or 0 g."""
+    from carbonoffset.core import card
+
+    session = OffsetSession(source=_DeadSource(), offset_ledger=ledger_path, auto_offset=False)
+    with caplog.at_level(logging.INFO, logger="carbonoffset"):
+        session.start()
+        for epoch in range(3):
+            session.record_epoch(epoch)
+        report = session.stop()
+    session.close()
+    assert not report.measured
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "carbonoffset"]
+    assert line == f"carbonoffset: {report.summary}"
+    assert "not measured" in line and "recorded 0 kg" not in line
+    with Ledger(ledger_path) as ledger:
+        carbon = card.run_carbon(ledger, report.run_id)  # type: ignore[arg-type]
+    assert "not measured" in card.statement(carbon) and " 0 g" not in card.statement(carbon)
+    section = card.card_section(carbon)
+    assert "Not measured" in section and "0 g" not in section and "0 Wh" not in section
+    with pytest.raises(ValueError, match="not measured"):
+        card.co2_eq_emissions(carbon)
+    assert card.as_json(carbon)["co2_eq_emissions"] is None
+    if importlib.util.find_spec("huggingface_hub") is not None:
+        readme = tmp_path / "README.md"
+        with pytest.raises(ValueError, match="not measured"):
+            card.update_model_card(readme, report, ledger=ledger_path)
+        assert not readme.exists()  # no card claims 0 g
+
+
 _LOCKED = textwrap.dedent(
     """
     import json, logging, os, signal, sys, tempfile, time
@@ -156,7 +190,7 @@ _LOCKED = textwrap.dedent(
     # 2. the drop-in honours the setting: refused, named once, recorded as unmeasured
     from carbonoffset import OfflineEmissionsTracker
     from carbonoffset.testing import FakeOneClickImpact
-    fake = FakeOneClickImpact(environment="sandbox").start()  # the key check never reaches the real service
+    fake = FakeOneClickImpact(environment="sandbox").start()  # the key check: never the real service
     tracker = OfflineEmissionsTracker(country_iso_code="FRA", offset_api_key="test_lock_key",
                                       offset_environment="sandbox", auto_offset=False, offset_ledger=LEDGER2,
                                       offset_api_url=fake.url, output_methods=[], log_level="critical")

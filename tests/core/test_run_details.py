@@ -30,9 +30,12 @@ def test_a_sum_keeps_the_details_and_equality_ignores_them() -> None:
     measured = Measurement(0.002, 0.04, details={"cpu_model": "A", "region": "x"})
     total = Measurement(0.001, 0.02) + measured
     assert total.details == {"cpu_model": "A", "region": "x"}
+    assert total.estimated_kg == 0.0
     assert (measured + Measurement(0.0, 0.0, details={"region": "y"})).details == {"cpu_model": "A", "region": "y"}
     assert Measurement(1.0, 2.0, details={"a": 1}) == Measurement(1.0, 2.0)
     assert Measurement().details == {}
+    with pytest.raises(TypeError, match="details by keyword"):  # the third positional is estimated_kg
+        Measurement(1.0, 2.0, {"a": 1})  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- real CodeCarbon

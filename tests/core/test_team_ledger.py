@@ -250,6 +250,86 @@ def test_a_postgresql_server_down_at_start_and_mid_run_never_stalls_training(
     assert any("kept on local disk" in m for m in messages), messages
 
 
+def test_the_end_line_of_a_run_whose_ledger_never_answered_says_the_figures_are_on_local_disk(
+    tmp_path: Path, server: FakeOneClickImpact, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A team ledger whose server is down for the whole run: the end line names the spool file that
+    holds the figures (not the ledger, which has none of them) and says why nothing was bought."""
+    url = "postgresql://team:Pw-not-shown@127.0.0.1:1/ledger"  # nothing listens on port 1
+    session = OffsetSession(
+        source=ScriptedEmissions([0.4, 0.8, 1.3]),
+        offset_ledger=url,
+        offset_api_key="test_team_key_0002",
+        offset_environment="sandbox",
+        offset_api_url=server.url,
+        offset_timeout=5.0,
+        offsetter_options=FAST,
+    )
+    caplog.set_level(logging.INFO, logger="carbonoffset")
+    session.start()
+    for epoch in range(3):
+        session.record_epoch(epoch)
+    report = session.stop()
+    spooled = sorted((tmp_path / "home").rglob("spool/*.jsonl"))
+    assert len(spooled) == 1
+    assert report.spool_path == spooled[0]
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("carbonoffset: recorded")]
+    assert len(ends) == 1 and ends[0] == f"carbonoffset: {report.summary}"
+    assert f"kept on local disk in {spooled[0]}" in report.summary
+    assert "offset_timeout" not in report.summary  # nothing was in flight: the ledger did not answer
+    assert "the ledger did not answer" in (report.not_bought or "")
+    assert "Pw-not-shown" not in report.summary
+    session.close()
+    assert server.total_lb() == 0  # offsets are decided only from the ledger itself
+
+
+@pytest.mark.slow
+def test_a_ledger_server_that_never_answers_holds_the_runs_end_one_ledger_timeout_and_loses_nothing(
+    tmp_path: Path, server: FakeOneClickImpact
+) -> None:
+    """A server that accepts connections and never answers (a hung host): stop() waits for it no
+    longer than one ledger call does, not offset_timeout; close() returns at once; the run's
+    figures, details and end are all on local disk, and a replay writes them once."""
+    import socket
+
+    from carbonoffset.core.ledger.spool import replay_left_over
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        url = f"postgresql://team:Pw-not-shown@127.0.0.1:{hole.getsockname()[1]}/ledger"
+        session = OffsetSession(
+            source=ScriptedEmissions([0.4, 0.8, 1.3], details={"cpu_model": "EPYC"}),
+            offset_ledger=url,
+            offset_api_key="test_team_key_0003",
+            offset_environment="sandbox",
+            offset_api_url=server.url,
+            offset_timeout=30.0,
+            offsetter_options=FAST,
+        )
+        run_id = session.start()
+        for epoch in range(3):
+            session.record_epoch(epoch)
+        began = time.perf_counter()
+        report = session.stop()
+        stop_s = time.perf_counter() - began
+        began = time.perf_counter()
+        session.close()
+        close_s = time.perf_counter() - began
+        assert stop_s < OffsetSession.LEDGER_TIMEOUT_S + 2.0, stop_s
+        assert close_s < 1.0, close_s
+        assert report.spool_path is not None and report.spool_path.exists()
+        assert report.emissions_kg == pytest.approx(1.3)
+        with Ledger(tmp_path / "replayed.sqlite3") as ledger:
+            assert replay_left_over(ledger, report.ledger_path) > 0  # type: ignore[arg-type]
+            run = ledger.run(run_id)  # type: ignore[arg-type]
+            assert run is not None and run.status == "finished"
+            assert (run.emissions_kg, run.epochs) == (pytest.approx(1.3), 3)
+            assert run.details["cpu_model"] == "EPYC"
+            assert ledger.balance(session.config.account).recorded_kg == pytest.approx(1.3)  # once
+    assert server.total_lb() == 0
+
+
 # ------------------------------------------------------------ reports, copies
 def _fill(target: Path | str) -> tuple[str, str]:
     with Ledger(target) as ledger:
@@ -294,6 +374,21 @@ def test_report_by_run_project_host_and_account(ledger_target: Path | str) -> No
     assert runner.invoke(app, ["report", "--ledger", str(ledger_target), "--by", "moon"]).exit_code != 0
     if isinstance(ledger_target, str):
         assert ledger_target.split(":")[2].split("@")[0] not in done.stdout  # the password
+
+
+def test_report_plot_of_a_team_ledger(ledger_target: Path | str, tmp_path: Path) -> None:
+    """`report --plot` (and `--plot --run`) on both backends: a PNG, the password in no output."""
+    pytest.importorskip("matplotlib")
+    first, _ = _fill(ledger_target)
+    runner = CliRunner()
+    for extra in ([], ["--run", first]):
+        plot = tmp_path / f"plot{len(extra)}.png"
+        done = runner.invoke(app, ["report", "--ledger", str(ledger_target), "--plot", str(plot), *extra])
+        assert done.exit_code == 0, done.output
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if isinstance(ledger_target, str):
+            password = ledger_target.split(":")[2].split("@")[0]
+            assert password not in done.output and password.encode() not in plot.read_bytes()
 
 
 def test_ledger_copy_keeps_ids_is_idempotent_and_refuses_conflicts(
@@ -404,3 +499,31 @@ def test_figures_spooled_by_an_ended_process_are_written_by_ledger_replay(ledger
         run = ledger.run("r1")
         assert run is not None and (run.status, run.emissions_kg) == ("finished", pytest.approx(0.3))
         assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.3)
+
+
+def test_a_spool_torn_by_a_crash_holds_up_no_other_spool(ledger_path: Path) -> None:
+    """Two spools left by ended processes; the first ends in a line torn mid-write (power cut, full
+    disk). `ledger replay` writes every whole line of both, and says nothing is left after."""
+    from carbonoffset.core.ledger.spool import LedgerWriter
+
+    closed = Ledger(ledger_path)
+    closed.close()  # every write now fails: they go to the spool
+    paths = []
+    for run_id, kg in (("r1", 0.2), ("r2", 0.4)):
+        writer = LedgerWriter(closed)
+        start = {"op": "start_run", "run_id": run_id, "account": SANDBOX, "environment": "sandbox", "nodes": 1}
+        assert not writer.write(start)
+        assert not writer.write({**start, "op": "record", "emissions_kg": kg, "energy_kwh": kg, "epoch": 0})
+        paths.append(writer.spool.path)
+        writer.close()
+    first = min(paths)  # replayed first (sorted names)
+    with first.open("a", encoding="utf-8") as torn:
+        torn.write('{"account": "sandbox:aaaa", "emissions_kg": 0.3, "energy')  # no newline: the crash
+    runner = CliRunner()
+    done = runner.invoke(app, ["ledger", "replay", "--ledger", str(ledger_path)])
+    assert done.exit_code == 0 and "Wrote 4" in done.stdout, done.output
+    with Ledger(ledger_path) as ledger:
+        assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.6)
+    assert not any(p.exists() for p in paths)
+    again = runner.invoke(app, ["ledger", "replay", "--ledger", str(ledger_path)])
+    assert again.exit_code == 0 and "Nothing spooled" in again.stdout, again.output

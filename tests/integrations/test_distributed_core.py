@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.sources import Measurement
 from carbonoffset.integrations._base import CallbackCore, Collective
 from carbonoffset.testing import ScriptedEmissions
 
@@ -189,3 +190,40 @@ def test_docs_page_shows_the_tested_commands_and_real_code() -> None:
         "TrainingArguments(use_cpu=True)",
     ):
         assert shown in text, shown
+
+
+class _LateStarted:
+    """A source whose figures include an estimate (a tracker that started late): 0.1 kg of each."""
+
+    def __init__(self, kg: float) -> None:
+        self.kg = kg
+
+    def start(self) -> None:
+        pass
+
+    def read(self) -> Measurement:
+        return Measurement(self.kg, self.kg * 10, 0.1, 1.0)
+
+    def stop(self) -> Measurement:
+        return self.read()
+
+
+def test_the_final_report_of_a_two_node_run_keeps_the_estimated_part(
+    settings: dict[str, Any], ledger_path: Path
+) -> None:
+    """Both nodes' late-start estimates are labelled in the job's final figures, as in its epochs."""
+    collective = ThreadCollective(2)
+    cores = [CallbackCore(source=_LateStarted(kg), **_settings(settings)) for kg in (0.4, 0.6)]
+
+    def rank(r: int) -> Callable[[], Any]:
+        def job() -> Any:
+            core = cores[r]
+            core.begin(global_rank=r, local_rank=0, nodes=1, world_size=2, collective=collective.for_rank(r))
+            return core.epoch_end(0), core.end()
+
+        return job
+
+    (epoch0, final0), (_, final1) = _on_ranks(rank(0), rank(1))
+    assert epoch0.estimated_kg == pytest.approx(0.2)
+    assert final0 == final1 and final0.emissions_kg == pytest.approx(1.0)
+    assert final0.estimated_kg == pytest.approx(0.2)  # 0.1 kg estimated on each node

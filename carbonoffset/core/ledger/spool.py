@@ -37,6 +37,24 @@ def spool_directory() -> Path:
     return platformdirs.user_data_path("carbonoffset", appauthor=False) / "spool"
 
 
+def _ops(text: str, path: Path) -> list[dict[str, Any]]:
+    """The writes in a spool file's text. A line that is not JSON (the last one, torn by a crash or a
+    full disk before its ``fsync``) is skipped with a warning, so it cannot hold up the others."""
+    ops = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            op = json.loads(line)
+        except ValueError:
+            op = None
+        if isinstance(op, dict) and "op" in op:
+            ops.append(op)
+        else:
+            logger.warning("skipping a damaged line of the spool file %s (%d characters)", path, len(line))
+    return ops
+
+
 def _start(ledger: Any, op: dict[str, Any]) -> None:
     ledger.start_run(
         account=op["account"],
@@ -121,7 +139,7 @@ class Spool:
         if self._handle is None or not self.pending:
             return 0
         self._handle.seek(0)
-        ops = [json.loads(line) for line in self._handle.read().splitlines() if line.strip()]
+        ops = _ops(self._handle.read(), self.path)
         for op in ops:
             apply(ledger, op, replay=True)
         self._handle.seek(0)
@@ -163,7 +181,7 @@ def replay_left_over(ledger: Any, location: Path | str, directory: Path | None =
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # its process is alive and writes it itself
-            ops = [json.loads(line) for line in handle.read().splitlines() if line.strip()]
+            ops = _ops(handle.read(), path)
             for op in ops:
                 apply(ledger, op, replay=True)
             made += len(ops)
@@ -197,6 +215,8 @@ class LedgerWriter:
         self._wait = self.RETRY_INITIAL_S
         self.last_error: str | None = None
         self._warned = False
+        #: spool files :meth:`keep` wrote while the spool was being replayed
+        self.kept_paths: list[Path] = []
 
     @property
     def outage(self) -> bool:
@@ -244,10 +264,34 @@ class LedgerWriter:
         self.last_error = None
         return True
 
-    def keep(self, ops: list[dict[str, Any]]) -> None:
-        """Spool ``ops`` at once, without trying the ledger (writes a run could not wait for)."""
-        if ops:
-            self._keep(ops)
+    #: Longest :meth:`keep` waits for the spool while the ledger thread replays it (s).
+    KEEP_WAIT_S = 0.05
+
+    def keep(self, ops: list[dict[str, Any]]) -> Path | None:
+        """Spool ``ops`` at once, without trying the ledger (writes a run could not wait for).
+
+        While the ledger thread replays the spool to a ledger that is slow to answer, they go
+        to a spool file of their own instead (closed at once, so the next replay writes it).
+
+        Returns:
+            The file that holds them (``None`` for no ops).
+        """
+        if not ops:
+            return None
+        if self._spool_lock.acquire(timeout=self.KEEP_WAIT_S):
+            try:
+                for op in ops:
+                    self.spool.append(op)
+            finally:
+                self._spool_lock.release()
+            return self.spool.path
+        own = Spool(self.ledger.path if self.ledger.path is not None else self.ledger.location, self.spool.directory)
+        for op in ops:
+            own.append(op)
+        path = own.path
+        own.close()  # not empty: it stays, unlocked, for the next replay
+        self.kept_paths.append(path)
+        return path
 
     def _keep(self, ops: list[dict[str, Any]]) -> None:
         with self._spool_lock:
@@ -269,6 +313,15 @@ class LedgerWriter:
 
     def close(self) -> None:
         """Close the spool; say where the figures are if some never reached the ledger."""
+        for path in self.kept_paths:
+            logger.warning(
+                "the run's last figures were kept on local disk in %s while the ledger %s did not answer (%s); "
+                "the next run that opens this ledger writes them (or `carbonoffset ledger replay`)",
+                path,
+                self.ledger.location,
+                self.last_error,
+            )
+        self.kept_paths = []
         if self.spool.pending:
             logger.warning(
                 "the run's last figures are not in the ledger %s (%s): %d writes are kept on local disk in "

@@ -27,7 +27,7 @@ from carbonoffset.core.errors import LedgerError, LedgerUnavailableError
 from carbonoffset.core.ledger import schema
 from carbonoffset.core.ledger.filesystems import warn_if_network_filesystem
 from carbonoffset.core.ledger.records import utc_now
-from carbonoffset.core.ledger.urls import mask_password, normalize_location, scrub, url_password
+from carbonoffset.core.ledger.urls import mask_password, normalize_location, remember_url, scrub, url_password
 
 logger = logging.getLogger("carbonoffset.core.ledger")
 
@@ -112,6 +112,7 @@ class Store:
         self._closed = False
         if self._url_text is not None:
             self._sa_url = database_url(self._url_text)
+            remember_url(self._url_text)
         if connect or self.path is not None:
             with self._lock:
                 self._ensure_open()

@@ -49,6 +49,24 @@ def scrub(text: str, *secrets: str | None) -> str:
     return text
 
 
+# The URLs (password included) this process opened ledgers at, by their masked form: reports show
+# only the masked one, and ``update_model_card(path, report)`` opens the report's ledger again.
+_OPENED_URLS: dict[str, str] = {}
+
+
+def remember_url(url: str) -> None:
+    """Note that a ledger was opened at ``url`` (see :func:`unmask`)."""
+    _OPENED_URLS[mask_password(url)] = url
+
+
+def unmask(location: Path | str) -> Path | str:
+    """The URL a ledger of this process was opened at, for its masked form (a report's
+    ``ledger_path``); anything else unchanged."""
+    if isinstance(location, str):
+        return _OPENED_URLS.get(location, location)
+    return location
+
+
 def normalize_location(value: str | os.PathLike[str]) -> Path | str:
     """A :class:`~pathlib.Path` for a SQLite file (``sqlite:///path`` URLs too), else the URL text."""
     if isinstance(value, str) and is_database_url(value):
