@@ -337,8 +337,10 @@ def plot_ledger(
     if run_id is not None:
         from carbonoffset.core.card import resolve_run_id
 
-        run = book.run(resolve_run_id(book, run_id))
-        assert run is not None  # resolve_run_id only returns ids the ledger holds
+        resolved = book.run(resolve_run_id(book, run_id))
+        if resolved is None:  # resolve_run_id names only runs the ledger holds
+            raise KeyError(f"no run {run_id!r} in the ledger {book.location}")
+        run = resolved
         series, exact = _run_series(book, run)
         until = _when(run.ended_utc) if run.ended_utc else now
         family = (

@@ -116,7 +116,8 @@ class FakeOneClickImpact:
         if self._server is None:
             raise RuntimeError("the server is not running; call start() first")
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://{name}:{port}"
 
     def start(self) -> FakeOneClickImpact:
         """Start serving on a background thread; returns ``self``."""
