@@ -719,6 +719,8 @@ def ledger_replay(ledger: LedgerOption = None) -> None:
     from carbonoffset.core.ledger.urls import normalize_location
 
     where = normalize_location(ledger) if ledger else _ledger_setting()
+    if isinstance(where, Path) and not where.exists():  # a typo must not create an empty ledger
+        raise _fail(EXIT_LEDGER, f"no ledger at {where}; pass --ledger with the ledger the figures were kept for")
     with _open_ledger(where) as book:
         try:
             made = replay_left_over(book, book.path or book.location)

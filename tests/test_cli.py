@@ -137,6 +137,10 @@ def test_bad_ledger_exits_3_and_is_left_untouched(
     assert bad.read_bytes() == before
     result = runner.invoke(app, ["report", "--ledger", str(tmp_path / "missing.sqlite3")])
     assert result.exit_code == EXIT_LEDGER
+    for command in (["report"], ["ledger", "replay"]):  # a mistyped path never creates an empty ledger
+        result = runner.invoke(app, [*command, "--ledger", str(tmp_path / "typo.sqlite3")])
+        assert result.exit_code == EXIT_LEDGER and "no ledger at" in result.output, command
+        assert not (tmp_path / "typo.sqlite3").exists()
 
 
 def test_adopt_moves_runs_recorded_without_a_key(
