@@ -57,6 +57,9 @@ class EpochReport:
             measured by CodeCarbon, kg CO2eq (see
             :attr:`~carbonoffset.core.sources.Measurement.estimated_kg`); 0 in
             the final figures unless CodeCarbon itself started late.
+        measured: ``False`` when the emissions source failed to start: ``energy_kwh`` and
+            ``emissions_kg`` are then no measurement, and :meth:`metrics` leaves them out rather
+            than log a false zero.
     """
 
     epoch: int | None
@@ -67,17 +70,26 @@ class EpochReport:
     credit_kg: float = 0.0
     over_budget: bool = False
     estimated_kg: float = 0.0
+    measured: bool = True
 
     def metrics(self) -> dict[str, float]:
         """The logged metrics: ``carbon/energy_kwh``, ``carbon/emissions_kg``,
         ``carbon/offset_kg``, ``carbon/pending_kg`` and ``carbon/estimated_kg``
-        (the estimated part of ``carbon/emissions_kg``)."""
+        (the estimated part of ``carbon/emissions_kg``). A run that is not :attr:`measured`
+        logs only ``carbon/offset_kg`` and ``carbon/pending_kg``: its emissions are unknown, not 0."""
+        measured = (
+            {
+                f"{METRIC_PREFIX}energy_kwh": self.energy_kwh,
+                f"{METRIC_PREFIX}emissions_kg": self.emissions_kg,
+            }
+            if self.measured
+            else {}
+        )
         return {
-            f"{METRIC_PREFIX}energy_kwh": self.energy_kwh,
-            f"{METRIC_PREFIX}emissions_kg": self.emissions_kg,
+            **measured,
             f"{METRIC_PREFIX}offset_kg": self.offset_kg,
             f"{METRIC_PREFIX}pending_kg": self.pending_kg,
-            f"{METRIC_PREFIX}estimated_kg": self.estimated_kg,
+            **({f"{METRIC_PREFIX}estimated_kg": self.estimated_kg} if self.measured else {}),
         }
 
 
@@ -139,6 +151,7 @@ class RunReport:
             self.offset_kg,
             self.pending_kg,
             estimated_kg=self.estimated_kg,
+            measured=self.measured,
         ).metrics()
 
     @property
@@ -829,6 +842,7 @@ class OffsetSession:
             credit_kg,
             over,
             estimated_kg=total.estimated_kg,
+            measured=not (self._source_failed and self.is_tracking),
         )
 
     # ---------------------------------------------------------------- offsets
