@@ -21,6 +21,7 @@ import sqlite3
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -405,11 +406,44 @@ def test_a_locked_ledger_never_blocks_record_epoch_and_flush_writes_in_order(
         blocker.close()
     assert session.flush(30)
     with Ledger(settings["offset_ledger"]) as ledger:
-        assert [row[1] for row in _records(ledger, run_id)] == [0, 1, 2]  # all three, in order
+        # in order, the last epoch's figures last; epochs queued meanwhile are written as one
+        # record (records are cumulative), not lost: see test_short_epochs_cost_one_ledger_write_a_second
+        epochs = [row[1] for row in _records(ledger, run_id)]
+        assert epochs == sorted(epochs) and epochs[-1] == 2
         assert ledger.run(run_id).emissions_kg == pytest.approx(0.3)  # type: ignore[union-attr]
+        assert ledger.run(run_id).epochs == 3  # type: ignore[union-attr]
     report = session.stop()
     session.close()
     assert report.emissions_kg == pytest.approx(0.3) and report.epochs == 3
+
+
+def test_short_epochs_cost_one_ledger_write_a_second_and_lose_nothing(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    """Epochs far shorter than OffsetSession.RECORD_INTERVAL_S are written as one record per
+    interval (the latest cumulative figures), so the ledger thread does not compete with
+    training at every epoch; flush() writes the latest at once; nothing is lost."""
+    figures = [0.01 * (e + 1) for e in range(200)]
+    session = OffsetSession(source=ScriptedEmissions(figures), offsetter_options=FAST, **settings)
+    run_id = session.start()
+    assert session.flush(5)
+    started = time.monotonic()
+    for epoch in range(200):
+        session.record_epoch(epoch)
+        time.sleep(0.005)  # 200 epochs of about 5 ms: about one second
+    spent = time.monotonic() - started
+    assert session.flush(5)
+    with Ledger(settings["offset_ledger"]) as ledger:
+        epochs = [row[1] for row in _records(ledger, run_id)]
+        run = ledger.run(run_id)
+    assert epochs == sorted(epochs) and epochs[-1] == 199
+    # one write at the first epoch, then at most one per interval started, plus flush's
+    assert len(epochs) <= 2 + spent / OffsetSession.RECORD_INTERVAL_S + 1
+    assert run is not None and run.epochs == 200
+    assert run.emissions_kg == pytest.approx(2.0)
+    report = session.stop()
+    session.close()
+    assert report.emissions_kg == pytest.approx(2.0) and report.epochs == 200
 
 
 def _records(ledger: Ledger, run_id: str | None) -> list[tuple[Any, ...]]:
