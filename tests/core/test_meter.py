@@ -21,8 +21,8 @@ import pytest
 from _scripts import run_script
 
 from carbonoffset.core import meter as meter_module
+from carbonoffset.core.measurement import Measurement
 from carbonoffset.core.meter import MeterSource, warm_up_meter
-from carbonoffset.core.sources import Measurement
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals and fork are POSIX")
 
@@ -314,8 +314,8 @@ def test_the_power_a_run_measured_is_remembered_for_the_first_seconds_of_the_nex
     before = estimates.prior("FRA", {})
     assert before.origin == "default"  # a machine (home) where carbonoffset never ran
     assert before.kg_per_kwh == pytest.approx(0.056039)  # CodeCarbon's figure for France
-    assert before.power_w == estimates.DEFAULT_W_PER_THREAD * (os.cpu_count() or 1) + estimates._ram_w(  # noqa: SLF001
-        estimates._memory_gb()  # noqa: SLF001
+    assert before.power_w == estimates.DEFAULT_W_PER_THREAD * (os.cpu_count() or 1) + estimates.ram_w(
+        estimates.memory_gb()
     )
     source = MeterSource("FRA", refresh_s=0.2)
     source.start()
