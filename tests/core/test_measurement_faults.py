@@ -20,9 +20,10 @@ import pytest
 from _scripts import run_script, subprocess_env
 
 from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.measurement import Measurement
 from carbonoffset.core.meter import MeterSource
 from carbonoffset.core.session import OffsetSession
-from carbonoffset.core.sources import CodeCarbonSource, Measurement
+from carbonoffset.core.sources import CodeCarbonSource
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals are POSIX")
 
