@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,19 @@ def warm_up_meter(**tracker_kwargs: Any) -> None:
     _give_back(meter)
 
 
+def idle_meter_pids() -> list[int]:
+    """Process ids of the started measuring processes waiting for a run that were started in the
+    current context (working folder, home folder and ``CODECARBON_*`` variables: where a meter
+    reads CodeCarbon's settings from), whatever their tracker arguments.
+
+    A later :class:`MeterSource` run with the same tracker arguments takes one of them instead of
+    starting a process (see :func:`warm_up_meter`).
+    """
+    context = _context()
+    with _pool_lock:
+        return [meter.process.pid for meter in _idle if meter.context == context]
+
+
 class MeterSource:
     """Measures with CodeCarbon in a separate measuring process (the default for training sessions).
 
@@ -357,6 +371,30 @@ class MeterSource:
         fall-back, in this one)."""
         return self._meter is not None or self._fallback is not None
 
+    @property
+    def meter_pid(self) -> int | None:
+        """Process id of the measuring process measuring the current run; ``None`` between runs
+        and while the run is measured in this process (:attr:`measuring_in_process`)."""
+        meter = self._meter
+        return meter.process.pid if meter is not None else None
+
+    @property
+    def measuring_in_process(self) -> bool:
+        """True while the current run is measured in this process by a ``CodeCarbonSource``
+        (from the start, or after a fall-back: see the class notes); False while the measuring
+        process measures it, and between runs."""
+        return self._fallback is not None
+
+    def receiver(self) -> Callable[[dict[str, Any]], None]:
+        """The function the measuring process's messages for the current run are handed to (on
+        the reader thread), one JSON object of the protocol (see the module notes) a call.
+
+        It is bound to the run current when it is taken: after the next :meth:`start`, what it
+        is given is ignored, so a late reading never leaks into another run.
+        """
+        run = self._run
+        return lambda message: self._on_message(run, message)
+
     # ----------------------------------------------------------------- protocol
     def start(self) -> None:
         """Begin a new run in the measuring process (starting one when none is idle)."""
@@ -385,8 +423,7 @@ class MeterSource:
                 self._fall_back_locked(f"the measuring process could not be started ({exc})")
                 return
             self._meter = meter
-            run = self._run
-            meter.listener = lambda message: self._on_message(run, message)
+            meter.listener = self.receiver()
             sent = meter.send(
                 {
                     "op": "start",

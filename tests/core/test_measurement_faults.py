@@ -72,7 +72,7 @@ def test_figures_stay_live_and_marked_estimated_while_the_meter_gives_no_reading
         return source.read().energy_kwh > before.energy_kwh
 
     _wait(growing)
-    pid = source._meter.process.pid  # noqa: SLF001 -- the process to freeze
+    pid = source.meter_pid  # the process to freeze
     os.kill(pid, signal.SIGSTOP)  # alive, sending nothing: its readings froze
     try:
         first = source.read()
