@@ -9,7 +9,7 @@ its last reading) at a power and a carbon intensity (see :func:`prior`):
 2. else **remembered**: the average power and intensity of the last run
    measured on this machine with the same settings (the measuring process
    writes them to :data:`POWER_CACHE` at the end of every run, like the CPU
-   model, see :data:`carbonoffset.core.sources.CPU_MODEL_CACHE`);
+   model, see :mod:`carbonoffset.core.user_cache`);
 3. else CodeCarbon's own **defaults**, computed here without importing it:
    :data:`DEFAULT_W_PER_THREAD` per CPU thread (CodeCarbon's
    ``DEFAULT_POWER_PER_CORE``, used for a CPU it does not know),
@@ -32,6 +32,9 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from carbonoffset.core.units import BYTES_PER_GIB, G_PER_KG, J_PER_KWH
+from carbonoffset.core.user_cache import JsonCacheFile, machine_key
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +77,22 @@ class PowerEstimate:
 
     def energy_kwh(self, seconds: float) -> float:
         """Energy of ``seconds`` at :attr:`power_w`, kWh."""
-        return self.power_w * max(0.0, seconds) / 3.6e6
+        return self.power_w * max(0.0, seconds) / J_PER_KWH
 
 
-def _cache_path() -> Path:
-    import platformdirs
+#: What unmeasured time is estimated at when nothing better is known yet (the few milliseconds
+#: before :func:`prior` answers, or when it fails): the defaults of :func:`default` for a machine
+#: with two memory modules.
+FIRST_GUESS = PowerEstimate(
+    DEFAULT_W_PER_THREAD * (os.cpu_count() or 1) + 2 * RAM_W_PER_DIMM, WORLD_KG_PER_KWH, "default"
+)
 
-    return platformdirs.user_cache_path("carbonoffset", appauthor=False) / POWER_CACHE
+_powers = JsonCacheFile(POWER_CACHE)
 
 
 @functools.lru_cache(maxsize=1)
 def _machine() -> str:
-    from carbonoffset.core.sources import _machine_key
-
-    return _machine_key()
+    return machine_key()
 
 
 def settings_key(country_iso_code: str | None, tracker_kwargs: dict[str, Any]) -> str:
@@ -100,7 +105,7 @@ def settings_key(country_iso_code: str | None, tracker_kwargs: dict[str, Any]) -
 def remembered(key: str) -> PowerEstimate | None:
     """The power and intensity last measured on this machine with these settings, or ``None``."""
     try:
-        entry = json.loads(_cache_path().read_text(encoding="utf-8"))[key]
+        entry = _powers.read()[key]
         power_w, kg_per_kwh = float(entry["power_w"]), float(entry["kg_per_kwh"])
     except Exception:  # noqa: BLE001 -- no cache yet, or unreadable: the defaults apply
         return None
@@ -121,20 +126,11 @@ def remember(key: str, *, power_w: float, kg_per_kwh: float) -> None:
         return
     try:
         with _write_lock:
-            path = _cache_path()
-            try:
-                known = json.loads(path.read_text(encoding="utf-8"))
-            except Exception:  # noqa: BLE001 -- missing or unreadable: start a new one
-                known = {}
-            if not isinstance(known, dict):
-                known = {}
+            known = _powers.read()
             known[key] = {"power_w": power_w, "kg_per_kwh": kg_per_kwh, "at": time.time()}
             if len(known) > 64:  # keep the newest
                 known = dict(sorted(known.items(), key=lambda kv: -float(kv[1].get("at", 0)))[:64])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known), encoding="utf-8")
-            os.replace(tmp, path)
+            _powers.write(known)
     except Exception:  # noqa: BLE001 -- a cache only
         logger.debug("could not remember the measured power", exc_info=True)
 
@@ -155,7 +151,9 @@ def _dimms(total_gb: float) -> int:
     return 8
 
 
-def _ram_w(total_gb: float) -> float:
+def ram_w(total_gb: float) -> float:
+    """CodeCarbon 3's RAM power for ``total_gb`` GB of memory, W (:data:`RAM_W_PER_DIMM` per
+    estimated module, less per module beyond 4, 8 and 16; at least two modules' worth)."""
     n = _dimms(total_gb)
     w = RAM_W_PER_DIMM
     parts = [min(n, 4) * w, max(0, min(n, 8) - 4) * w * 0.9, max(0, min(n, 16) - 8) * w * 0.8]
@@ -163,9 +161,10 @@ def _ram_w(total_gb: float) -> float:
     return max(2 * w, sum(parts))
 
 
-def _memory_gb() -> float:
+def memory_gb() -> float:
+    """This machine's memory size, GiB (16 where the system cannot tell, not POSIX)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / BYTES_PER_GIB
     except (AttributeError, ValueError, OSError):  # not POSIX
         return 16.0
 
@@ -184,9 +183,9 @@ def _country_kg_per_kwh(country_iso_code: str | None) -> float:
             mix = json.loads((data / "global_energy_mix.json").read_text(encoding="utf-8"))
             entry = mix.get(country_iso_code.upper())
             if entry and float(entry.get("carbon_intensity", 0)) > 0:
-                return float(entry["carbon_intensity"]) / 1000.0
+                return float(entry["carbon_intensity"]) / G_PER_KG  # g/kWh in the file
         sources = json.loads((data / "carbon_intensity_per_source.json").read_text(encoding="utf-8"))
-        return float(sources["world_average"]) / 1000.0
+        return float(sources["world_average"]) / G_PER_KG
     except Exception:  # noqa: BLE001 -- another CodeCarbon layout
         return WORLD_KG_PER_KWH
 
@@ -196,12 +195,12 @@ def default(country_iso_code: str | None, tracker_kwargs: dict[str, Any]) -> Pow
     forced_cpu = tracker_kwargs.get("force_cpu_power")
     forced_ram = tracker_kwargs.get("force_ram_power")
     cpu_w = float(forced_cpu) if forced_cpu else DEFAULT_W_PER_THREAD * (os.cpu_count() or 1)
-    ram_w = float(forced_ram) if forced_ram else _ram_w(_memory_gb())
+    ram_power_w = float(forced_ram) if forced_ram else ram_w(memory_gb())
     forced_intensity = tracker_kwargs.get("force_carbon_intensity_g_co2e_kwh")
     kg_per_kwh = (
-        float(forced_intensity) / 1000.0 if forced_intensity else _country_kg_per_kwh(country_iso_code)
+        float(forced_intensity) / G_PER_KG if forced_intensity else _country_kg_per_kwh(country_iso_code)
     )
-    return PowerEstimate(cpu_w + ram_w, kg_per_kwh, "default")
+    return PowerEstimate(cpu_w + ram_power_w, kg_per_kwh, "default")
 
 
 def prior(country_iso_code: str | None, tracker_kwargs: dict[str, Any]) -> PowerEstimate:
@@ -212,6 +211,4 @@ def prior(country_iso_code: str | None, tracker_kwargs: dict[str, Any]) -> Power
         )
     except Exception:  # noqa: BLE001 -- never let an estimate disturb tracking
         logger.debug("no power estimate", exc_info=True)
-        return PowerEstimate(
-            DEFAULT_W_PER_THREAD * (os.cpu_count() or 1) + 2 * RAM_W_PER_DIMM, WORLD_KG_PER_KWH, "default"
-        )
+        return FIRST_GUESS

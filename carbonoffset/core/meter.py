@@ -4,17 +4,20 @@ Inside the training process CodeCarbon costs about 0.75 s of CPU per process
 (its imports, hardware set-up and emissions data) and a flush every second,
 all of it competing with the training for the GIL. :class:`MeterSource` runs
 a real :class:`~carbonoffset.core.sources.CodeCarbonSource` in a child
-process instead (``python -m carbonoffset.core._meter``), and the training process only reads one line of JSON per
-``refresh_s``. What is measured is the same: CodeCarbon's default
-``tracking_mode="machine"`` measures the whole machine (CPU, GPU, RAM) from
-any process on it.
+process instead (``python -m carbonoffset.core._meter``), and the training
+process only reads one line of JSON per ``refresh_s``. What is measured is the
+same: CodeCarbon's default ``tracking_mode="machine"`` measures the whole
+machine (CPU, GPU, RAM) from any process on it.
+
+This module is the parent's side (the training process); the measuring process's side is
+:mod:`carbonoffset.core._meter`.
 
 The protocol is JSON lines. Parent to meter: ``{"op": "start", ...}`` and
 ``{"op": "stop"}``; end of input makes the meter stop its tracker and exit, so
 it never outlives the process that started it. Meter to parent:
 ``{"event": "totals", ...}`` every ``refresh_s``, ``{"event": "stopped", ...}``
 with the exact final figures (and their ``details``, see
-:attr:`~carbonoffset.core.sources.Measurement.details`), or ``{"event": "refused", "reason": ...}``.
+:attr:`~carbonoffset.core.measurement.Measurement.details`), or ``{"event": "refused", "reason": ...}``.
 """
 
 from __future__ import annotations
@@ -23,33 +26,27 @@ import contextlib
 import json
 import logging
 import os
-import queue
-import signal
 import subprocess
 import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from carbonoffset.core import estimates
 from carbonoffset.core.config import read_codecarbon_section
 from carbonoffset.core.errors import ConfigurationError
 from carbonoffset.core.estimates import PowerEstimate
-from carbonoffset.core.sources import CodeCarbonSource, Measurement
+from carbonoffset.core.measurement import Measurement
+from carbonoffset.core.sources import CodeCarbonSource
+from carbonoffset.core.units import J_PER_KWH
 
 logger = logging.getLogger(__name__)
 
 #: Longest :meth:`MeterSource.stop` waits for the measuring process's final figures, s.
 STOP_WAIT_S = 30.0
-
-#: What unmeasured time is estimated at for the few milliseconds before :func:`estimates.prior` is known.
-_FIRST_GUESS = PowerEstimate(
-    estimates.DEFAULT_W_PER_THREAD * (os.cpu_count() or 1) + 2 * estimates.RAM_W_PER_DIMM,
-    estimates.WORLD_KG_PER_KWH,
-    "default",
-)
 
 
 class _Meter:
@@ -252,7 +249,8 @@ def warm_up_meter(**tracker_kwargs: Any) -> None:
 
     The process imports CodeCarbon and runs its one-time hardware set-up (about
     0.9 s of CPU; CodeCarbon's CPU-model detection, 1-2 s more on a machine's
-    first run, at a lower priority) while the training is still being set up. Costs the calling thread only the process start (a few ms); calling it
+    first run, at a lower priority) while the training is still being set up.
+    Costs the calling thread only the process start (a few ms); calling it
     again while a started process is idle is free. Called when a framework
     callback is built.
 
@@ -269,6 +267,19 @@ def warm_up_meter(**tracker_kwargs: Any) -> None:
             return
     meter = _take(tracker_kwargs)
     _give_back(meter)
+
+
+def idle_meter_pids() -> list[int]:
+    """Process ids of the started measuring processes waiting for a run that were started in the
+    current context (working folder, home folder and ``CODECARBON_*`` variables: where a meter
+    reads CodeCarbon's settings from), whatever their tracker arguments.
+
+    A later :class:`MeterSource` run with the same tracker arguments takes one of them instead of
+    starting a process (see :func:`warm_up_meter`).
+    """
+    context = _context()
+    with _pool_lock:
+        return [meter.process.pid for meter in _idle if meter.context == context]
 
 
 class MeterSource:
@@ -293,12 +304,10 @@ class MeterSource:
     ``stop()`` returns CodeCarbon's own final figures.
 
     Args:
-        country_iso_code: ISO 3166-1 alpha-3 code; when given, CodeCarbon's
-            ``OfflineEmissionsTracker`` is used (no network), otherwise the
-            online ``EmissionsTracker``.
+        country_iso_code: as for :class:`~carbonoffset.core.sources.CodeCarbonSource`.
         refresh_s: seconds between two readings the meter sends (> 0, default 1.0).
-        **tracker_kwargs: passed to the CodeCarbon tracker; JSON values only
-            (numbers, strings, lists).
+        **tracker_kwargs: as for ``CodeCarbonSource``, but JSON values only (numbers,
+            strings, lists): they are sent to the measuring process.
 
     The source measures in the training process (a ``CodeCarbonSource``) from
     the start when a measuring process would measure the wrong thing or cannot
@@ -362,6 +371,30 @@ class MeterSource:
         fall-back, in this one)."""
         return self._meter is not None or self._fallback is not None
 
+    @property
+    def meter_pid(self) -> int | None:
+        """Process id of the measuring process measuring the current run; ``None`` between runs
+        and while the run is measured in this process (:attr:`measuring_in_process`)."""
+        meter = self._meter
+        return meter.process.pid if meter is not None else None
+
+    @property
+    def measuring_in_process(self) -> bool:
+        """True while the current run is measured in this process by a ``CodeCarbonSource``
+        (from the start, or after a fall-back: see the class notes); False while the measuring
+        process measures it, and between runs."""
+        return self._fallback is not None
+
+    def receiver(self) -> Callable[[dict[str, Any]], None]:
+        """The function the measuring process's messages for the current run are handed to (on
+        the reader thread), one JSON object of the protocol (see the module notes) a call.
+
+        It is bound to the run current when it is taken: after the next :meth:`start`, what it
+        is given is ignored, so a late reading never leaks into another run.
+        """
+        run = self._run
+        return lambda message: self._on_message(run, message)
+
     # ----------------------------------------------------------------- protocol
     def start(self) -> None:
         """Begin a new run in the measuring process (starting one when none is idle)."""
@@ -390,8 +423,7 @@ class MeterSource:
                 self._fall_back_locked(f"the measuring process could not be started ({exc})")
                 return
             self._meter = meter
-            run = self._run
-            meter.listener = lambda message: self._on_message(run, message)
+            meter.listener = self.receiver()
             sent = meter.send(
                 {
                     "op": "start",
@@ -476,14 +508,13 @@ class MeterSource:
         return self._live(figures, covered_to, power_w)
 
     def _live(self, figures: Measurement, covered_to: float, power_w: float) -> Measurement:
-        prior = self._prior or _FIRST_GUESS
+        prior = self._prior or estimates.FIRST_GUESS
         measured = figures.measured
         kg_per_kwh = (
             measured.emissions_kg / measured.energy_kwh if measured.energy_kwh > 0 else prior.kg_per_kwh
         )
-        gap_kwh = (
-            (power_w if power_w > 0 else prior.power_w) * max(0.0, time.perf_counter() - covered_to) / 3.6e6
-        )
+        gap_s = max(0.0, time.perf_counter() - covered_to)
+        gap_kwh = (power_w if power_w > 0 else prior.power_w) * gap_s / J_PER_KWH
         live = figures + Measurement.estimate(gap_kwh * kg_per_kwh, gap_kwh)
         with self._read_lock:
             last = self._returned
@@ -523,148 +554,3 @@ class MeterSource:
             self.late_start_estimate += fallback.late_start_estimate
             self._fallback, self._final = None, final
         return final
-
-
-# ------------------------------------------------------------------ the meter itself
-def _tracking_mode(tracker_kwargs: dict[str, Any]) -> str:
-    mode = tracker_kwargs.get("tracking_mode")
-    if mode is None:
-        from codecarbon.core.config import get_hierarchical_config
-
-        mode = get_hierarchical_config().get(  # type: ignore[no-untyped-call]
-            "tracking_mode", "machine"
-        )
-    return str(mode)
-
-
-def _remember(source: CodeCarbonSource, country_iso_code: str | None, kwargs: dict[str, Any]) -> None:
-    """Keep the average power CodeCarbon measured in the run and its intensity for the next runs'
-    estimates (:func:`estimates.remember`), when it measured at least
-    :attr:`CodeCarbonSource.GAP_POWER_MIN_S` (a shorter run's power is a single reading)."""
-    final = source.read()  # the final figures (cached by stop()); their intensity is CodeCarbon's
-    if source.coverage() is None or final.energy_kwh <= 0 or source.measured_s < source.GAP_POWER_MIN_S:
-        return
-    estimates.remember(
-        estimates.settings_key(country_iso_code, kwargs),
-        power_w=source.average_power_w,
-        kg_per_kwh=final.emissions_kg / final.energy_kwh,
-    )
-
-
-def _serve(inbox: queue.Queue[str | None], send: Any) -> None:
-    """Run trackers as the parent asks until its input ends."""
-    source: CodeCarbonSource | None = None
-    message_country: str | None = None
-    kwargs: dict[str, Any] = {}
-    next_at = float("inf")
-    while True:
-        try:
-            line = inbox.get(timeout=max(0.0, next_at - time.monotonic()) if source else None)
-        except queue.Empty:
-            line = ""
-        if line is None:  # the parent closed our input (it stopped, exited or died)
-            if source is not None:
-                source.stop()
-            return
-        if source is not None and time.monotonic() >= next_at:
-            send("totals", source)
-            next_at = time.monotonic() + source.refresh_s
-        if not line:
-            continue
-        try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        op = message.get("op")
-        if op == "start":
-            if source is not None:
-                source.stop()
-                source = None
-            kwargs = dict(message.get("tracker_kwargs") or {})
-            if _tracking_mode(kwargs) == "process":
-                send("refused", None, reason="tracking_mode 'process' would measure the measuring process")
-                continue
-            message_country = message.get("country_iso_code")
-            source = CodeCarbonSource(
-                message_country, refresh_s=float(message.get("refresh_s", 1.0)), **kwargs
-            )
-            sent = float(message.get("sent", time.monotonic()))  # the parent's clock: system-wide
-            source.start(started_ago_s=max(0.0, time.monotonic() - sent))
-            next_at = time.monotonic() + min(source.refresh_s, 0.2)  # a first reading soon
-        elif op == "stop":
-            # stops it: the exact final figures (of the run up to when the stop was sent)
-            send("stopped", source, ended=float(message.get("sent", time.monotonic())))
-            if source is not None:
-                _remember(source, message_country, kwargs)
-            source = None
-
-
-def main(argv: list[str]) -> int:
-    """The measuring process: ``python -m carbonoffset.core._meter [TRACKER_KWARGS_JSON]``."""
-    # The parent stops this process through its pipe, and it ends when the pipe closes. Ctrl-C in a
-    # terminal, or a Jupyter kernel shutting down, sends SIGINT to the whole process group: ignore it
-    # here (the parent handles it), so no KeyboardInterrupt traceback is printed.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    protocol: IO[str] = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
-    try:
-        os.dup2(2, 1)  # anything CodeCarbon prints goes to stderr, never into the protocol
-    except OSError:  # no stderr (pythonw)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    # Normal priority: a lower one only postpones the ~0.9 s of CPU the start needs (the training
-    # loses the same CPU either way) and, on a machine the training keeps busy, starts the
-    # tracker at the very end of the run, its energy all estimated. CodeCarbon's CPU-model
-    # detection (1-2 s, once per machine) still runs at a lower priority (sources._lower_priority).
-    logging.basicConfig(level=logging.WARNING, format="carbonoffset meter: %(levelname)s %(message)s")
-    # Ctrl-C is the training process's: it stops the run, which sends the final figures (the meter
-    # has its own session on POSIX; this covers the rest)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    send_lock = threading.Lock()
-
-    def send(event: str, source: CodeCarbonSource | None, **extra: Any) -> None:
-        ended = float(extra.pop("ended", time.monotonic()))
-        message: dict[str, Any] = {"event": event, **extra}
-        if source is not None:
-            ended_ago_s = max(0.0, time.monotonic() - ended)
-            figures = source.read() if event == "totals" else source.stop(ended_ago_s=ended_ago_s)
-            coverage = source.coverage()
-            if coverage is None:  # nothing measured: a zero would claim the run so far was covered
-                if event == "stopped":
-                    send("refused", None, reason="CodeCarbon gave no figures for the run")
-                return
-            measured_at, unmeasured_s = coverage
-            message.update(
-                emissions_kg=figures.emissions_kg,
-                energy_kwh=figures.energy_kwh,
-                at=time.monotonic() - (time.perf_counter() - measured_at),
-                unmeasured_s=unmeasured_s,
-                late_start_s=source.late_start_s,
-                late_start_kg=source.late_start_estimate.emissions_kg,
-                late_start_kwh=source.late_start_estimate.energy_kwh,
-                power_w=source.power_w,
-            )
-            if event == "stopped":
-                message["details"] = dict(figures.details)  # hardware, location (Measurement.details)
-        elif event == "stopped":
-            message.update(emissions_kg=0.0, energy_kwh=0.0, at=time.monotonic())
-        try:
-            with send_lock:
-                protocol.write(json.dumps(message) + "\n")
-        except (OSError, ValueError):  # the parent is gone
-            os._exit(0)
-
-    inbox: queue.Queue[str | None] = queue.Queue()
-
-    def read_input() -> None:
-        for line in sys.stdin:
-            inbox.put(line)
-        inbox.put(None)
-
-    threading.Thread(target=read_input, name="meter-input", daemon=True).start()
-    tracker_kwargs = json.loads(argv[1]) if len(argv) > 1 else {}
-    import codecarbon  # noqa: F401 -- here, not concurrently on the warm-up thread and in _serve
-
-    from carbonoffset.core.sources import warm_up_codecarbon
-
-    warm_up_codecarbon(**tracker_kwargs)  # before the first run asks
-    _serve(inbox, send)
-    return 0

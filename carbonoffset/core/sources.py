@@ -1,96 +1,46 @@
-"""Where emissions figures come from.
+"""CodeCarbon in the training process: :class:`CodeCarbonSource`, and the run details it keeps.
 
-An *emissions source* measures one run: ``start()``, then ``read()`` any number
-of times (cumulative figures since ``start``), then ``stop()``. The default is
-:class:`CodeCarbonSource`; tests and users who measure differently inject
-their own (see :class:`carbonoffset.testing.ScriptedEmissions`).
+What a source is (:class:`Measurement`, :class:`EmissionsSource`) is in
+:mod:`carbonoffset.core.measurement`; what makes CodeCarbon's first tracker start fast and fork-safe
+(:func:`warm_up_codecarbon`, the fork hooks, the CPU-model cache) is in
+:mod:`carbonoffset.core.codecarbon_startup`. ``Measurement``, ``EmissionsSource`` and
+``warm_up_codecarbon`` are importable from here too, as before; the start-up's settings
+(``FORK_WAIT_S``, ``BACKGROUND_NICE``, ``CPU_MODEL_CACHE``) live in that module only.
+The default source of sessions measures in a separate process:
+:class:`~carbonoffset.core.meter.MeterSource`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import numbers
-import os
-import platform
-import sys
 import threading
 import time
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
+
+from carbonoffset.core.codecarbon_startup import (
+    background_start_done,
+    hardware_ready,
+    mark_hardware_ready,
+    quiet_codecarbon,
+    start_in_background,
+    track_background_start,
+    warm_up_codecarbon,
+)
+from carbonoffset.core.measurement import EmissionsSource, Measurement
+from carbonoffset.core.units import J_PER_KWH
+
+__all__ = [
+    "DETAIL_FIELDS",
+    "CodeCarbonSource",
+    "EmissionsSource",
+    "Measurement",
+    "codecarbon_details",
+    "warm_up_codecarbon",
+]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Measurement:
-    """Cumulative figures of one run.
-
-    Attributes:
-        emissions_kg: emissions since the run started, kg CO2eq (>= 0).
-        energy_kwh: energy since the run started, kWh (>= 0).
-        estimated_kg: the part of ``emissions_kg`` that is an estimate rather
-            than CodeCarbon's measurement, kg CO2eq (0 <= ``estimated_kg`` <=
-            ``emissions_kg``): time no tracker measured yet, see
-            :class:`~carbonoffset.core.meter.MeterSource` and
-            :attr:`CodeCarbonSource.late_start_estimate`.
-        estimated_kwh: the estimated part of ``energy_kwh``, kWh.
-        details: what the figures were measured on and where, as JSON values: for CodeCarbon the
-            :data:`DETAIL_FIELDS` of its ``EmissionsData`` (hardware, location, tracking mode,
-            versions; ``ram_total_size`` in GB, ``duration`` in s); empty when the source gives none.
-            Not compared by ``==``. A sum keeps both sides' details (the right side's win).
-            Keyword only in practice: the third positional field is ``estimated_kg``.
-
-    Raises:
-        TypeError: a figure is not a number (e.g. details given positionally).
-    """
-
-    emissions_kg: float = 0.0
-    energy_kwh: float = 0.0
-    estimated_kg: float = 0.0
-    estimated_kwh: float = 0.0
-    details: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        # details positionally (``Measurement(kg, kwh, {...})``) would land in ``estimated_kg``
-        for name in ("emissions_kg", "energy_kwh", "estimated_kg", "estimated_kwh"):
-            if not isinstance(getattr(self, name), numbers.Real):
-                raise TypeError(
-                    f"Measurement.{name} must be a number (got {type(getattr(self, name)).__name__}); "
-                    "pass details by keyword: Measurement(kg, kwh, details={...})"
-                )
-
-    def __add__(self, other: Measurement) -> Measurement:
-        details = (
-            {**self.details, **other.details}
-            if other.details and self.details
-            else other.details or self.details
-        )
-        return Measurement(
-            self.emissions_kg + other.emissions_kg,
-            self.energy_kwh + other.energy_kwh,
-            self.estimated_kg + other.estimated_kg,
-            self.estimated_kwh + other.estimated_kwh,
-            details=details,
-        )
-
-    @property
-    def measured(self) -> Measurement:
-        """The measured part only (the estimated part left out), with no estimate in it."""
-        return Measurement(
-            max(0.0, self.emissions_kg - self.estimated_kg),
-            max(0.0, self.energy_kwh - self.estimated_kwh),
-            details=self.details,
-        )
-
-    @staticmethod
-    def estimate(emissions_kg: float, energy_kwh: float) -> Measurement:
-        """Figures that are estimated in full."""
-        return Measurement(emissions_kg, energy_kwh, emissions_kg, energy_kwh)
 
 
 #: The fields of CodeCarbon's public ``EmissionsData`` kept in :attr:`Measurement.details`: what the
@@ -136,22 +86,6 @@ def codecarbon_details(total: Any) -> dict[str, Any]:
     }
 
 
-@runtime_checkable
-class EmissionsSource(Protocol):
-    """What :class:`~carbonoffset.core.session.OffsetSession` needs from a measurer.
-
-    ``start`` begins a new measurement (a source may be started again after
-    ``stop``; each start is a new run, figures restart at zero). ``read`` and
-    ``stop`` return cumulative :class:`Measurement` values since ``start``.
-    """
-
-    def start(self) -> None: ...
-
-    def read(self) -> Measurement: ...
-
-    def stop(self) -> Measurement: ...
-
-
 class _TotalsHandler:
     """A CodeCarbon output handler that keeps the last cumulative total it was given.
 
@@ -195,309 +129,6 @@ class _TotalsHandler:
         pass
 
 
-#: Tracker arguments that select CodeCarbon's hardware set-up (what its per-process cache is keyed on).
-_HARDWARE_ARGS = (
-    "tracking_mode",
-    "gpu_ids",
-    "force_cpu_power",
-    "force_ram_power",
-    "force_mode_cpu_load",
-    "rapl_include_dram",
-    "rapl_prefer_psys",
-)
-_warm_lock = threading.Lock()
-_warm: dict[tuple[tuple[str, str], ...], threading.Event] = {}
-
-#: Longest a fork waits for a CodeCarbon start running on a background thread, s.
-FORK_WAIT_S = 30.0
-_unfinished: set[threading.Event] = set()  # background starts not done yet (guarded by _warm_lock)
-_fork_hook: list[bool] = []  # [True] once the hook is registered (hooks cannot be removed)
-
-
-def _wait_for_background_starts() -> None:
-    """``os.register_at_fork`` "before" hook: let CodeCarbon starts on background threads finish.
-
-    Those threads import modules, read ``platform`` information and run
-    py-cpuinfo's subprocess, holding locks as they go. A process forked
-    meanwhile (Lightning ``ddp_fork``, a forked ``DataLoader`` worker,
-    ``multiprocessing``) inherits every held lock from a thread that does not
-    exist in the child, and its first tracker start would wait on it forever
-    (and a distributed job's other ranks with it). Costs nothing once they are
-    done; each wait is bounded by :data:`FORK_WAIT_S`.
-    """
-    if threading.current_thread().name.startswith("carbonoffset-"):
-        return  # a fork made by such a thread itself must not wait for it
-    with _warm_lock:
-        pending = list(_unfinished)
-    for event in pending:
-        event.wait(FORK_WAIT_S)
-
-
-def _forget_background_starts() -> None:
-    """``os.register_at_fork`` "after in child" hook: the threads running background starts
-    do not exist in the child, so nothing there will ever finish them. Forget them (later
-    forks in the child must not wait for them; a warm-up there starts anew), and renew the
-    lock guarding them, which such a thread may have held at the fork."""
-    global _warm_lock
-    _warm_lock = threading.Lock()
-    _unfinished.clear()
-    for key in [key for key, event in _warm.items() if not event.is_set()]:
-        del _warm[key]
-
-
-def _track_background_start(event: threading.Event) -> None:
-    """Make forks wait for ``event`` (set when a background start is done) while it is unset.
-
-    Call it on the thread that starts the background work, before starting it.
-    """
-    # Fork hooks run their "before" parts in reverse order of registration, so ours must be
-    # registered after those of the modules CodeCarbon's start uses: concurrent.futures.thread's
-    # takes a lock its thread pools need, and waiting for the start while holding it would never
-    # end. Imported here rather than during a fork's wait, its "after" part also never runs
-    # without its "before" part ("RuntimeError: release unlocked lock").
-    import concurrent.futures.thread  # noqa: F401
-
-    with _warm_lock:
-        if not _fork_hook and hasattr(os, "register_at_fork"):  # POSIX
-            os.register_at_fork(before=_wait_for_background_starts, after_in_child=_forget_background_starts)
-            _fork_hook.append(True)
-        if not event.is_set():
-            _unfinished.add(event)
-
-
-def _background_start_done(event: threading.Event) -> None:
-    with _warm_lock:
-        event.set()
-        _unfinished.discard(event)
-
-
-#: How much lower (Linux ``nice`` steps) CodeCarbon's first hardware detection runs than training.
-BACKGROUND_NICE = 10
-
-
-def _lower_priority() -> None:
-    """Lower the calling thread's CPU priority by :data:`BACKGROUND_NICE` (Linux only).
-
-    On Linux the nice value belongs to each thread and is inherited by what it
-    starts: py-cpuinfo's detection subprocess (which busy-waits about 1 s of
-    CPU) then yields to the training's threads instead of slowing them down.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
-    except (AttributeError, OSError):  # pragma: no cover - not permitted: run at normal priority
-        pass
-
-
-#: File (in the user cache folder) where the CPU model CodeCarbon detected is kept per machine.
-CPU_MODEL_CACHE = "cpu-model.json"
-_prime_lock = threading.Lock()
-
-
-def _machine_key() -> str:
-    """Identifies this machine's CPU: host name, architecture, CPU count and, on Linux, the CPU's
-    identity in ``/proc/cpuinfo`` (x86 vendor, family, model and model name; Arm implementer,
-    architecture, variant and part)."""
-    parts = [platform.node(), platform.machine(), platform.processor(), str(os.cpu_count())]
-    wanted = {"vendor_id", "cpu family", "model", "model name"}  # x86
-    wanted |= {"CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Hardware"}  # Arm
-    seen: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo_file:
-            for line in cpuinfo_file:
-                name, _, value = line.partition(":")
-                if name.strip() in wanted:
-                    seen.setdefault(name.strip(), value.strip())
-    except OSError:
-        pass
-    parts += [f"{name}={value}" for name, value in sorted(seen.items())]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-
-
-def _cpu_model_cache() -> Path:
-    import platformdirs
-
-    return platformdirs.user_cache_path("carbonoffset", appauthor=False) / CPU_MODEL_CACHE
-
-
-def _prime_cpu_model() -> bool:
-    """Give CodeCarbon the CPU model it detected in an earlier process on this machine.
-
-    Almost all of a process's first ``tracker.start()`` (1-2 s of CPU) is
-    CodeCarbon's ``detect_cpu_model()``: py-cpuinfo runs a subprocess that
-    busy-waits to measure the clock. CodeCarbon caches the answer for the
-    process (``functools.lru_cache``); this fills that cache from
-    :data:`CPU_MODEL_CACHE` (written by :func:`_remember_cpu_model`), so later
-    processes skip the detection. CodeCarbon then measures exactly as it would
-    have. For the microseconds of the call, ``cpuinfo.get_cpu_info`` answers
-    with the cached model name only.
-
-    Returns:
-        Whether CodeCarbon knows the CPU model now (it did already, or the cache had it).
-    """
-    try:
-        import cpuinfo
-        from codecarbon.core import util as cc_util
-    except Exception:  # noqa: BLE001 -- another CodeCarbon layout: let it detect as usual
-        return False
-    detect = getattr(cc_util, "detect_cpu_model", None)
-    if detect is None or not hasattr(detect, "cache_info"):
-        return False
-    if detect.cache_info().currsize:
-        return True
-    try:
-        brand = json.loads(_cpu_model_cache().read_text(encoding="utf-8"))[_machine_key()]
-    except Exception:  # noqa: BLE001 -- no cache yet, or unreadable: detect as usual
-        return False
-    if not _plausible_model(brand):
-        return False  # detected anew, and the entry rewritten
-    with _prime_lock:
-        original = cpuinfo.get_cpu_info
-        cpuinfo.get_cpu_info = lambda: {"brand_raw": brand}
-        try:
-            detect()
-        finally:
-            cpuinfo.get_cpu_info = original
-    return True
-
-
-def _plausible_model(brand: object) -> bool:
-    return isinstance(brand, str) and 0 < len(brand.strip()) <= 256
-
-
-def _remember_cpu_model() -> None:
-    """Write the CPU model CodeCarbon detected in this process to :data:`CPU_MODEL_CACHE`."""
-    try:
-        from codecarbon.core import util as cc_util
-
-        detect = cc_util.detect_cpu_model
-        if not detect.cache_info().currsize:  # not detected (yet) in this process: never run it here
-            return
-        brand = detect()
-        if not _plausible_model(brand):
-            return
-        path, key = _cpu_model_cache(), _machine_key()
-        try:
-            known = json.loads(path.read_text(encoding="utf-8"))
-        except Exception:  # noqa: BLE001 -- missing or unreadable: start a new one
-            known = {}
-        if not isinstance(known, dict):
-            known = {}
-        if known.get(key) == brand:
-            return
-        known[key] = brand
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known), encoding="utf-8")
-        os.replace(tmp, path)
-    except Exception:  # noqa: BLE001 -- a cache only: never let it disturb tracking
-        logger.debug("could not remember the CPU model", exc_info=True)
-
-
-def _start_knowing_the_cpu(tracker: Any) -> None:
-    """``tracker.start()``, reusing the CPU model an earlier process on this machine detected
-    (:func:`_prime_cpu_model`), or remembering the one this start detects for the next."""
-    primed = _prime_cpu_model()
-    tracker.start()
-    if not primed:
-        _remember_cpu_model()
-
-
-def _start_in_background(tracker: Any) -> None:
-    """:func:`_start_knowing_the_cpu` on a short-lived low-priority thread (see
-    :func:`_lower_priority`); waits for it."""
-
-    def start() -> None:
-        _lower_priority()
-        _start_knowing_the_cpu(tracker)
-
-    thread = threading.Thread(target=start, name="carbonoffset-tracker-start", daemon=True)
-    thread.start()
-    thread.join()
-
-
-def _hardware_key(tracker_kwargs: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, repr(v)) for k, v in tracker_kwargs.items() if k in _HARDWARE_ARGS))
-
-
-def _quiet_codecarbon(kwargs: dict[str, Any]) -> None:
-    # CodeCarbon applies ``log_level`` only after its constructor has logged "offline tracker
-    # init" and "Multiple instances ... allowed": set its logger's level first, as it would.
-    level = kwargs.get("log_level", "error")
-    logging.getLogger("codecarbon").setLevel(level.upper() if isinstance(level, str) else level)
-
-
-def _hardware_ready(tracker_kwargs: dict[str, Any]) -> bool:
-    with _warm_lock:
-        event = _warm.get(_hardware_key(tracker_kwargs))
-    return event is not None and event.is_set()
-
-
-def _mark_ready(tracker_kwargs: dict[str, Any]) -> None:
-    with _warm_lock:
-        _warm.setdefault(_hardware_key(tracker_kwargs), threading.Event()).set()
-
-
-def warm_up_codecarbon(**tracker_kwargs: Any) -> threading.Event:
-    """Run CodeCarbon's one-time hardware detection now, on a background thread.
-
-    The first tracker of a process spends 1-2 s in ``start()`` detecting the
-    hardware (py-cpuinfo runs in a subprocess); CodeCarbon caches the result
-    for the process. This runs that detection early, with a throwaway offline
-    tracker (no output, no network), so that later runs start at once. Called
-    when a framework callback is constructed; calling it again is free.
-
-    Args:
-        **tracker_kwargs: the CodeCarbon arguments the real tracker will use
-            (only the hardware-selecting ones matter: ``tracking_mode``,
-            ``gpu_ids``, ``force_cpu_power``, ...).
-
-    Until the detection is done, a fork of this process waits for it (at most
-    :data:`FORK_WAIT_S`): a child forked while it holds a lock would hang on
-    its first tracker start.
-
-    Returns:
-        An event set once the detection is done (or has failed: the real
-        tracker then tries again and reports the error).
-    """
-    key = _hardware_key(tracker_kwargs)
-    with _warm_lock:
-        event = _warm.get(key)
-        if event is not None:
-            return event
-        event = _warm[key] = threading.Event()
-    _track_background_start(event)
-    thread = threading.Thread(
-        target=_warm_up, args=(tracker_kwargs, event), name="carbonoffset-warm-up", daemon=True
-    )
-    thread.start()
-    return event
-
-
-def _warm_up(tracker_kwargs: dict[str, Any], event: threading.Event) -> None:
-    try:
-        from codecarbon import OfflineEmissionsTracker  # at normal priority: start() may wait for it
-
-        _lower_priority()  # the detection subprocess yields to training
-        _quiet_codecarbon(tracker_kwargs)
-        hardware = {k: v for k, v in tracker_kwargs.items() if k in _HARDWARE_ARGS}
-        tracker = OfflineEmissionsTracker(
-            country_iso_code="FRA",
-            output_methods=[],
-            log_level=tracker_kwargs.get("log_level", "error"),
-            measure_power_secs=3600,
-            **hardware,
-        )
-        _start_knowing_the_cpu(tracker)
-        tracker.stop()  # also loads the emissions data a first flush() would (~0.1 s)
-    except Exception:  # noqa: BLE001 -- the real tracker reports problems
-        logger.debug("CodeCarbon warm-up failed", exc_info=True)
-    finally:
-        _background_start_done(event)
-
-
 class CodeCarbonSource:
     """Measures with CodeCarbon: a **new tracker for every** ``start()`` (trackers are single-use).
 
@@ -526,8 +157,9 @@ class CodeCarbonSource:
       (CodeCarbon caches the result per process). ``start()`` never waits for
       it: when that detection has not run yet in this process, the tracker is
       built and started on the background thread (the detection at a lower
-      CPU priority, see :data:`BACKGROUND_NICE`) and ``start()`` returns at
-      once; :attr:`tracker` is set once built. Until the tracker runs,
+      CPU priority, see :data:`~carbonoffset.core.codecarbon_startup.BACKGROUND_NICE`)
+      and ``start()`` returns at once; :attr:`tracker` is set once built, and
+      :attr:`start_finished` once it started. Until the tracker runs,
       ``read()`` returns zeros. The time between ``start()`` and the moment the
       tracker began measuring (:attr:`late_start_s`, from the ``duration`` of
       CodeCarbon's own totals) is accounted for, not lost: its energy
@@ -539,11 +171,12 @@ class CodeCarbonSource:
       figures never decrease; before it is known they are a lower bound).
       Under heavy CPU load the detection, at its lower priority, takes longer
       (several seconds), and the estimated share grows accordingly.
-      :func:`warm_up_codecarbon` (called when a framework callback is built)
-      runs the detection early, so the gap is often zero or short.
+      :func:`~carbonoffset.core.codecarbon_startup.warm_up_codecarbon` (called
+      when a framework callback is built) runs the detection early, so the gap
+      is often zero or short.
     * While a tracker starts on the background thread, a fork of the process
-      waits for it (at most :data:`FORK_WAIT_S`), so that the child does not
-      inherit a lock held by that thread.
+      waits for it (at most :data:`~carbonoffset.core.codecarbon_startup.FORK_WAIT_S`),
+      so that the child does not inherit a lock held by that thread.
     """
 
     #: Seconds of tracking the first reading must cover before its power is used for the gap.
@@ -586,7 +219,7 @@ class CodeCarbonSource:
             **self.tracker_kwargs,
         }
         kwargs["output_handlers"] = [self._handler, *kwargs.get("output_handlers", [])]
-        _quiet_codecarbon(kwargs)
+        quiet_codecarbon(kwargs)
         if self.country_iso_code:
             return OfflineEmissionsTracker(country_iso_code=self.country_iso_code, **kwargs)
         return EmissionsTracker(**kwargs)
@@ -613,12 +246,12 @@ class CodeCarbonSource:
             self.late_start_s = 0.0
             self._halt = threading.Event()
             self._started = threading.Event()
-            background = not _hardware_ready(self.tracker_kwargs)
+            background = not hardware_ready(self.tracker_kwargs)
             self._read_flushes = not background
             tracker = None
             settled = threading.Event()  # set once the background start and its first flush are done
             if background:
-                _track_background_start(settled)
+                track_background_start(settled)
             else:
                 self.tracker = tracker = self._build()
                 tracker.start()  # ~5 ms once CodeCarbon knows the hardware
@@ -642,17 +275,17 @@ class CodeCarbonSource:
                 tracker = self._build()  # imports CodeCarbon (~0.15 s) off the training thread too
                 with self._lock:
                     self.tracker = tracker
-                _start_in_background(tracker)
+                start_in_background(tracker)
             except Exception as exc:  # noqa: BLE001 -- CodeCarbon swallows most errors itself
                 logger.warning("emissions tracking failed to start (%s); training continues", exc)
             started.set()
-            _mark_ready(self.tracker_kwargs)
+            mark_hardware_ready(self.tracker_kwargs)
             # the process's first flush also loads CodeCarbon's emissions data (~0.1 s, imports):
             # do it now, here, not in read() on the training thread, and before forks may go on
             with self._lock:
                 if self.tracker is tracker:
                     self._flush_locked()
-            _background_start_done(settled)
+            background_start_done(settled)
             wait = self.refresh_s
         else:
             wait = self.FIRST_REFRESH_S
@@ -687,10 +320,17 @@ class CodeCarbonSource:
         last = handler.last
         power_w = handler.power_w
         if power_w <= 0 and handler.duration_s > 0:
-            power_w = last.energy_kwh * 3.6e6 / handler.duration_s
-        energy_kwh = power_w * gap_s / 3.6e6
+            power_w = last.energy_kwh * J_PER_KWH / handler.duration_s
+        energy_kwh = power_w * gap_s / J_PER_KWH
         intensity = last.emissions_kg / last.energy_kwh if last.energy_kwh > 0 else 0.0
         return Measurement.estimate(energy_kwh * intensity, energy_kwh)
+
+    @property
+    def start_finished(self) -> bool:
+        """Whether the tracker start of the current run is over: at once in :meth:`start`, or on
+        the background thread after a late start (see the class notes). A start that failed is
+        over too (it was logged); ``False`` before the first :meth:`start`."""
+        return self._started.is_set()
 
     @property
     def late_start_estimate(self) -> Measurement:
@@ -717,7 +357,7 @@ class CodeCarbonSource:
     def average_power_w(self) -> float:
         """CodeCarbon's energy over the time it measured, as a power (W); 0 until its first figures."""
         handler = self._handler
-        return handler.last.energy_kwh * 3.6e6 / handler.duration_s if handler.duration_s > 0 else 0.0
+        return handler.last.energy_kwh * J_PER_KWH / handler.duration_s if handler.duration_s > 0 else 0.0
 
     def coverage(self) -> tuple[float, float] | None:
         """What the figures :meth:`read` returns cover: ``(measured_at, unmeasured_s)``, with

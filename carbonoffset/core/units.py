@@ -9,6 +9,9 @@ Constants:
     0.45359237 kg (International Yard and Pound Agreement, 1959; exact by
     definition).
     ``G_PER_KG = 1000`` -- model cards take grams (Hugging Face ``co2_eq_emissions``).
+    ``J_PER_KWH = 3.6e6`` -- 1 kWh = 1000 W x 3600 s = 3.6e6 J (SI, exact by definition): energy in
+    kWh from a power in W over seconds.
+    ``BYTES_PER_GIB = 1024**3`` -- one gibibyte (IEC 80000-13, exact): memory sizes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ KG_PER_LB: Final[float] = 0.45359237
 
 G_PER_KG: Final[int] = 1000
 """Grams in one kilogram (SI, exact)."""
+
+J_PER_KWH: Final[float] = 3.6e6
+"""Joules in one kilowatt-hour: 1000 W x 3600 s, exact by definition (SI). ``power_w * seconds /
+J_PER_KWH`` is an energy in kWh."""
+
+BYTES_PER_GIB: Final[int] = 1024**3
+"""Bytes in one gibibyte (IEC 80000-13, exact)."""
 
 MIN_OFFSET_LB: Final[int] = 1
 """Smallest amount the API accepts for ``capture_carbon`` (whole pounds)."""

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from carbonoffset.core.sources import Measurement
+from carbonoffset.core.measurement import Measurement
 
 
 class ScriptedEmissions:
@@ -23,7 +23,7 @@ class ScriptedEmissions:
         intensity_kg_per_kwh: carbon intensity used to derive energy (> 0;
             default 0.056 kg/kWh, roughly France's grid).
         advance_on_stop: ``stop()`` takes the next scripted value.
-        details: the :attr:`~carbonoffset.core.sources.Measurement.details` every figure carries
+        details: the :attr:`~carbonoffset.core.measurement.Measurement.details` every figure carries
             (e.g. ``{"cpu_model": ..., "country_iso_code": ...}``); default none.
 
     Every ``start()`` begins a new run: the script restarts from its first value.

@@ -20,9 +20,10 @@ import pytest
 from _scripts import run_script, subprocess_env
 
 from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.measurement import Measurement
 from carbonoffset.core.meter import MeterSource
 from carbonoffset.core.session import OffsetSession
-from carbonoffset.core.sources import CodeCarbonSource, Measurement
+from carbonoffset.core.sources import CodeCarbonSource
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals are POSIX")
 
@@ -71,7 +72,7 @@ def test_figures_stay_live_and_marked_estimated_while_the_meter_gives_no_reading
         return source.read().energy_kwh > before.energy_kwh
 
     _wait(growing)
-    pid = source._meter.process.pid  # noqa: SLF001 -- the process to freeze
+    pid = source.meter_pid  # the process to freeze
     os.kill(pid, signal.SIGSTOP)  # alive, sending nothing: its readings froze
     try:
         first = source.read()

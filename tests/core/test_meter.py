@@ -21,8 +21,8 @@ import pytest
 from _scripts import run_script
 
 from carbonoffset.core import meter as meter_module
+from carbonoffset.core.measurement import Measurement
 from carbonoffset.core.meter import MeterSource, warm_up_meter
-from carbonoffset.core.sources import Measurement
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals and fork are POSIX")
 
@@ -45,9 +45,9 @@ def _first_reading(source: MeterSource, timeout_s: float = 60.0) -> Measurement:
 
 
 def _meter_pid(source: MeterSource) -> int:
-    meter = source._meter  # the process behind the run  # noqa: SLF001
-    assert meter is not None
-    return meter.process.pid
+    pid = source.meter_pid  # the process behind the run
+    assert pid is not None
+    return pid
 
 
 def _gone(pid: int, timeout_s: float = 20.0) -> bool:
@@ -72,7 +72,7 @@ _DEFAULT_SESSION = textwrap.dedent(
                             offset_environment="sandbox", auto_offset=False,
                             offset_api_url="http://127.0.0.1:9")  # the start-of-run key check stays local
     session.start()
-    meter = session.source._meter.process.pid
+    meter = session.source.meter_pid
     command = psutil.Process(meter).cmdline()
     until = time.monotonic() + 2.5
     x = 0
@@ -144,7 +144,7 @@ def test_a_meter_killed_mid_run_is_replaced_in_process_and_nothing_is_lost(
     with caplog.at_level(logging.WARNING, logger="carbonoffset"):
         os.kill(_meter_pid(source), signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while source._fallback is None and time.monotonic() < deadline:  # noqa: SLF001
+        while not source.measuring_in_process and time.monotonic() < deadline:
             time.sleep(0.02)
         _busy(2.5)
         final = source.stop()
@@ -169,11 +169,11 @@ def test_process_tracking_mode_is_measured_in_process_without_starting_a_meter(
     else:
         kwargs["tracking_mode"] = "process"
     warm_up_meter(**kwargs)
-    assert not [m for m in meter_module._idle if m.context == meter_module._context()]  # noqa: SLF001
+    assert not meter_module.idle_meter_pids()  # none started here (this folder, home, CODECARBON_*)
     source = MeterSource("FRA", refresh_s=0.2, **kwargs)
     with caplog.at_level(logging.INFO, logger="carbonoffset"):
         source.start()
-    assert source._meter is None and source._fallback is not None  # noqa: SLF001
+    assert source.meter_pid is None and source.measuring_in_process
     assert any("tracking_mode 'process'" in r.getMessage() for r in caplog.records)
     assert not any(r.levelno >= logging.WARNING for r in caplog.records)  # a choice, not a failure
     _busy(1.0)
@@ -254,14 +254,14 @@ _FORK = textwrap.dedent(
     parent = MeterSource("FRA", refresh_s=0.2)
     parent.start()
     first_reading(parent)
-    parent_meter = parent._meter.process.pid
+    parent_meter = parent.meter_pid
     read_r, read_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         inherited = parent.stop()  # a copy: must not stop the parent's run
         own = MeterSource("FRA", refresh_s=0.2)
         own.start()
-        own_meter = own._meter.process.pid
+        own_meter = own.meter_pid
         first_reading(own)
         busy(0.5)
         final = own.stop()
@@ -299,11 +299,11 @@ def test_messages_from_an_earlier_run_are_ignored() -> None:
     source = MeterSource("FRA", refresh_s=0.2)
     source.start()
     _first_reading(source)
-    run = source._run  # noqa: SLF001
+    late = source.receiver()  # where the measuring process's messages of this run go
     source.stop()
     source.start()
     # a reading of the previous run arriving late does not leak into the new one
-    source._on_message(run, {"event": "totals", "emissions_kg": 1.0, "energy_kwh": 1.0, "at": time.time()})  # noqa: SLF001
+    late({"event": "totals", "emissions_kg": 1.0, "energy_kwh": 1.0, "at": time.time()})
     assert source.read().emissions_kg < 1.0
     source.stop()
 
@@ -314,8 +314,8 @@ def test_the_power_a_run_measured_is_remembered_for_the_first_seconds_of_the_nex
     before = estimates.prior("FRA", {})
     assert before.origin == "default"  # a machine (home) where carbonoffset never ran
     assert before.kg_per_kwh == pytest.approx(0.056039)  # CodeCarbon's figure for France
-    assert before.power_w == estimates.DEFAULT_W_PER_THREAD * (os.cpu_count() or 1) + estimates._ram_w(  # noqa: SLF001
-        estimates._memory_gb()  # noqa: SLF001
+    assert before.power_w == estimates.DEFAULT_W_PER_THREAD * (os.cpu_count() or 1) + estimates.ram_w(
+        estimates.memory_gb()
     )
     source = MeterSource("FRA", refresh_s=0.2)
     source.start()

@@ -30,10 +30,12 @@ from typing import Any
 import pytest
 from _scripts import run_script, subprocess_env
 
+from carbonoffset.core.codecarbon_startup import BACKGROUND_NICE, lower_thread_priority
 from carbonoffset.core.errors import LedgerError
 from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.measurement import Measurement
 from carbonoffset.core.session import OffsetSession
-from carbonoffset.core.sources import BACKGROUND_NICE, CodeCarbonSource, Measurement, _lower_priority
+from carbonoffset.core.sources import CodeCarbonSource
 from carbonoffset.testing import FakeOneClickImpact, ScriptedEmissions
 
 FAST = {"wait_initial_s": 0.01, "wait_max_s": 0.05}
@@ -208,7 +210,7 @@ _FORK_DURING_START = textwrap.dedent(
         child = CodeCarbonSource(country_iso_code="FRA")
         child.start()
         ok = child.stop().energy_kwh >= 0
-        print(json.dumps({"started_at_fork": source._started.is_set(), "child_tracked": ok}), flush=True)
+        print(json.dumps({"started_at_fork": source.start_finished, "child_tracked": ok}), flush=True)
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     source.stop()
@@ -228,7 +230,8 @@ _CPU_MODEL_PROCESS = textwrap.dedent(
     import json
     import cpuinfo
     from codecarbon.core import util
-    from carbonoffset.core.sources import CodeCarbonSource, _cpu_model_cache, warm_up_codecarbon
+    from carbonoffset.core.codecarbon_startup import cpu_model_cache_path, warm_up_codecarbon
+    from carbonoffset.core.sources import CodeCarbonSource
 
     calls = []
     original = cpuinfo.get_cpu_info
@@ -243,7 +246,7 @@ _CPU_MODEL_PROCESS = textwrap.dedent(
     source.start()
     kwh = source.stop().energy_kwh
     print(json.dumps({"model": util.detect_cpu_model(), "detections": len(calls), "kwh": kwh,
-                      "cache": str(_cpu_model_cache())}))
+                      "cache": str(cpu_model_cache_path())}))
     """
 )
 
@@ -279,15 +282,15 @@ _FORK_AFTER_A_TIMED_OUT_WAIT = textwrap.dedent(
     """
     import json, os, time
     import cpuinfo
-    from carbonoffset.core import sources
+    from carbonoffset.core import codecarbon_startup as startup
 
     def slow_detection():
         time.sleep(3)
         return {"brand_raw": "Slow CPU"}
 
     cpuinfo.get_cpu_info = slow_detection  # a hardware detection slower than the fork's wait
-    sources.FORK_WAIT_S = 0.3
-    sources.warm_up_codecarbon()
+    startup.FORK_WAIT_S = 0.3
+    startup.warm_up_codecarbon()
     began = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -299,7 +302,7 @@ _FORK_AFTER_A_TIMED_OUT_WAIT = textwrap.dedent(
                 os._exit(0)
             os.waitpid(child, 0)
             forks.append(time.monotonic() - began)
-        print(json.dumps({"left_over": len(sources._unfinished), "forks_s": forks}), flush=True)
+        print(json.dumps({"left_over": startup.unfinished_background_starts(), "forks_s": forks}), flush=True)
         os._exit(0)
     waited = time.monotonic() - began
     _, status = os.waitpid(pid, 0)
@@ -373,7 +376,7 @@ def test_background_detection_runs_at_a_lower_priority_than_training() -> None:
     seen: list[int] = []
 
     def lowered() -> None:
-        _lower_priority()
+        lower_thread_priority()
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
     thread = threading.Thread(target=lowered)
