@@ -23,7 +23,7 @@ import subprocess
 import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.ledger import Ledger
@@ -59,15 +59,11 @@ class Collective:
     broadcast: Callable[[Any], Any]
 
 
-def missing_framework(callback: str, framework: str, requirement: str, extra: str) -> ModuleNotFoundError:
-    """The error raised when a callback is built without its framework installed."""
-    return ModuleNotFoundError(
-        f"`{callback}` for {framework} requires `{requirement}`; install it with "
-        f"`pip install carbonoffset[{extra}]`"
-    )
+# ------------------------------------------------------- helpers shared by the framework callbacks
+_warned_order: set[str] = set()
 
 
-def move_first(callback: Any) -> bool:
+def move_first(callback: Any, *, warning: str, log: logging.Logger) -> bool:
     """From inside one of ``callback``'s hooks, move it to the front of the framework's callback list.
 
     Hugging Face's ``CallbackHandler`` and Keras' ``CallbackList`` call each hook on their
@@ -77,14 +73,20 @@ def move_first(callback: Any) -> bool:
     element being dispatched to the front leaves the rest of that dispatch unchanged (the elements
     after it keep their indices).
 
+    Args:
+        callback: the callback whose hook is running.
+        warning: logged (once per process) when it cannot be moved: what the user loses and how
+            to place the callback first by hand.
+        log: the integration's logger, which logs ``warning``.
+
     Returns:
         ``True`` when ``callback`` is now first; ``False`` when no dispatching list holding it was
-        found (a framework change: the callers warn, and their tests fail).
+        found (a framework change: ``warning`` is logged, and the integration tests fail).
     """
     frame: types.FrameType | None = sys._getframe(1)
     for _ in range(8):
         if frame is None:
-            return False
+            break
         owner = frame.f_locals.get("self")
         callbacks = getattr(owner, "callbacks", None) if owner is not callback else None
         if isinstance(callbacks, list):
@@ -94,6 +96,9 @@ def move_first(callback: Any) -> bool:
                     callbacks.insert(0, callbacks.pop(index))
                 return True
         frame = frame.f_back
+    if warning not in _warned_order:
+        _warned_order.add(warning)
+        log.warning(warning)
     return False
 
 
@@ -110,6 +115,49 @@ def short_mass(emissions_kg: float) -> str:
     magnitude = abs(grams)
     factor, unit = next(((f, u) for f, u in _MASS_PREFIXES if magnitude >= f * 0.9995), _MASS_PREFIXES[-1])
     return f"{grams / factor:.3g}{unit}"
+
+
+_Guarded = TypeVar("_Guarded", bound="GuardedFit")
+
+
+class GuardedFit:
+    """``guard()`` for the callbacks of frameworks that call no callback when training raises
+    (Keras' ``model.fit``, the Hugging Face Trainer's ``train()``: ``on_train_end`` is skipped).
+
+    A subclass sets ``_core`` (its :class:`CallbackCore`) and ``_fit_name`` (the training call in
+    log lines, e.g. ``"a Keras fit"``), and calls :meth:`_close_unfinished` at the start of each
+    run, so that a run an unguarded exception left open is closed before the next one starts.
+    """
+
+    _core: CallbackCore
+    _fit_name: str
+
+    @contextlib.contextmanager
+    def guard(self: _Guarded) -> Iterator[_Guarded]:
+        """Context manager (or decorator) around the training call (``model.fit``,
+        ``trainer.train()``) for when it raises.
+
+        On its own the tracker would keep running until the next training call with this
+        callback, garbage collection, or the end of the process. Inside ``guard`` an exception
+        (``KeyboardInterrupt`` included) stops the tracker at once and records what was measured
+        in the ledger (run status ``failed``, or ``interrupted`` for ``KeyboardInterrupt``; those
+        emissions stay pending and are offset by a later run, no final offset is bought), then
+        propagates unchanged.
+
+        Yields:
+            This callback.
+
+        Example::
+
+            with callback.guard():
+                model.fit(x, y, epochs=10, callbacks=[callback])  # or trainer.train()
+        """
+        with self._core.guarded(what=self._fit_name):
+            yield self
+
+    def _close_unfinished(self) -> None:
+        """Close, as ``interrupted``, a run that its training call left open (it raised outside ``guard``)."""
+        self._core.close_unfinished("interrupted", what=self._fit_name)
 
 
 class CallbackCore:

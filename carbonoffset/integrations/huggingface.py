@@ -1,7 +1,9 @@
 """Hugging Face ``Trainer`` callback: measure training with CodeCarbon and offset it through 1ClickImpact.
 
 All accounting lives in :class:`carbonoffset.integrations._base.CallbackCore`;
-this module only translates ``Trainer`` events into calls on it.
+this module only translates ``Trainer`` events into calls on it. What every
+callback does, and the arguments they share, are described once in
+:mod:`carbonoffset.integrations`.
 
 Importing this module never fails: without transformers, constructing
 :class:`CarbonOffsetCallback` raises :class:`ModuleNotFoundError` naming the
@@ -25,20 +27,14 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from carbonoffset.core.config import OffsetConfig, SecretKey
 from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import (
-    CallbackCore,
-    CallbackViews,
-    Collective,
-    missing_framework,
-    move_first,
-)
+from carbonoffset.integrations._base import CallbackCore, CallbackViews, Collective, GuardedFit, move_first
+from carbonoffset.integrations._imports import OptionalImport
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +47,10 @@ _LABEL = "huggingface"
 _STATE_ATTRIBUTE = "resume_state"
 
 
-try:
+_TRANSFORMERS = OptionalImport("Hugging Face Transformers", "transformers>=4.45", extra="transformers")
+with _TRANSFORMERS:
     from transformers.trainer_callback import ExportableState as _ExportableState
     from transformers.trainer_callback import TrainerCallback as _TrainerCallback
-except ImportError:  # transformers not installed: constructing the callback says what to install
-    _TrainerCallback = None  # type: ignore[assignment,misc]
-    _ExportableState = None  # type: ignore[assignment,misc]
 
 # id(TrainingArguments) -> (weakref to it, weakref to the callback the Trainer was built with); see
 # CarbonOffsetCallback._adopt_original.
@@ -137,65 +131,42 @@ def _collective(args: Any) -> Collective | None:
     return Collective(world_size=world, sum=sum_across, broadcast=broadcast)
 
 
-_warned_order = False
+#: logged when the callback cannot run first (see move_first)
+_NOT_FIRST = (
+    "carbonoffset could not move CarbonOffsetCallback before the Trainer's reporting "
+    "integrations: integrations listed before it in report_to, and callbacks placed before "
+    "it, will not see the carbon/* metrics. Put it first: "
+    "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))"
+)
 
 
-def _run_first(callback: Any) -> None:
-    """Move ``callback`` to the front of its Trainer's callbacks (called from one of its hooks).
+if _TRANSFORMERS.available:
 
-    The Trainer runs the ``report_to`` integrations (TensorBoard, W&B, MLflow, ...) before the
-    callbacks passed in ``callbacks=[...]``, and hands every callback's ``on_log`` the same ``logs``
-    dict: run first, the ``carbon/*`` figures added to it reach every integration and callback.
-    transformers has no public way to order callbacks, nor passes a callback its handler: see
-    :func:`~carbonoffset.integrations._base.move_first` (checked with a real Trainer by
-    ``tests/integrations/test_huggingface.py``).
-    """
-    global _warned_order
-    if not move_first(callback) and not _warned_order:
-        _warned_order = True
-        logger.warning(
-            "carbonoffset could not move CarbonOffsetCallback before the Trainer's reporting "
-            "integrations: integrations listed before it in report_to, and callbacks placed before "
-            "it, will not see the carbon/* metrics. Put it first: "
-            "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))"
-        )
-
-
-if _TrainerCallback is not None:
-
-    class CarbonOffsetCallback(_TrainerCallback, _ExportableState, CallbackViews):
+    class CarbonOffsetCallback(_TrainerCallback, _ExportableState, CallbackViews, GuardedFit):
         """Measure the emissions of ``Trainer.train()`` and offset them, exactly once.
 
-        At ``on_train_begin`` a fresh tracker and a new ledger run start
-        (every ``train()`` call is its own run, unless it resumes one, see
-        below). At each ``on_epoch_end`` the cumulative figures are recorded in
-        the ledger; once the account's pending emissions reach
-        ``offset_threshold`` an offset is bought on a background thread (the
-        epoch never waits for the network). At ``on_train_end`` the final
-        figures are recorded, the final offset is made (respecting the
-        threshold, or rounding up to a whole pound when ``offset_round_up``
-        is set) and the callback waits at most ``offset_timeout`` seconds for
-        offsets in flight; whatever is not settled by then stays in the
-        ledger for the next run or ``carbonoffset reconcile``.
-
-        An "epoch" is one Trainer epoch (``epoch`` in the ledger is 0-based:
+        The run starts at ``on_train_begin`` (every ``train()`` call is its own
+        run, unless it resumes one, see below), is recorded at each
+        ``on_epoch_end`` and ends with the Trainer's end-of-training summary (or
+        ``on_train_end``), as described in :mod:`carbonoffset.integrations`. An
+        "epoch" is one Trainer epoch (``epoch`` in the ledger is 0-based:
         ``ceil(state.epoch) - 1``).
 
         **Metrics.** With ``log_metrics`` the callback asks the Trainer to log
-        at the end of every epoch (``control.should_log``) and adds
-        ``carbon/energy_kwh`` (kWh), ``carbon/emissions_kg``,
-        ``carbon/offset_kg`` and ``carbon/pending_kg`` (kg CO2eq, cumulative
-        for the run; pending is the account's) to that log entry: to
-        ``state.log_history`` and to the ``logs`` every ``on_log`` receives.
-        The Trainer runs the ``report_to`` integrations (TensorBoard, W&B,
-        MLflow, ...) before the callbacks given in ``callbacks=[...]``, so the
-        callback moves itself to the front of the Trainer's callbacks when the
-        Trainer is built (and again at ``on_train_begin``): every integration
-        and every other callback, wherever placed, sees the metrics. The
-        Trainer's end-of-training summary (the log entry with
-        ``train_runtime``, logged just before ``on_train_end``) ends the run:
-        its final figures (same names) go into that entry, so they reach every
-        integration and ``state.log_history`` too, at the last global step.
+        at the end of every epoch (``control.should_log``) and adds the
+        ``carbon/*`` metrics (:meth:`~carbonoffset.core.session.EpochReport.metrics`;
+        kWh and kg CO2eq, cumulative for the run; pending is the account's) to
+        that log entry: to ``state.log_history`` and to the ``logs`` every
+        ``on_log`` receives. The Trainer runs the ``report_to`` integrations
+        (TensorBoard, W&B, MLflow, ...) before the callbacks given in
+        ``callbacks=[...]``, so the callback moves itself to the front of the
+        Trainer's callbacks when the Trainer is built (and again at
+        ``on_train_begin``): every integration and every other callback,
+        wherever placed, sees the metrics. The Trainer's end-of-training summary
+        (the log entry with ``train_runtime``, logged just before
+        ``on_train_end``) ends the run: its final figures (same names) go into
+        that entry, so they reach every integration and ``state.log_history``
+        too, at the last global step.
 
         **Ranks.** Only the local main process of each node runs a tracker
         (``args.local_process_index == 0``) and only the main process
@@ -220,28 +191,12 @@ if _TrainerCallback is not None:
         option a resumed training is recorded as a new run.
 
         Args:
-            session: a ready :class:`~carbonoffset.core.session.OffsetSession`
-                (its settings are used); or ``None`` (default) to build one
-                per ``train()`` from ``**settings``. Not both.
+            session, log_metrics, source, offsetter_options, **settings: shared
+                by every callback, see :mod:`carbonoffset.integrations`.
             max_emissions_kg: carbon budget per run in kg CO2eq (> 0), or
                 ``None`` (default, no budget). When the run's emissions pass
                 it, ``control.should_training_stop`` is set at that epoch's
-                end and a warning is logged; after the first epoch a warning
-                is logged when the emissions projected over
-                ``num_train_epochs`` pass it.
-            log_metrics: log the four ``carbon/*`` metrics each epoch
-                (default ``True``).
-            source: emissions source for the sessions built here (default:
-                CodeCarbon; tests inject
-                :class:`~carbonoffset.testing.ScriptedEmissions`).
-            offsetter_options: passed to the offsetter (``max_attempts``,
-                ``wait_initial_s``, ``wait_max_s``).
-            **settings: :class:`~carbonoffset.core.config.OffsetConfig` fields
-                (``offset_api_key``, ``offset_environment``,
-                ``offset_threshold`` (kg, >= 0.5), ``auto_offset``,
-                ``offset_ledger``, ``country_iso_code``, ``offset_timeout``
-                (s), ...). Unset ones come from ``CODECARBON_*`` environment
-                variables and ``.codecarbon.config``.
+                end; the projection uses ``num_train_epochs``.
 
         Raises:
             ValueError: invalid settings, ``max_emissions_kg <= 0``, or both
@@ -261,6 +216,8 @@ if _TrainerCallback is not None:
             [e["carbon/emissions_kg"] for e in trainer.state.log_history if "carbon/emissions_kg" in e]
             callback.final_report.offset_lb  # whole pounds bought for this run
         """
+
+        _fit_name = "a training run"
 
         def __init__(
             self,
@@ -298,10 +255,13 @@ if _TrainerCallback is not None:
                     del owners[key]
             with contextlib.suppress(TypeError):  # arguments without weak references: nothing to adopt later
                 owners[id(args)] = (weakref.ref(args), weakref.ref(self))
-            _run_first(self)
+            # The Trainer runs the report_to integrations before the callbacks given in callbacks=[...]
+            # and hands every on_log the same logs dict: run first, so that all of them see carbon/*.
+            move_first(self, warning=_NOT_FIRST, log=logger)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            _run_first(self)  # again for an instance the Trainer rebuilt from a checkpoint (appended last)
+            # again, for an instance the Trainer rebuilt from a checkpoint (appended last)
+            move_first(self, warning=_NOT_FIRST, log=logger)
             if self._restored is not None:
                 self._adopt_original(args)
             elif getattr(state, "global_step", 0) and not getattr(
@@ -312,7 +272,7 @@ if _TrainerCallback is not None:
                     "carbonoffset records it as a new run"
                 )
             self._pending_metrics = None
-            self._close_unfinished("interrupted")
+            self._close_unfinished()
             self._core.begin(
                 global_rank=int(getattr(args, "process_index", 0) or 0),
                 local_rank=int(getattr(args, "local_process_index", 0) or 0),
@@ -385,9 +345,10 @@ if _TrainerCallback is not None:
             Raises:
                 ModuleNotFoundError: ``huggingface_hub`` is missing (transformers installs it).
             """
-            from carbonoffset.core import card
-
-            card._hub()  # fail here, not at push time, if huggingface_hub is missing
+            hub = OptionalImport("model cards", "huggingface_hub>=0.24", extra="card")
+            with hub:  # fail here, not at push time, if huggingface_hub is missing
+                import huggingface_hub  # noqa: F401
+            hub.check("add_to_model_card")
             write_card = trainer.create_model_card
             callback = weakref.ref(self)
 
@@ -426,36 +387,6 @@ if _TrainerCallback is not None:
                 )
             except Exception as exc:  # noqa: BLE001 -- never fail the Trainer's card or push
                 logger.warning("could not add the carbon figures to the model card %s: %s", path, exc)
-
-        # ---------------------------------------------------------- safety net
-        @contextlib.contextmanager
-        def guard(self) -> Iterator[CarbonOffsetCallback]:
-            """Context manager (or decorator) around ``trainer.train()`` for when it raises.
-
-            The Trainer calls no callback when ``train()`` raises
-            (``on_train_end`` is skipped), so on its own the tracker would keep
-            running until the next ``train()`` with this callback, garbage
-            collection, or the end of the process (a finalizer stops it
-            then). Inside ``guard`` an exception (``KeyboardInterrupt``
-            included) stops the tracker at once, records what was measured in
-            the ledger (run status ``failed``, or ``interrupted`` for
-            ``KeyboardInterrupt``; those emissions stay pending and are offset
-            by a later run, no final offset is bought), then the exception
-            propagates unchanged.
-
-            Yields:
-                This callback.
-
-            Example::
-
-                with callback.guard():
-                    trainer.train()
-            """
-            with self._core.guarded(what="a training run"):
-                yield self
-
-        def _close_unfinished(self, status: str) -> None:
-            self._core.close_unfinished(status, what="a training run")
 
         # --------------------------------------------------------------- resume
         def state(self) -> dict[str, Any]:
@@ -564,15 +495,12 @@ if _TrainerCallback is not None:
 else:
 
     class CarbonOffsetCallback:  # type: ignore[no-redef]
-        """Placeholder: transformers is not importable here (constructing raises ModuleNotFoundError)."""
+        """Placeholder: transformers is not importable here (constructing raises ModuleNotFoundError,
+        its cause the import error)."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            raise missing_framework(
-                "CarbonOffsetCallback", "Hugging Face Transformers", "transformers>=4.45", "transformers"
-            )
+            _TRANSFORMERS.check("CarbonOffsetCallback")
 
     def add_to_model_card(trainer: Any, *, training_type: str | None = None) -> None:
-        """Placeholder: transformers is not importable here."""
-        raise missing_framework(
-            "add_to_model_card", "Hugging Face Transformers", "transformers>=4.45", "transformers"
-        )
+        """Placeholder: transformers is not importable here (raises ModuleNotFoundError)."""
+        _TRANSFORMERS.check("add_to_model_card")

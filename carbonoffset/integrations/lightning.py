@@ -17,34 +17,30 @@ naming the extra to install (``pip install carbonoffset[lightning]``).
 
 The callback only translates Lightning's events into calls on
 :class:`~carbonoffset.integrations._base.CallbackCore`; every figure,
-threshold, offset and ledger write comes from the core.
+threshold, offset and ledger write comes from the core. What every callback
+does, and the arguments they share, are described once in
+:mod:`carbonoffset.integrations`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from carbonoffset.core.session import METRIC_PREFIX, OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import (
-    CallbackCore,
-    CallbackViews,
-    Collective,
-    missing_framework,
-    short_mass,
-)
+from carbonoffset.integrations._base import CallbackCore, CallbackViews, Collective, short_mass
+from carbonoffset.integrations._imports import OptionalImport
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CarbonOffsetCallback", "PLCarbonOffsetCallback"]
 
-_lightning_error: ImportError | None = None
-try:
+_LIGHTNING = OptionalImport("Lightning", "lightning>=2.4", extra="lightning")
+with _LIGHTNING:
     from lightning.pytorch import Callback as _LightningCallback
-except ImportError as exc:  # lightning not installed (or broken: the cause is kept)
-    _LightningCallback = None  # type: ignore[assignment,misc]
-    _lightning_error = exc
+#: the standalone package, imported on first use of PLCarbonOffsetCallback
+_PL = OptionalImport("PyTorch Lightning", "pytorch-lightning>=2.4", extra="lightning")
 
 _STATE_NAME = "CarbonOffsetCallback"
 _LABEL = "lightning"
@@ -90,19 +86,6 @@ def _batches_that_stepped(trainer: Any) -> int:
     return int(stepped) if isinstance(stepped, int) else int(trainer.global_step)
 
 
-def _epoch_metrics_step(trainer: Any) -> int:
-    """The step Lightning logs a training epoch's own metrics at (``self.log(on_epoch=True)``,
-    ``LearningRateMonitor``): the step of the epoch's last optimizer step (Lightning's
-    ``fit_loop.on_advance_end`` logs them at ``_batches_that_stepped - 1``)."""
-    return max(0, _batches_that_stepped(trainer) - 1)
-
-
-def _final_metrics_step(trainer: Any) -> int:
-    """The step of the run's final figures: after the last epoch's step, so no epoch's values are
-    overwritten."""
-    return _batches_that_stepped(trainer)
-
-
 #: The progress bar's one figure: the run's emissions so far.
 PROGRESS_BAR_KEY = "co2"
 
@@ -126,77 +109,53 @@ class _CarbonOffsetLogic(CallbackViews):
     """Measure each fit with CodeCarbon, log ``carbon/*`` metrics, offset through 1ClickImpact.
 
     One fit (``trainer.fit``) is one run in the ledger, measured by a fresh
-    CodeCarbon tracker. An *epoch* here is one training epoch of the fit
-    (``trainer.current_epoch``, 0-based); sanity-check validation is not an
-    epoch but its emissions count toward the first one.
+    CodeCarbon tracker (the life cycle every callback shares is described in
+    :mod:`carbonoffset.integrations`). An *epoch* here is one training epoch of
+    the fit (``trainer.current_epoch``, 0-based); sanity-check validation is not
+    an epoch but its emissions count toward the first one.
 
     Events:
 
     * ``on_fit_start``: start a run (or continue the run restored from a
-      checkpoint) with a new tracker. Only local rank 0 of each node runs a
-      tracker; only global rank 0 writes the ledger and buys offsets. In a
-      distributed fit (``trainer.world_size > 1``) every epoch's node figures
-      are summed with ``trainer.strategy.reduce`` and global rank 0's figures
-      and budget decision are shared with ``trainer.strategy.broadcast``, so
-      every rank logs the job's figures and stops at the same epoch; the
-      ledger run records the node count (see ``docs/distributed.md``).
-    * ``on_train_epoch_end``: record the run's cumulative figures and publish
-      ``carbon/energy_kwh`` (kWh), ``carbon/emissions_kg``, ``carbon/offset_kg``
-      and ``carbon/pending_kg`` (kg CO2eq; offset = bought or in flight for
-      this run, pending = the account's emissions not yet offset) to
-      ``trainer.callback_metrics`` (as tensors, so ``EarlyStopping`` or
-      ``ModelCheckpoint`` can monitor them), ``trainer.logged_metrics`` and
-      every logger in ``trainer.loggers``, with ``epoch``, at the step
-      Lightning logs the epoch's own metrics at (``self.log(on_epoch=True)``,
+      checkpoint) with a new tracker. With a strategy that restores checkpoints
+      after ``on_fit_start`` (FSDP, DeepSpeed: ``restore_checkpoint_after_setup``)
+      the run starts at ``load_state_dict`` when resuming, else at
+      ``on_sanity_check_start`` / ``on_train_start``. In a distributed fit
+      (``trainer.world_size > 1``) every epoch's node figures are summed with
+      ``trainer.strategy.reduce`` and global rank 0's figures and budget
+      decision are shared with ``trainer.strategy.broadcast``, so every rank
+      logs the job's figures and stops at the same epoch (see
+      ``docs/distributed.md``).
+    * ``on_train_epoch_end``: record the epoch and publish the ``carbon/*``
+      metrics to ``trainer.callback_metrics`` (as tensors, so ``EarlyStopping``
+      or ``ModelCheckpoint`` can monitor them), ``trainer.logged_metrics`` and
+      every logger in ``trainer.loggers``, with ``epoch``, at the step Lightning
+      logs the epoch's own metrics at (``self.log(on_epoch=True)``,
       ``LearningRateMonitor``), so each logger shows them at the same step as
       ``train_loss``; plus the short ``co2`` figure on the progress bar (see
-      ``progress_bar``). The core offsets in the background once
-      ``offset_threshold`` is reached: the hook never waits for the network
-      and costs well under a millisecond. With ``max_emissions_kg``, a warning
-      is logged after the first epoch when the projected total for
-      ``max_epochs`` passes the budget, and once the run's emissions pass it a
-      warning is logged and ``trainer.should_stop`` is set on every rank.
-    * ``on_train_end`` (or ``on_fit_end`` when no epoch ran): final record,
-      final offset (respecting ``offset_threshold``, or rounding up to a whole
-      pound with ``offset_round_up``), a wait of at most ``offset_timeout``
-      seconds, then the run's final figures are published the same way
-      (to the loggers without ``epoch``, one step after the last epoch's,
-      so no epoch's values are overwritten) and kept in :attr:`final_report`.
-    * ``on_exception`` (``KeyboardInterrupt`` included): stop the tracker,
-      keep everything measured in the ledger (status ``"interrupted"`` for
-      ``KeyboardInterrupt`` and for a SIGTERM, ``"failed"`` otherwise), no final offset: what
-      was measured stays pending for a later run or ``carbonoffset offset``.
+      ``progress_bar``). The hook never waits for the network and costs well
+      under a millisecond. Over budget, ``trainer.should_stop`` is set on every
+      rank.
+    * ``on_train_end`` (or ``on_fit_end`` when no epoch ran): end the run, then
+      publish its final figures the same way (to the loggers without ``epoch``,
+      one step after the last epoch's, so no epoch's values are overwritten).
+    * ``on_exception`` (``KeyboardInterrupt`` included): stop the tracker and
+      keep everything measured (status ``"interrupted"`` for
+      ``KeyboardInterrupt`` and for a SIGTERM, ``"failed"`` otherwise), no
+      final offset.
 
     Args:
-        session: a ready :class:`~carbonoffset.core.OffsetSession` whose
-            settings are used (cannot be combined with ``**settings``; a
-            session cannot be pickled, so pass settings instead with spawned
-            training processes). ``None`` (default) builds a new session for
-            each fit from ``**settings``.
+        session, log_metrics, source, offsetter_options, **settings: shared by
+            every callback, see :mod:`carbonoffset.integrations`.
         max_emissions_kg: carbon budget of one run in kg CO2eq (> 0), or
             ``None`` for no budget. The run stops gracefully after the epoch
-            whose cumulative emissions pass it (subject to ``min_epochs``).
-        log_metrics: publish the ``carbon/*`` metrics (:meth:`EpochReport.metrics
-            <carbonoffset.core.EpochReport.metrics>`) each epoch and at the end
-            (default ``True``).
+            whose cumulative emissions pass it (subject to ``min_epochs``); the
+            projection uses ``max_epochs``.
         progress_bar: show one short figure on the progress bar, ``co2``: the
             run's emissions so far in SI-prefixed grams of CO2eq (``2.14mg``),
             which fits Rich's and tqdm's bars at 80 columns (default ``True``;
             needs ``log_metrics``). ``False``: nothing on the bar. The
             ``carbon/*`` metrics never go to the bar (they are long).
-        source: emissions source for the sessions built here (default: a
-            CodeCarbon tracker per fit); tests pass
-            :class:`carbonoffset.testing.ScriptedEmissions`.
-        offsetter_options: passed to :class:`~carbonoffset.core.offsetter.Offsetter`
-            (``max_attempts``, ``wait_initial_s``, ``wait_max_s``).
-        **settings: :class:`~carbonoffset.core.OffsetConfig` fields:
-            ``offset_api_key`` (str), ``offset_environment``
-            (``"production"`` | ``"sandbox"``), ``offset_threshold`` (kg,
-            >= 0.5), ``auto_offset`` (bool), ``offset_ledger`` (path),
-            ``country_iso_code`` (ISO 3166-1 alpha-3, e.g. ``"FRA"``),
-            ``offset_timeout`` (s, > 0), ``offset_request_timeout`` (s, > 0),
-            ``offset_round_up`` (bool), ``offset_api_url`` (URL). Unset fields
-            come from ``CODECARBON_*`` variables and ``.codecarbon.config``.
 
     Raises:
         ModuleNotFoundError: the Lightning package this class binds to is not
@@ -204,6 +163,7 @@ class _CarbonOffsetLogic(CallbackViews):
         ValueError: an invalid setting (:class:`~carbonoffset.core.ConfigurationError`,
             raised here, before training), ``max_emissions_kg <= 0``, or both
             ``session`` and ``settings`` given.
+        TypeError: ``progress_bar`` is not a ``bool``.
 
     Example::
 
@@ -219,6 +179,10 @@ class _CarbonOffsetLogic(CallbackViews):
         print(callback.final_report)
     """
 
+    #: the Lightning package this class binds to, and the name its error gives
+    _framework: ClassVar[OptionalImport]
+    _public_name: ClassVar[str]
+
     def __init__(
         self,
         session: OffsetSession | None = None,
@@ -230,6 +194,7 @@ class _CarbonOffsetLogic(CallbackViews):
         offsetter_options: dict[str, Any] | None = None,
         **settings: Any,
     ) -> None:
+        self._framework.check(self._public_name)
         super().__init__()
         if not isinstance(progress_bar, bool):
             raise TypeError(f"progress_bar must be True or False (got {progress_bar!r})")
@@ -323,8 +288,9 @@ class _CarbonOffsetLogic(CallbackViews):
     def _publish(self, trainer: Any, metrics: dict[str, float], *, epoch: int | None = None) -> None:
         """Hand ``metrics`` to other callbacks, the progress bar and every logger.
 
-        Epoch figures go to the loggers at the step Lightning logs that epoch's own metrics at
-        (:func:`_epoch_metrics_step`), with ``epoch``; the final figures at the step after it,
+        Epoch figures go to the loggers with ``epoch``, at the step Lightning logs that epoch's own
+        metrics at (``self.log(on_epoch=True)``, ``LearningRateMonitor``: its ``fit_loop.on_advance_end``
+        logs them at :func:`_batches_that_stepped` ``- 1``); the final figures at the step after it,
         without ``epoch``, so they never overwrite an epoch's values. Not ``pl_module.log``:
         measured in ``benchmarks/lightning_logging.py``, one ``log_dict`` call of four metrics
         costs 2.6-3.6 ms per epoch on a busy 2-core machine (Lightning walks its whole result
@@ -338,10 +304,11 @@ class _CarbonOffsetLogic(CallbackViews):
         if self._progress_bar:
             trainer.progress_bar_metrics.update(_progress_bar_figure(metrics))
         if trainer.loggers:
+            step = _batches_that_stepped(trainer)
             if epoch is None:
-                row, step = dict(metrics), _final_metrics_step(trainer)
+                row = dict(metrics)
             else:
-                row, step = {**metrics, "epoch": epoch}, _epoch_metrics_step(trainer)
+                row, step = {**metrics, "epoch": epoch}, max(0, step - 1)
             trainer.logged_metrics.update(tensors)  # as Lightning keeps its own: tensors, no epoch
             for lg in trainer.loggers:
                 lg.log_metrics(row, step=step)
@@ -370,20 +337,14 @@ class _CarbonOffsetLogic(CallbackViews):
         )
 
 
-if _LightningCallback is not None:
+#: The base class: ``lightning.pytorch.Callback`` when it imports, else ``object`` (construction then raises).
+_LightningBase: Any = _LightningCallback if _LIGHTNING.available else object
 
-    class CarbonOffsetCallback(_CarbonOffsetLogic, _LightningCallback):
-        __doc__ = _CarbonOffsetLogic.__doc__
 
-else:  # pragma: no cover - exercised in a subprocess by the tests
-
-    class CarbonOffsetCallback(_CarbonOffsetLogic):  # type: ignore[no-redef]
-        __doc__ = _CarbonOffsetLogic.__doc__
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            raise missing_framework(
-                "CarbonOffsetCallback", "Lightning", "lightning>=2.4", "lightning"
-            ) from _lightning_error
+class CarbonOffsetCallback(_CarbonOffsetLogic, _LightningBase):  # type: ignore[misc]
+    __doc__ = _CarbonOffsetLogic.__doc__
+    _framework = _LIGHTNING
+    _public_name = "CarbonOffsetCallback"
 
 
 _PL_DOC = """:class:`CarbonOffsetCallback` bound to ``pytorch_lightning.Callback``, for code that
@@ -409,29 +370,17 @@ _PL_DOC = """:class:`CarbonOffsetCallback` bound to ``pytorch_lightning.Callback
 def _pl_callback_class() -> type:
     """Build :class:`PLCarbonOffsetCallback` (on first use: importing the standalone
     ``pytorch_lightning`` package costs ~0.15 s of CPU that ``lightning.pytorch`` users need not pay)."""
-    try:
+    with _PL:
         from pytorch_lightning import Callback as pl_callback
-    except ImportError as exc:
-        pl_error = exc
+    base: Any = pl_callback if _PL.available else object
 
-        class MissingPLCarbonOffsetCallback(_CarbonOffsetLogic):
-            __doc__ = _PL_DOC
+    class PLCarbonOffsetCallback(_CarbonOffsetLogic, base):  # type: ignore[misc]
+        __doc__ = _PL_DOC
+        _framework = _PL
+        _public_name = "PLCarbonOffsetCallback"
 
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                raise missing_framework(
-                    "PLCarbonOffsetCallback", "PyTorch Lightning", "pytorch-lightning>=2.4", "lightning"
-                ) from pl_error
-
-        cls: type = MissingPLCarbonOffsetCallback
-    else:
-
-        class BoundPLCarbonOffsetCallback(_CarbonOffsetLogic, pl_callback):
-            __doc__ = _PL_DOC
-
-        cls = BoundPLCarbonOffsetCallback
-    cls.__name__ = cls.__qualname__ = "PLCarbonOffsetCallback"
-    cls.__module__ = __name__
-    return cls
+    PLCarbonOffsetCallback.__qualname__ = "PLCarbonOffsetCallback"
+    return PLCarbonOffsetCallback
 
 
 if TYPE_CHECKING:  # built on first use by __getattr__ below

@@ -538,6 +538,25 @@ def test_missing_transformers_names_the_extra() -> None:
     assert "pip install carbonoffset[transformers]" in done.stdout
 
 
+def test_missing_transformers_error_keeps_the_import_error_as_its_cause() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = None\n"
+        "from carbonoffset.integrations.huggingface import CarbonOffsetCallback, add_to_model_card\n"
+        "for build in (lambda: CarbonOffsetCallback(), lambda: add_to_model_card(None)):\n"
+        "    try:\n"
+        "        build()\n"
+        "    except ModuleNotFoundError as exc:\n"
+        "        print(type(exc.__cause__).__name__, '|', exc.__cause__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2, done.stdout
+    for line in lines:  # the reason transformers could not be imported is not lost
+        assert line.startswith("ModuleNotFoundError | ") and "transformers" in line, line
+
+
 def test_notebook_runs_twice_in_its_folder(tmp_path: Path) -> None:
     pytest.importorskip("nbclient")
     outputs = run_twice("huggingface", tmp_path)

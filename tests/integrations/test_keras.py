@@ -402,6 +402,17 @@ def test_missing_keras_raises_module_not_found_naming_the_extra(monkeypatch: pyt
     assert "pip install carbonoffset[keras]" in message
 
 
+def test_missing_keras_error_keeps_the_import_error_as_its_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "keras", None)
+    spec = importlib.util.spec_from_file_location("_carbonoffset_keras_without_keras", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(ModuleNotFoundError) as info:
+        module.CarbonOffsetCallback()
+    cause = info.value.__cause__
+    assert isinstance(cause, ModuleNotFoundError) and cause.name == "keras", cause
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="tensorflow is installed")
 def test_keras_without_its_backend_says_how_to_choose_one(tmp_path: Path) -> None:
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "KERAS_HOME": str(tmp_path)}

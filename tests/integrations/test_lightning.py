@@ -717,6 +717,28 @@ for cls in (integration.CarbonOffsetCallback, integration.PLCarbonOffsetCallback
     ]
 
 
+def test_without_lightning_the_error_keeps_the_import_error_as_its_cause(tmp_path: Path) -> None:
+    script = """
+import sys
+for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+    sys.modules[name] = None  # as if not installed
+import carbonoffset.integrations.lightning as integration
+for cls in (integration.CarbonOffsetCallback, integration.PLCarbonOffsetCallback):
+    try:
+        cls()
+    except ModuleNotFoundError as exc:
+        print(type(exc.__cause__).__name__, "|", exc.__cause__)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.strip().splitlines()
+    assert first.startswith("ModuleNotFoundError | ") and "lightning" in first, first
+    assert second.startswith("ModuleNotFoundError | ") and "pytorch_lightning" in second, second
+
+
 def test_demo_trains_and_rounds_up_one_pound(
     settings: dict[str, Any], server: FakeOneClickImpact, ledger_path: Path
 ) -> None:
