@@ -41,10 +41,13 @@ def _remember(source: CodeCarbonSource, country_iso_code: str | None, kwargs: di
     final = source.read()  # the final figures (cached by stop()); their intensity is CodeCarbon's
     if source.coverage() is None or final.energy_kwh <= 0 or source.measured_s < source.GAP_POWER_MIN_S:
         return
+    by_load = source.cpu_power_from_load and source.mean_cpu_load is not None
     estimates.remember(
         estimates.settings_key(country_iso_code, kwargs),
         power_w=source.average_power_w,
         kg_per_kwh=final.emissions_kg / final.energy_kwh,
+        cpu_w=source.average_cpu_power_w if by_load else None,
+        cpu_load=source.mean_cpu_load if by_load else None,
     )
 
 

@@ -9,7 +9,10 @@ its last reading) at a power and a carbon intensity (see :func:`prior`):
 2. else **remembered**: the average power and intensity of the last run
    measured on this machine with the same settings (the measuring process
    writes them to :data:`POWER_CACHE` at the end of every run, like the CPU
-   model, see :mod:`carbonoffset.core.user_cache`);
+   model, see :mod:`carbonoffset.core.user_cache`). When CodeCarbon computed
+   the CPU's power from the machine's CPU load (its ``cpu_load`` mode, used
+   without RAPL), the load is kept with it and the CPU part is moved to the
+   load of this run so far (:meth:`PowerEstimate.at_load`);
 3. else CodeCarbon's own **defaults**, computed here without importing it:
    :data:`DEFAULT_W_PER_THREAD` per CPU thread (CodeCarbon's
    ``DEFAULT_POWER_PER_CORE``, used for a CPU it does not know),
@@ -74,10 +77,55 @@ class PowerEstimate:
     power_w: float
     kg_per_kwh: float
     origin: str
+    #: The CPU's part of :attr:`power_w`, W, and the machine's mean CPU load (0..1) it was measured
+    #: at, when CodeCarbon computed the CPU power from the load (its ``cpu_load`` mode); else ``None``.
+    cpu_w: float | None = None
+    cpu_load: float | None = None
 
     def energy_kwh(self, seconds: float) -> float:
         """Energy of ``seconds`` at :attr:`power_w`, kWh."""
         return self.power_w * max(0.0, seconds) / J_PER_KWH
+
+    def at_load(self, cpu_load: float | None) -> float:
+        """:attr:`power_w` moved to the machine's CPU load now (0..1), W.
+
+        For a power remembered from a run in CodeCarbon's ``cpu_load`` mode, the CPU part is
+        scaled along CodeCarbon's own load curve, ``TDP * (0.1 + 0.9 * load**3)``
+        (``codecarbon.external.hardware.CPU._get_power_from_cpu_load``, machine mode): a run
+        remembered under a busy machine no longer over-estimates a quiet one. Otherwise (or with
+        ``cpu_load`` ``None``) :attr:`power_w` as it is.
+        """
+        if self.cpu_w is None or self.cpu_load is None or cpu_load is None:
+            return self.power_w
+        tdp_w = self.cpu_w / load_curve(self.cpu_load)
+        return max(0.0, self.power_w - self.cpu_w) + tdp_w * load_curve(cpu_load)
+
+
+def load_curve(cpu_load: float) -> float:
+    """CodeCarbon's share of a CPU's TDP drawn at ``cpu_load`` (0..1, clamped) in its ``cpu_load``
+    mode: ``0.1 + 0.9 * load**3`` (0.1 .. 1.0)."""
+    load = min(1.0, max(0.0, cpu_load))
+    return 0.1 + 0.9 * load**3
+
+
+def busy_times() -> tuple[float, float] | None:
+    """The machine's ``(busy, total)`` CPU time so far, s (Linux ``/proc/stat``, every core summed;
+    busy leaves out idle and iowait, like psutil's ``cpu_percent``), or ``None`` elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as file:
+            fields = [int(v) for v in file.readline().split()[1:]]
+        total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+        tick = float(os.sysconf("SC_CLK_TCK"))
+        return (total - fields[3] - fields[4]) / tick, total / tick
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def load_between(start: tuple[float, float] | None, end: tuple[float, float] | None) -> float | None:
+    """The machine's mean CPU load (0..1) between two :func:`busy_times` readings, or ``None``."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return min(1.0, max(0.0, (end[0] - start[0]) / (end[1] - start[1])))
 
 
 #: What unmeasured time is estimated at when nothing better is known yet (the few milliseconds
@@ -107,18 +155,26 @@ def remembered(key: str) -> PowerEstimate | None:
     try:
         entry = _powers.read()[key]
         power_w, kg_per_kwh = float(entry["power_w"]), float(entry["kg_per_kwh"])
+        cpu_w, cpu_load = entry.get("cpu_w"), entry.get("cpu_load")
     except Exception:  # noqa: BLE001 -- no cache yet, or unreadable: the defaults apply
         return None
     if not (0 < power_w < 1e6 and 0 < kg_per_kwh < 10):
         return None
-    return PowerEstimate(power_w, kg_per_kwh, "remembered")
+    if not (isinstance(cpu_w, (int, float)) and 0 < cpu_w <= power_w and isinstance(cpu_load, (int, float))
+            and 0 <= cpu_load <= 1):
+        cpu_w = cpu_load = None  # an older entry, or not in CodeCarbon's cpu_load mode: not scaled
+    return PowerEstimate(power_w, kg_per_kwh, "remembered", cpu_w, cpu_load)
 
 
 _write_lock = threading.Lock()
 
 
-def remember(key: str, *, power_w: float, kg_per_kwh: float) -> None:
-    """Keep a run's average power (W) and intensity (kg/kWh) for the next runs on this machine.
+def remember(
+    key: str, *, power_w: float, kg_per_kwh: float, cpu_w: float | None = None, cpu_load: float | None = None
+) -> None:
+    """Keep a run's average power (W) and intensity (kg/kWh) for the next runs on this machine,
+    with the CPU's part of that power (W) and the machine's mean CPU load (0..1) when CodeCarbon
+    computed the CPU power from the load (see :meth:`PowerEstimate.at_load`).
 
     Called by the measuring process at the end of each run; never raises.
     """
@@ -127,7 +183,10 @@ def remember(key: str, *, power_w: float, kg_per_kwh: float) -> None:
     try:
         with _write_lock:
             known = _powers.read()
-            known[key] = {"power_w": power_w, "kg_per_kwh": kg_per_kwh, "at": time.time()}
+            entry: dict[str, float] = {"power_w": power_w, "kg_per_kwh": kg_per_kwh, "at": time.time()}
+            if cpu_w is not None and cpu_load is not None:
+                entry.update(cpu_w=cpu_w, cpu_load=cpu_load)
+            known[key] = entry
             if len(known) > 64:  # keep the newest
                 known = dict(sorted(known.items(), key=lambda kv: -float(kv[1].get("at", 0)))[:64])
             _powers.write(known)

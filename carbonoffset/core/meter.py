@@ -354,6 +354,7 @@ class MeterSource:
         self._cached = Measurement()
         self._covered_to = 0.0  # perf_counter(): the meter's figures cover the run up to here
         self._t0 = 0.0
+        self._busy0: tuple[float, float] | None = None
         self._run = 0  # messages from an earlier run are ignored
         # (figures, covered up to, CodeCarbon's power W): what read() extrapolates, replaced at once
         self._snapshot: tuple[Measurement, float, float] = (Measurement(), 0.0, 0.0)
@@ -402,6 +403,7 @@ class MeterSource:
         with self._lock:
             self._run += 1
             self._t0 = self._covered_to = time.perf_counter()
+            self._busy0 = estimates.busy_times()  # the machine's CPU load of the run, for the prior
             self._cached = self._base = self.late_start_estimate = self._returned = Measurement()
             self._snapshot = (Measurement(), self._t0, 0.0)
             self.late_start_s = 0.0
@@ -507,6 +509,21 @@ class MeterSource:
             figures, covered_to, power_w = self._snapshot
         return self._live(figures, covered_to, power_w)
 
+    #: CPU seconds (all cores) the machine must have run since :meth:`start` before its load is
+    #: used to move a remembered power to it (:meth:`estimates.PowerEstimate.at_load`): ``/proc/stat``
+    #: counts in 10 ms ticks, so a shorter window says little.
+    LOAD_WINDOW_CPU_S = 0.5
+
+    def _prior_power_w(self, prior: estimates.PowerEstimate) -> float:
+        """The prior's power at the machine's CPU load since :meth:`start` (before the first reading)."""
+        if prior.cpu_w is None:
+            return prior.power_w
+        now = estimates.busy_times()
+        start = self._busy0
+        if now is None or start is None or now[1] - start[1] < self.LOAD_WINDOW_CPU_S:
+            return prior.power_w
+        return prior.at_load(estimates.load_between(start, now))
+
     def _live(self, figures: Measurement, covered_to: float, power_w: float) -> Measurement:
         prior = self._prior or estimates.FIRST_GUESS
         measured = figures.measured
@@ -514,7 +531,7 @@ class MeterSource:
             measured.emissions_kg / measured.energy_kwh if measured.energy_kwh > 0 else prior.kg_per_kwh
         )
         gap_s = max(0.0, time.perf_counter() - covered_to)
-        gap_kwh = (power_w if power_w > 0 else prior.power_w) * gap_s / J_PER_KWH
+        gap_kwh = (power_w if power_w > 0 else self._prior_power_w(prior)) * gap_s / J_PER_KWH
         live = figures + Measurement.estimate(gap_kwh * kg_per_kwh, gap_kwh)
         with self._read_lock:
             last = self._returned

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from carbonoffset.core import estimates
 from carbonoffset.core.codecarbon_startup import (
     background_start_done,
     hardware_ready,
@@ -99,6 +100,7 @@ class _TotalsHandler:
         self.last = Measurement()
         self.duration_s = 0.0
         self.power_w = 0.0
+        self.cpu_energy_kwh = 0.0
         self.at = 0.0
         self.count = 0
 
@@ -113,9 +115,11 @@ class _TotalsHandler:
             power_w = sum(
                 float(getattr(total, name, 0.0) or 0.0) for name in ("cpu_power", "gpu_power", "ram_power")
             )
+            cpu_energy_kwh = float(getattr(total, "cpu_energy", 0.0) or 0.0)
         except Exception:  # a handler must never raise into CodeCarbon  # noqa: BLE001
             logger.debug("could not read CodeCarbon totals", exc_info=True)
             return
+        self.cpu_energy_kwh = cpu_energy_kwh
         self.last, self.duration_s, self.power_w, self.at = last, duration_s, power_w, time.perf_counter()
         self.count += 1
 
@@ -127,6 +131,19 @@ class _TotalsHandler:
 
     def exit(self) -> None:
         pass
+
+
+def _cpu_power_from_load(tracker: Any) -> bool:
+    """Whether a CodeCarbon tracker's CPU power comes from its load curve (``cpu_load`` mode).
+    CodeCarbon has no public name for this: its hardware objects' ``_mode`` is read, and any
+    other layout counts as "no" (the remembered power is then used as it is)."""
+    try:
+        return any(
+            type(part).__name__ == "CPU" and getattr(part, "_mode", None) == "cpu_load"
+            for part in getattr(tracker, "_hardware", ())
+        )
+    except Exception:  # noqa: BLE001 -- another CodeCarbon
+        return False
 
 
 class CodeCarbonSource:
@@ -194,6 +211,9 @@ class CodeCarbonSource:
         self.tracker_kwargs = tracker_kwargs
         self.tracker: Any = None
         self.late_start_s = 0.0
+        self._cpu_power_from_load = False
+        self._busy0: tuple[float, float] | None = None
+        self._mean_cpu_load: float | None = None
         self._handler = _TotalsHandler()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -239,6 +259,7 @@ class CodeCarbonSource:
         self.stop()  # a running tracker (if any) ends first
         with self._lock:
             self._t0 = time.perf_counter() - max(0.0, float(started_ago_s))
+            self._busy0, self._mean_cpu_load = estimates.busy_times(), None
             self._handler = _TotalsHandler()
             self._gap = None
             self._cached = None
@@ -359,6 +380,25 @@ class CodeCarbonSource:
         handler = self._handler
         return handler.last.energy_kwh * J_PER_KWH / handler.duration_s if handler.duration_s > 0 else 0.0
 
+    @property
+    def average_cpu_power_w(self) -> float:
+        """The CPU's part of :attr:`average_power_w`, W; 0 until the first figures."""
+        handler = self._handler
+        return handler.cpu_energy_kwh * J_PER_KWH / handler.duration_s if handler.duration_s > 0 else 0.0
+
+    @property
+    def mean_cpu_load(self) -> float | None:
+        """The machine's mean CPU load over the last run, 0..1 (:func:`estimates.load_between`,
+        from :meth:`start` to :meth:`stop`; CodeCarbon's own ``cpu_utilization_percent`` is
+        sampled only every ``measure_power_secs``), ``None`` before a stop or off Linux."""
+        return self._mean_cpu_load
+
+    @property
+    def cpu_power_from_load(self) -> bool:
+        """Whether CodeCarbon computed this run's CPU power from the CPU load (its ``cpu_load``
+        mode, used without RAPL or another power meter), as far as it can be told; kept at stop."""
+        return self._cpu_power_from_load
+
     def coverage(self) -> tuple[float, float] | None:
         """What the figures :meth:`read` returns cover: ``(measured_at, unmeasured_s)``, with
         ``measured_at`` the ``time.perf_counter()`` at which CodeCarbon measured them and
@@ -422,6 +462,9 @@ class CodeCarbonSource:
 
     def _stop_locked(self, ended: float | None = None) -> Measurement:
         tracker, self.tracker = self.tracker, None
+        if tracker is not None:
+            self._cpu_power_from_load = _cpu_power_from_load(tracker)
+            self._mean_cpu_load = estimates.load_between(self._busy0, estimates.busy_times())
         if tracker is not None and self._started.is_set():
             tracker.stop()
             self._update_locked(final=True)

@@ -331,6 +331,12 @@ def test_the_power_a_run_measured_is_remembered_for_the_first_seconds_of_the_nex
     assert remembered.origin == "remembered"
     assert remembered.kg_per_kwh == pytest.approx(final.emissions_kg / final.energy_kwh, rel=0.01)
     assert 1 < remembered.power_w < 1000
+    # without RAPL CodeCarbon draws the CPU's power from the machine's load (its cpu_load mode):
+    # the load is kept with the power, so the next run's estimate follows its own load
+    assert remembered.cpu_w is not None and 0 < remembered.cpu_w < remembered.power_w
+    assert remembered.cpu_load is not None and 0 < remembered.cpu_load <= 1
+    assert remembered.at_load(remembered.cpu_load) == pytest.approx(remembered.power_w)
+    assert remembered.at_load(0.0) < remembered.power_w < remembered.at_load(1.0) or remembered.cpu_load == 1
     # the next run's first moments are estimated at it
     source.start()
     first = source.read()  # before the meter's first reading of this run

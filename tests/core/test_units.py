@@ -107,3 +107,4 @@ def test_floor_and_ceil_are_capped_at_the_api_maximum() -> None:
     assert whole_lb_ceil(huge_kg) == MAX_OFFSET_LB
     # the cap keeps the rest pending: what was not bought is still positive
     assert huge_kg - lb_to_kg(whole_lb_floor(huge_kg)) > 0
+
