@@ -87,7 +87,7 @@ class Receipt:
     carbon_captured: int
 
 
-def _import_sdk() -> Any:
+def import_sdk() -> Any:
     """The ``makeimpact`` module (imported on first use: ``import carbonoffset`` does not load it).
 
     Raises:
@@ -121,7 +121,7 @@ class OffsetClient:
                 "offset_api_key is not set: set it (argument, CODECARBON_OFFSET_API_KEY or "
                 ".codecarbon.config) to offset emissions"
             )
-        sdk = _import_sdk()
+        sdk = import_sdk()
         self._secret = config.offset_api_key.reveal()
         self._timeout = config.offset_request_timeout
         self._sdk = sdk.OneClickImpact(
