@@ -27,7 +27,7 @@ from rich.table import Table
 
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.errors import ConfigurationError, LedgerError
-from carbonoffset.core.ledger import Ledger
+from carbonoffset.core.ledger import OPEN_STATES, Ledger, OffsetState
 from carbonoffset.core.units import KG_PER_LB
 
 app = typer.Typer(
@@ -166,10 +166,10 @@ def _report_data(ledger: Ledger) -> list[dict[str, Any]]:
                 "runs": len(runs),
                 "energy_kwh": sum(r.energy_kwh for r in runs),
                 "emissions_kg": balance.recorded_kg,
-                "offset_lb": sum(o.amount_lb for o in offsets if o.state == "confirmed"),
+                "offset_lb": sum(o.amount_lb for o in offsets if o.state == OffsetState.CONFIRMED),
                 "offset_kg": balance.offset_kg,
-                "in_flight_lb": sum(o.amount_lb for o in offsets if o.state in ("intent", "unknown")),
-                "failed_offsets": sum(1 for o in offsets if o.state == "failed"),
+                "in_flight_lb": sum(o.amount_lb for o in offsets if o.state in OPEN_STATES),
+                "failed_offsets": sum(1 for o in offsets if o.state == OffsetState.FAILED),
                 "pending_kg": balance.pending_kg,
                 "credit_kg": balance.credit_kg,
             }
@@ -433,14 +433,14 @@ def offset(
         f"Offset {outcome.offset_id}: {outcome.amount_lb} lb ({outcome.amount_lb * KG_PER_LB:.6g} kg) -> "
         f"{outcome.state}. Pending now {balance.pending_kg:.6g} kg, credit {balance.credit_kg:.6g} kg."
     )
-    if outcome.state != "confirmed" or held:
+    if outcome.state != OffsetState.CONFIRMED or held:
         raise typer.Exit(EXIT_UNCONFIRMED)
 
 
 def _held(book: Ledger, config: OffsetConfig, settled: list[Any]) -> list[Any]:
     """Open offsets of the account that reconcile could not claim (another process, resend grace)."""
     done = {o.offset_id for o in settled}
-    return [o for o in book.offsets(config.account, states=("intent", "unknown")) if o.offset_id not in done]
+    return [o for o in book.offsets(config.account, states=OPEN_STATES) if o.offset_id not in done]
 
 
 def _explain_held(held: list[Any]) -> None:
@@ -491,14 +491,14 @@ def reconcile(
         raise _fail(EXIT_CONFIG, "offset_api_key is not set: set CODECARBON_OFFSET_API_KEY to reconcile")
     with _open_ledger(config.ledger_path) as book:
         outcomes = Offsetter(config, book).reconcile()
-        still_open = book.offsets(config.account, states=("intent", "unknown"))
+        still_open = book.offsets(config.account, states=OPEN_STATES)
     if not outcomes and not still_open:
         console.print("No open offsets to reconcile.")
     held = [o for o in still_open if o.offset_id not in {x.offset_id for x in outcomes}]
     for outcome in outcomes:
         console.print(f"{outcome.offset_id}: {outcome.amount_lb} lb -> {outcome.state}")
     _explain_held(held)
-    if held or any(o.state != "confirmed" and o.state != "failed" for o in outcomes):
+    if held or any(o.state not in (OffsetState.CONFIRMED, OffsetState.FAILED) for o in outcomes):
         raise typer.Exit(EXIT_UNCONFIRMED)
 
 

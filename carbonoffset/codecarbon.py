@@ -5,13 +5,16 @@
     from carbonoffset import EmissionsTracker, OfflineEmissionsTracker, track_emissions
 
 :class:`EmissionsTracker` and :class:`OfflineEmissionsTracker` are CodeCarbon's
-own trackers (subclasses) with four more arguments (``offset_api_key``,
-``offset_environment``, ``offset_threshold``, ``auto_offset``, plus the other
-:class:`~carbonoffset.core.config.OffsetConfig` fields). When a key is
-configured, a :class:`OneClickImpactOutput` output handler is added; it is the
-core offsetter (:class:`~carbonoffset.core.session.OffsetSession`, the ledger
-and its exactly-once protocol) seen through CodeCarbon's output-handler
-interface. Without a key the trackers are plain CodeCarbon.
+own trackers (subclasses), and :func:`track_emissions` its decorator, with the
+offset settings added as keyword-only arguments (:data:`OFFSET_ARGUMENTS`:
+``offset_api_key``, ``offset_environment``, ``offset_threshold``,
+``auto_offset``, ...; each one is the
+:class:`~carbonoffset.core.config.OffsetConfig` field of that name, documented
+there). When a key is configured, a :class:`OneClickImpactOutput` output
+handler is added: it translates CodeCarbon's events into the calls of the
+core's run object, :class:`~carbonoffset.core.session.OffsetSession` (the
+ledger and its exactly-once protocol), as the framework callbacks do. Without a
+key the trackers are plain CodeCarbon.
 
 This module imports CodeCarbon; ``import carbonoffset`` does not (the names are
 loaded on first access).
@@ -24,18 +27,21 @@ import functools
 import inspect
 import logging
 import math
+import os
 import signal
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, overload
+from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar, overload
 
 import codecarbon as _cc
 from codecarbon.emissions_tracker import BaseEmissionsTracker as _BaseTracker
 from codecarbon.output_methods.base_output import BaseOutput
 
-from carbonoffset.core.client import _import_sdk
+from carbonoffset.core.client import import_sdk
 from carbonoffset.core.config import OffsetConfig, read_external_settings
 from carbonoffset.core.errors import ConfigurationError
+from carbonoffset.core.ledger import OffsetState
 from carbonoffset.core.session import OffsetSession, RunReport
 from carbonoffset.core.sources import Measurement, codecarbon_details
 from carbonoffset.core.units import KG_PER_LB, whole_lb_floor
@@ -45,19 +51,82 @@ __all__ = ["EmissionsTracker", "OfflineEmissionsTracker", "OneClickImpactOutput"
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
 
-#: Offset settings the trackers and the decorator accept on top of CodeCarbon's arguments.
-OFFSET_ARGUMENTS: tuple[str, ...] = (
-    "offset_api_key",
-    "offset_environment",
-    "offset_threshold",
-    "auto_offset",
-    "offset_ledger",
-    "offset_api_url",
-    "offset_timeout",
-    "offset_request_timeout",
-    "offset_round_up",
+
+# ------------------------------------------------------------------ the offset arguments
+def _offset_arguments(
+    *args: Any,
+    offset_api_key: str | None = None,
+    offset_environment: str | None = None,
+    offset_threshold: float | None = None,
+    auto_offset: bool | None = None,
+    offset_ledger: str | os.PathLike[str] | None = None,
+    offset_timeout: float | None = None,
+    offset_request_timeout: float | None = None,
+    offset_round_up: bool | None = None,
+    offset_api_url: str | None = None,
+    **kwargs: Any,
+) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+    """The one declaration of the drop-in's arguments: CodeCarbon's, plus the offset settings.
+
+    Each offset setting is the :class:`~carbonoffset.core.config.OffsetConfig`
+    field of the same name (its type, unit, valid range and default are
+    documented there, and in the table of ``docs/codecarbon.md``); ``None``
+    means "not given": its ``CODECARBON_<NAME>`` variable or
+    ``.codecarbon.config`` decides. The trackers and :func:`track_emissions`
+    take their signature from this function (static typing, ``help()``) and
+    split their arguments with it.
+
+    Returns:
+        ``(args, settings, kwargs)``: CodeCarbon's positional and keyword arguments,
+        and the offset settings given (those not ``None``).
+    """
+    given = {name: value for name, value in locals().items() if name in OFFSET_ARGUMENTS and value is not None}
+    return args, given, kwargs
+
+
+#: Offset settings the trackers and the decorator accept on top of CodeCarbon's arguments
+#: (keyword-only), in their order: the fields of :class:`~carbonoffset.core.config.OffsetConfig`
+#: but ``country_iso_code`` (which is CodeCarbon's own argument).
+OFFSET_ARGUMENTS: Final[tuple[str, ...]] = tuple(
+    name
+    for name, parameter in inspect.signature(_offset_arguments).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
 )
+
+
+def _offset_parameters() -> list[inspect.Parameter]:
+    return [inspect.signature(_offset_arguments).parameters[name] for name in OFFSET_ARGUMENTS]
+
+
+def _method_taking(
+    template: Callable[P, Any],
+) -> Callable[[Callable[..., None]], Callable[Concatenate[Any, P], None]]:
+    """Type a method (``__init__``) as taking ``template``'s parameters after ``self``; ``help()`` and
+    :func:`inspect.signature` show them too."""
+
+    def decorate(method: Callable[..., None]) -> Callable[Concatenate[Any, P], None]:
+        parameters = list(inspect.signature(method).parameters.values())[:1]
+        parameters += inspect.signature(template).parameters.values()
+        setattr(method, "__signature__", inspect.Signature(parameters))  # noqa: B010
+        return method
+
+    return decorate
+
+
+class _Decorator(Protocol):
+    def __call__(self, fn: F, /) -> F: ...
+
+
+def _decorator_factory_taking(template: Callable[P, Any]) -> Callable[[Callable[..., Any]], Callable[P, _Decorator]]:
+    """Type a decorator factory (``@track_emissions(...)``) as taking ``template``'s parameters."""
+
+    def decorate(factory: Callable[..., Any]) -> Callable[P, _Decorator]:
+        return factory
+
+    return decorate
+
 
 #: CodeCarbon's arguments, in the positional order of its trackers' constructor.
 _TRACKER_ARGUMENTS: tuple[str, ...] = tuple(inspect.signature(_BaseTracker.__init__).parameters)[1:]
@@ -108,14 +177,17 @@ class _PushedTotals:
 class OneClickImpactOutput(BaseOutput):
     """CodeCarbon output handler that offsets the emissions CodeCarbon reports, exactly once.
 
-    It is the core offsetter seen through CodeCarbon's ``BaseOutput`` interface:
+    It translates CodeCarbon's output-handler events into the calls of the
+    core's run object (:class:`~carbonoffset.core.session.OffsetSession`, its
+    public methods only), as the framework callbacks do; it holds no
+    accounting of its own. A tracker run begins a session run (:meth:`begin`);
     every cumulative total CodeCarbon passes to :meth:`out` / :meth:`live_out`
     is recorded in the ledger (keeping the largest total of the run, so the
     same total given twice is never counted twice); when the account's
     pending emissions reach ``offset_threshold`` (and ``auto_offset`` is on),
     whole pounds are bought in the background and the remainder stays pending.
-    :meth:`exit` (the end of ``tracker.stop()``) records the final total, makes
-    the final offset and waits for it at most ``offset_timeout`` seconds.
+    :meth:`exit` (the end of ``tracker.stop()``) ends the run (:meth:`finish`):
+    the final total, the final offset, a wait of at most ``offset_timeout`` seconds.
 
     The trackers of this module add one automatically when a key is configured
     (``tracker.offset_handler``); a plain CodeCarbon tracker can use one too::
@@ -129,13 +201,13 @@ class OneClickImpactOutput(BaseOutput):
 
     Args:
         config: ready settings; when omitted they are resolved from
-            ``**settings``, ``CODECARBON_*`` variables and ``.codecarbon.config``.
+            ``**settings``, ``CODECARBON_*`` variables and ``.codecarbon.config``
+            (:meth:`OffsetConfig.resolve <carbonoffset.core.config.OffsetConfig.resolve>`).
         label: stored with each ledger run (default ``"codecarbon"``).
         offsetter_options: passed to :class:`~carbonoffset.core.offsetter.Offsetter`
             (``max_attempts``, ``wait_initial_s``, ``wait_max_s``).
         **settings: any :class:`~carbonoffset.core.config.OffsetConfig` field
-            (``offset_api_key``, ``offset_environment``, ``offset_threshold`` in
-            kg CO2eq >= 0.5, ``auto_offset``, ``offset_ledger``, ...).
+            (types, units and valid ranges are documented there), over ``config``.
 
     Raises:
         ValueError: (:class:`~carbonoffset.ConfigurationError`) invalid settings,
@@ -153,22 +225,19 @@ class OneClickImpactOutput(BaseOutput):
         offsetter_options: dict[str, Any] | None = None,
         **settings: Any,
     ) -> None:
-        if config is None:
-            config = OffsetConfig.resolve(**settings)
-        elif settings:
-            config = config.replace(**{k: v for k, v in settings.items() if v is not None})
+        config = OffsetConfig.resolve(config, **settings)
         if not config.can_offset:
             raise ConfigurationError(
                 "OneClickImpactOutput needs offset_api_key: set it as an argument, in "
                 "CODECARBON_OFFSET_API_KEY or in .codecarbon.config"
             )
-        _import_sdk()  # fail now, with the install command, rather than at the first offset
-        self.config = config
+        import_sdk()  # fail now, with the install command, rather than at the first offset
         self._source = _PushedTotals()
         self._session = OffsetSession(
             config, source=self._source, label=label, offsetter_options=offsetter_options
         )
         self._lock = threading.RLock()
+        # CodeCarbon's run ids: the run of the session now, and those ended (late totals are ignored)
         self._run_ref: str | None = None
         self._finished: set[str] = set()
         self._warned: set[str] = set()
@@ -187,6 +256,11 @@ class OneClickImpactOutput(BaseOutput):
         return self._session
 
     @property
+    def config(self) -> OffsetConfig:
+        """The settings in force (the session's)."""
+        return self._session.config
+
+    @property
     def label(self) -> str | None:
         """Text stored with each ledger run."""
         return self._session.label
@@ -202,10 +276,11 @@ class OneClickImpactOutput(BaseOutput):
 
     # ------------------------------------------------------------- run control
     def begin(self, run_ref: str | None = None) -> None:
-        """Start a ledger run for one CodeCarbon tracker run (idempotent).
+        """Start a session run for one CodeCarbon tracker run (idempotent).
 
         Called by the trackers' ``start()``; with a plain CodeCarbon tracker the
-        run starts at the first :meth:`out`. Never raises.
+        run starts at the first :meth:`out`. A run of another ``run_ref`` still
+        going is finished first. Never raises.
 
         Args:
             run_ref: CodeCarbon's ``run_id`` of the tracker run; totals that
@@ -224,17 +299,13 @@ class OneClickImpactOutput(BaseOutput):
                 if self._session.running:
                     if ref == self._run_ref:
                         return
-                    self._finish_locked()
+                    self._finished.add(self._run_ref or "")  # session.start() finishes it first
                 self._run_ref = ref
                 self._session.start()
         except Exception:  # noqa: BLE001 -- never raise into CodeCarbon or the user's training
             self._warn_once(
                 "begin", "carbonoffset could not start its run; tracking continues", exc_info=True
             )
-
-    def _finish_locked(self) -> None:
-        self._finished.add(self._run_ref or "")
-        self._session.stop()
 
     def finish(self) -> RunReport | None:
         """End the run: record the final total, offset (if ``auto_offset``), wait at most ``offset_timeout`` s.
@@ -244,13 +315,27 @@ class OneClickImpactOutput(BaseOutput):
         Returns:
             The run's :class:`~carbonoffset.core.session.RunReport`, or ``None`` if it could not be read.
         """
+        return self._end(final_offset=True, status="finished")
+
+    def abort(self, status: str = "failed") -> RunReport | None:
+        """End the run without a final offset (what it measured stays pending), stored as ``status``.
+
+        Idempotent and never raises. The trackers call it when CodeCarbon refuses to start
+        (``status="unmeasured"``).
+
+        Returns:
+            The run's :class:`~carbonoffset.core.session.RunReport`, or ``None`` if it could not be read.
+        """
+        return self._end(final_offset=False, status=status)
+
+    def _end(self, *, final_offset: bool, status: str) -> RunReport | None:
         try:
             with self._lock:
-                if not self._session.running:
-                    return self._session.report()
-                # Late totals of this run (CodeCarbon's timer thread is not joined) are ignored from now on.
-                self._finished.add(self._run_ref or "")
-            return self._session.stop()
+                if self._session.running:
+                    # late totals of this run (CodeCarbon's timer thread is not joined) are ignored from now on
+                    self._finished.add(self._run_ref or "")
+            # (outside the lock: the session's stop waits for its background threads)
+            return self._session.stop(final_offset=final_offset, status=status)
         except Exception:  # noqa: BLE001
             self._warn_once(
                 "finish", "carbonoffset could not finish its run; tracking continues", exc_info=True
@@ -360,7 +445,7 @@ class OneClickImpactOutput(BaseOutput):
             self._session.offset_now(round_up=round_up, respect_threshold=False)
             finished = self._session.wait(wait_s)
             new = self._session.outcomes[before:]
-            if any(outcome.state == "confirmed" for outcome in new):
+            if any(outcome.state == OffsetState.CONFIRMED for outcome in new):
                 return True
             if not finished:
                 logger.warning(
@@ -404,6 +489,7 @@ class OneClickImpactOutput(BaseOutput):
             self._warn_once("close", "carbonoffset could not close its ledger", exc_info=True)
 
 
+
 # ------------------------------------------------------------------------ trackers
 @contextlib.contextmanager
 def _keeping_signal_handlers() -> Iterator[None]:
@@ -423,10 +509,6 @@ def _keeping_signal_handlers() -> Iterator[None]:
                 signal.signal(signum, handler)
 
 
-def _explicit_settings(values: dict[str, Any]) -> dict[str, Any]:
-    return {name: values[name] for name in OFFSET_ARGUMENTS if values.get(name) is not None}
-
-
 def _positional_to_keywords(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     if len(args) > len(_TRACKER_ARGUMENTS):
         raise TypeError(f"CodeCarbon's tracker takes at most {len(_TRACKER_ARGUMENTS)} positional arguments")
@@ -439,22 +521,23 @@ def _positional_to_keywords(args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
 
 
 class _OffsetMixin:
-    """Adds the offset handler to a CodeCarbon tracker; no accounting here."""
+    """The trackers' part: adds the offset handler and brackets CodeCarbon's ``start()``/``stop()``
+    with its run; no accounting here."""
 
     offset_handler: OneClickImpactOutput | None
     offset_config: OffsetConfig
 
-    def _setup_offsetting(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], settings: dict[str, Any]
-    ) -> dict[str, Any]:
+    @_method_taking(_offset_arguments)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        args, explicit, kwargs = _offset_arguments(*args, **kwargs)
         kwargs = _positional_to_keywords(args, kwargs)
-        explicit = _explicit_settings(settings)
-        self.offset_config = OffsetConfig.resolve(**explicit)
+        origins: dict[str, str] = {}
+        self.offset_config = OffsetConfig.resolve(**explicit, origins=origins)
         self.offset_handler = None
         user_handlers = kwargs.get("output_handlers")
         if self.offset_config.can_offset:
             self.offset_handler = OneClickImpactOutput(self.offset_config)
-        elif explicit or any(key.startswith(("offset_", "auto_offset")) for key in read_external_settings()):
+        elif explicit or any(key.startswith(("offset_", "auto_offset")) for key in origins):
             logger.warning(
                 "offset settings were given but offset_api_key is not set: this tracker measures like plain "
                 "CodeCarbon and offsets nothing. Set offset_api_key (argument, CODECARBON_OFFSET_API_KEY or "
@@ -466,23 +549,11 @@ class _OffsetMixin:
             if self.offset_handler is not None:
                 handlers.append(self.offset_handler)
             kwargs["output_handlers"] = handlers
-        return kwargs
-
-    def _name_offset_runs(self) -> None:
-        handler = self.offset_handler
-        if handler is not None:
+        with _keeping_signal_handlers():
+            super().__init__(**kwargs)
+        if self.offset_handler is not None:
             project = getattr(self, "_project_name", None)
-            handler.label = f"codecarbon:{project}" if project else "codecarbon"
-
-    def _begin_offset_run(self) -> None:
-        handler = self.offset_handler
-        if handler is not None:
-            handler.begin(str(getattr(self, "run_id", "") or ""))
-
-    def _finish_offset_run(self) -> None:
-        handler = self.offset_handler
-        if handler is not None:
-            handler.finish()  # a no-op when CodeCarbon already called exit()
+            self.offset_handler.label = f"codecarbon:{project}" if project else "codecarbon"
 
     def _refused_by_lock(self) -> bool:
         """CodeCarbon refused this tracker (``allow_multiple_runs = false`` and its lock file exists:
@@ -501,40 +572,38 @@ class _OffsetMixin:
 
     # The tracker's own start() and stop() (next in the MRO), with the offset run around them.
     def start(self) -> None:
-        if self.offset_handler is not None and self._refused_by_lock():
-            self._begin_offset_run()
-            self.offset_handler.session.stop(final_offset=False, status="unmeasured")
-            super().start()  # type: ignore[misc]  # CodeCarbon's own refusal (it measures nothing)
-            return
-        self._begin_offset_run()
+        handler = self.offset_handler
+        if handler is not None:
+            handler.begin(str(getattr(self, "run_id", "") or ""))
+            if self._refused_by_lock():
+                handler.abort("unmeasured")  # CodeCarbon's own start() below measures nothing
         super().start()  # type: ignore[misc]
 
     def stop(self) -> float | None:
         emissions_kg: float | None = super().stop()  # type: ignore[misc]
-        self._finish_offset_run()
+        if self.offset_handler is not None:
+            self.offset_handler.finish()  # a no-op when CodeCarbon already called exit()
         return emissions_kg
 
 
-_TRACKER_DOC_ARGS = """
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=80, initial_indent=" " * 8, subsequent_indent=" " * 12)
+
+
+_TRACKER_DOC_ARGS = f"""
     Args:
         *args, **kwargs: every argument of CodeCarbon's tracker, unchanged
             (``project_name``, ``measure_power_secs``, ``output_dir``,
             ``output_handlers``, ...). A list given as ``output_handlers`` is
             copied, never modified.
-        offset_api_key: 1ClickImpact key (``test_...`` sandbox, ``live_...``
-            production). Without a key (argument, ``CODECARBON_OFFSET_API_KEY``
-            or ``.codecarbon.config``) the tracker is plain CodeCarbon.
-        offset_environment: ``"production"`` (default) or ``"sandbox"``.
-        offset_threshold: pending emissions in kg CO2eq that trigger an
-            automatic offset; >= 0.5 (one pound is 0.4536 kg). Default 0.5.
-        auto_offset: offset when pending >= threshold and at ``stop()``.
-            Default True. With False, call ``tracker.offset_handler.manual_offset()``.
-        offset_ledger: the SQLite ledger file (default: the user data dir).
-        offset_api_url: base URL of a compatible API (tests, local fake server).
-        offset_timeout: seconds ``stop()`` waits for offsets in flight (> 0, default 30).
-        offset_request_timeout: deadline of one API call in seconds (> 0, default 10).
-        offset_round_up: at ``stop()``, buy the next whole pound even below the
-            threshold (the overshoot is kept as a credit). Default False.
+{_wrap(', '.join(OFFSET_ARGUMENTS) + ':')} the offset settings (keyword-only;
+            ``None``: not given), each the
+            :class:`~carbonoffset.core.config.OffsetConfig` field of that name:
+            its type, unit, valid range and default are documented there, and in
+            the Parameters table of ``docs/codecarbon.md``. Without a key
+            (argument, ``CODECARBON_OFFSET_API_KEY`` or ``.codecarbon.config``)
+            the tracker is plain CodeCarbon; with ``auto_offset=False``, call
+            ``tracker.offset_handler.manual_offset()``.
 
     Each offset setting may also come from a ``CODECARBON_<NAME>`` environment
     variable or the ``[codecarbon]`` section of ``./.codecarbon.config`` /
@@ -572,26 +641,6 @@ class EmissionsTracker(_OffsetMixin, _cc.EmissionsTracker):
 """
     )
 
-    def __init__(
-        self,
-        *args: Any,
-        offset_api_key: str | None = None,
-        offset_environment: str | None = None,
-        offset_threshold: float | None = None,
-        auto_offset: bool | None = None,
-        offset_ledger: Any = None,
-        offset_api_url: str | None = None,
-        offset_timeout: float | None = None,
-        offset_request_timeout: float | None = None,
-        offset_round_up: bool | None = None,
-        **kwargs: Any,
-    ) -> None:
-        settings = {name: value for name, value in locals().items() if name in OFFSET_ARGUMENTS}
-        kwargs = self._setup_offsetting(args, kwargs, settings)
-        with _keeping_signal_handlers():
-            super().__init__(**kwargs)
-        self._name_offset_runs()
-
 
 class OfflineEmissionsTracker(_OffsetMixin, _cc.OfflineEmissionsTracker):
     __doc__ = (
@@ -610,26 +659,6 @@ class OfflineEmissionsTracker(_OffsetMixin, _cc.OfflineEmissionsTracker):
             train()
 """
     )
-
-    def __init__(
-        self,
-        *args: Any,
-        offset_api_key: str | None = None,
-        offset_environment: str | None = None,
-        offset_threshold: float | None = None,
-        auto_offset: bool | None = None,
-        offset_ledger: Any = None,
-        offset_api_url: str | None = None,
-        offset_timeout: float | None = None,
-        offset_request_timeout: float | None = None,
-        offset_round_up: bool | None = None,
-        **kwargs: Any,
-    ) -> None:
-        settings = {name: value for name, value in locals().items() if name in OFFSET_ARGUMENTS}
-        kwargs = self._setup_offsetting(args, kwargs, settings)
-        with _keeping_signal_handlers():
-            super().__init__(**kwargs)
-        self._name_offset_runs()
 
 
 # ----------------------------------------------------------------------- decorator
@@ -682,7 +711,7 @@ def _choose_tracker(codecarbon_kwargs: dict[str, Any]) -> tuple[type[_OffsetMixi
     kwargs = dict(codecarbon_kwargs)
     offline = kwargs.pop("offline", None)
     if offline:
-        configured = read_external_settings()
+        configured = read_external_settings()  # CodeCarbon's location setting, not an offset setting
         located = any(
             kwargs.get(name) is not None or configured.get(name)
             for name in ("country_iso_code", "cloud_provider")
@@ -701,36 +730,11 @@ def track_emissions(fn: F) -> F: ...
 
 
 @overload
-def track_emissions(
-    fn: None = None,
-    *args: Any,
-    offset_api_key: str | None = None,
-    offset_environment: str | None = None,
-    offset_threshold: float | None = None,
-    auto_offset: bool | None = None,
-    offset_ledger: Any = None,
-    offset_api_url: str | None = None,
-    offset_timeout: float | None = None,
-    offset_request_timeout: float | None = None,
-    offset_round_up: bool | None = None,
-    **codecarbon_kwargs: Any,
-) -> Callable[[F], F]: ...
+@_decorator_factory_taking(_offset_arguments)
+def track_emissions(*args: Any, **kwargs: Any) -> _Decorator: ...
 
 
-def track_emissions(
-    fn: Callable[..., Any] | None = None,
-    *args: Any,
-    offset_api_key: str | None = None,
-    offset_environment: str | None = None,
-    offset_threshold: float | None = None,
-    auto_offset: bool | None = None,
-    offset_ledger: Any = None,
-    offset_api_url: str | None = None,
-    offset_timeout: float | None = None,
-    offset_request_timeout: float | None = None,
-    offset_round_up: bool | None = None,
-    **codecarbon_kwargs: Any,
-) -> Any:
+def track_emissions(fn: Callable[..., Any] | None = None, *args: Any, **kwargs: Any) -> Any:
     """CodeCarbon's ``track_emissions`` decorator, offsetting what it measures.
 
     It behaves as CodeCarbon 3.3.2's: the same parameters in the same
@@ -752,13 +756,10 @@ def track_emissions(
     Args:
         fn: the function (bare ``@track_emissions`` form), or ``None``.
         *args: CodeCarbon's decorator arguments after ``fn``, in its order.
-        offset_api_key, offset_environment, offset_threshold, auto_offset,
-            offset_ledger, offset_api_url, offset_timeout,
-            offset_request_timeout, offset_round_up: as for
-            :class:`EmissionsTracker` (keyword-only).
-        **codecarbon_kwargs: CodeCarbon's decorator arguments by name
-            (``project_name``, ``measure_power_secs``, ``output_dir``,
-            ``offline``, ``country_iso_code``, ...).
+        **kwargs: CodeCarbon's decorator arguments by name (``project_name``,
+            ``measure_power_secs``, ``output_dir``, ``offline``,
+            ``country_iso_code``, ...) and the offset settings
+            (:data:`OFFSET_ARGUMENTS`, keyword-only), as for :class:`EmissionsTracker`.
 
     Returns:
         The decorated function, or a decorator.
@@ -784,26 +785,14 @@ def track_emissions(
             f"track_emissions: the first argument is the function to decorate or None (got {fn!r}); "
             "CodeCarbon's signature is track_emissions(fn=None, project_name=..., ...)"
         )
+    _, settings, codecarbon_kwargs = _offset_arguments(**kwargs)
     kwargs = _decorator_keywords(args, codecarbon_kwargs)
-    settings = _explicit_settings(
-        {
-            "offset_api_key": offset_api_key,
-            "offset_environment": offset_environment,
-            "offset_threshold": offset_threshold,
-            "auto_offset": auto_offset,
-            "offset_ledger": offset_ledger,
-            "offset_api_url": offset_api_url,
-            "offset_timeout": offset_timeout,
-            "offset_request_timeout": offset_request_timeout,
-            "offset_round_up": offset_round_up,
-        }
-    )
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(func)
         def wrapped(*call_args: Any, **call_kwargs: Any) -> Any:
             tracker_cls, tracker_kwargs = _choose_tracker(kwargs)
-            tracker: Any = tracker_cls(**tracker_kwargs, **settings)
+            tracker = tracker_cls(**tracker_kwargs, **settings)
             tracker.start()
             try:
                 return func(*call_args, **call_kwargs)
@@ -822,11 +811,7 @@ def track_emissions(
 def _signature() -> inspect.Signature:
     """CodeCarbon's decorator signature (its own defaults: "unset, read the configuration") plus the
     offset settings, so ``help()`` and ``inspect.signature`` show what the decorator accepts."""
-    parameters = list(inspect.signature(_cc.track_emissions).parameters.values())
-    parameters += [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in OFFSET_ARGUMENTS
-    ]
-    return inspect.Signature(parameters)
+    return inspect.Signature([*inspect.signature(_cc.track_emissions).parameters.values(), *_offset_parameters()])
 
 
 track_emissions.__signature__ = _signature()  # type: ignore[attr-defined]

@@ -32,7 +32,7 @@ from carbonoffset.codecarbon import (
     OneClickImpactOutput,
     track_emissions,
 )
-from carbonoffset.core.config import default_ledger_path
+from carbonoffset.core.config import CONFIG_KEYS, default_ledger_path
 from carbonoffset.core.ledger import Ledger
 from carbonoffset.core.units import KG_PER_LB
 from carbonoffset.testing import FakeOneClickImpact, Fault
@@ -536,6 +536,20 @@ def test_track_emissions_has_codecarbons_signature_plus_the_offset_settings() ->
     extra = list(ours)[len(theirs) :]
     assert extra == list(OFFSET_ARGUMENTS)
     assert all(ours[name].kind is inspect.Parameter.KEYWORD_ONLY for name in extra)
+
+
+def test_the_offset_arguments_are_the_settings_of_the_core_and_the_trackers_take_them() -> None:
+    """Declared once: the offset arguments are OffsetConfig's fields but CodeCarbon's own country_iso_code,
+    and every tracker shows them (keyword-only, "not given" by default) around CodeCarbon's arguments."""
+    assert tuple(key for key in CONFIG_KEYS if key != "country_iso_code") == OFFSET_ARGUMENTS
+    for cls in (EmissionsTracker, OfflineEmissionsTracker):
+        parameters = inspect.signature(cls).parameters
+        kinds = {p.kind for p in parameters.values()}
+        assert {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD} <= kinds
+        extra = [p for p in parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert [p.name for p in extra] == list(OFFSET_ARGUMENTS)
+        assert all(p.default is None for p in extra)
+        assert all(name in (cls.__doc__ or "") for name in OFFSET_ARGUMENTS)
 
 
 class _Where(BaseOutput):

@@ -89,6 +89,18 @@ def test_page_has_the_seed_sections_in_order() -> None:
     assert "### Where carbonoffset differs from the original handler" in text
 
 
+def test_the_parameters_table_lists_the_offset_arguments_in_order() -> None:
+    """The table documents the drop-in's offset arguments, each with its variable and config key."""
+    from carbonoffset.codecarbon import OFFSET_ARGUMENTS
+
+    section = DOC.read_text().split("## Parameters", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    assert [name.strip() for name, _ in rows] == [f"`{name}`" for name in OFFSET_ARGUMENTS]
+    for name, where in rows:
+        key = name.strip().strip("`")
+        assert where.strip() == f"`CODECARBON_{key.upper()}` / `{key}`"
+
+
 def test_every_block_is_of_a_kind_the_runner_executes() -> None:
     blocks = read_blocks()
     assert {b.language for b in blocks} <= {"python", "bash", "ini"}, [b.language for b in blocks]

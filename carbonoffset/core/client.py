@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 from carbonoffset.core.config import OffsetConfig
 from carbonoffset.core.errors import ConfigurationError, OffsetServiceError
+from carbonoffset.core.units import MAX_OFFSET_LB, MIN_OFFSET_LB
 
 T = TypeVar("T")
 
@@ -66,6 +67,9 @@ def capture_in_flight(offset_id: str) -> bool:
 
 _TYPE_STATUS = {"key_error": 401, "invalid_request_error": 400, "api_error": 500}
 _MAX_LOOKUP_PAGES = 200
+#: Records per ``get_records`` page: the most the API returns (its ``limit`` is 1..1000; 1ClickImpact
+#: API reference, ``GET /v1/records``).
+_RECORDS_PER_PAGE = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +87,12 @@ class Receipt:
     carbon_captured: int
 
 
-def _import_sdk() -> Any:
+def import_sdk() -> Any:
+    """The ``makeimpact`` module (imported on first use: ``import carbonoffset`` does not load it).
+
+    Raises:
+        ImportError: ``makeimpact`` is not installed; the message gives the install command.
+    """
     try:
         import makeimpact
     except ImportError:
@@ -112,7 +121,7 @@ class OffsetClient:
                 "offset_api_key is not set: set it (argument, CODECARBON_OFFSET_API_KEY or "
                 ".codecarbon.config) to offset emissions"
             )
-        sdk = _import_sdk()
+        sdk = import_sdk()
         self._secret = config.offset_api_key.reveal()
         self._timeout = config.offset_request_timeout
         self._sdk = sdk.OneClickImpact(
@@ -131,10 +140,13 @@ class OffsetClient:
 
         Raises:
             OffsetServiceError: refused (``definite``) or outcome unknown.
-            ValueError: ``amount_lb`` is not an int in 1..10,000,000.
+            ValueError: ``amount_lb`` is not an int in :data:`~carbonoffset.core.units.MIN_OFFSET_LB`
+                .. :data:`~carbonoffset.core.units.MAX_OFFSET_LB` (1..10,000,000).
         """
-        if not isinstance(amount_lb, int) or not 1 <= amount_lb <= 10_000_000:
-            raise ValueError(f"amount_lb must be a whole number of pounds in 1..10000000 (got {amount_lb!r})")
+        if not isinstance(amount_lb, int) or not MIN_OFFSET_LB <= amount_lb <= MAX_OFFSET_LB:
+            raise ValueError(
+                f"amount_lb must be a whole number of pounds in {MIN_OFFSET_LB}..{MAX_OFFSET_LB} (got {amount_lb!r})"
+            )
         tags = {**(metadata or {}), METADATA_ID_KEY: offset_id}
         response = self._call(
             lambda: self._sdk.capture_carbon(amount=amount_lb, metadata=tags), in_flight_id=offset_id
@@ -157,7 +169,7 @@ class OffsetClient:
         for _ in range(_MAX_LOOKUP_PAGES):
             page = self._call(
                 lambda c=cursor: self._sdk.get_records(  # type: ignore[misc]
-                    filter_by="carbon_captured", start_date=start, cursor=c, limit=1000
+                    filter_by="carbon_captured", start_date=start, cursor=c, limit=_RECORDS_PER_PAGE
                 )
             )
             for record in page.user_records:

@@ -23,31 +23,16 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from carbonoffset.core.errors import ConfigurationError
-from carbonoffset.core.units import MIN_THRESHOLD_KG
+from carbonoffset.core.units import KG_PER_LB, MIN_THRESHOLD_KG
 
 Environment = Literal["production", "sandbox"]
 ENVIRONMENTS: Final[tuple[str, ...]] = ("production", "sandbox")
 
-DEFAULT_THRESHOLD_KG: Final[float] = 0.5
+DEFAULT_THRESHOLD_KG: Final[float] = MIN_THRESHOLD_KG
 DEFAULT_OFFSET_TIMEOUT_S: Final[float] = 30.0
 DEFAULT_REQUEST_TIMEOUT_S: Final[float] = 10.0
 MAX_TIMEOUT_S: Final[float] = 86_400.0
 LEDGER_FILE_NAME: Final[str] = "ledger.sqlite3"
-
-#: Keys read from environment variables / ``.codecarbon.config``, in the
-#: ``[codecarbon]`` section (environment variable: ``CODECARBON_`` + upper case).
-CONFIG_KEYS: Final[tuple[str, ...]] = (
-    "offset_api_key",
-    "offset_environment",
-    "offset_threshold",
-    "auto_offset",
-    "offset_ledger",
-    "offset_timeout",
-    "offset_request_timeout",
-    "offset_round_up",
-    "offset_api_url",
-    "country_iso_code",
-)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -229,7 +214,7 @@ class OffsetConfig:
         if threshold < MIN_THRESHOLD_KG:
             raise ConfigurationError(
                 f"offset_threshold must be at least {MIN_THRESHOLD_KG} kg (got {threshold:g} kg): "
-                "the smallest offset is 1 lb = 0.45359237 kg. Set offset_threshold >= 0.5"
+                f"the smallest offset is 1 lb = {KG_PER_LB} kg. Set offset_threshold >= {MIN_THRESHOLD_KG}"
             )
         object.__setattr__(self, "offset_threshold", threshold)
         object.__setattr__(self, "auto_offset", _parse_bool("auto_offset", self.auto_offset))
@@ -308,10 +293,21 @@ class OffsetConfig:
 
     # --------------------------------------------------------------- resolution
     @classmethod
-    def resolve(cls, **explicit: Any) -> OffsetConfig:
-        """Build the settings from arguments, environment and config files.
+    def resolve(
+        cls, base: OffsetConfig | None = None, /, *, origins: dict[str, str] | None = None, **explicit: Any
+    ) -> OffsetConfig:
+        """The settings in force: from arguments, environment and config files, or over ready ones.
+
+        Every front end resolves its settings here, once: the callbacks, :class:`OffsetSession`
+        and the CodeCarbon drop-in pass on what they were given (a ready ``base``, or settings).
 
         Args:
+            base: ready settings: the result is ``base`` with the ``explicit`` settings that are
+                not ``None`` applied (``base.replace(...)``, validated again); the environment and
+                files are not read. ``None`` (default): resolve from arguments, environment and files.
+            origins: when given (and ``base`` is not), filled with ``{key: where it was read}``
+                for every key set in the environment or a file, whether an argument overrides
+                it or not (see :func:`read_external_settings`).
             **explicit: any field of :class:`OffsetConfig`; ``None`` means
                 "not given" and falls through to the environment and files.
 
@@ -321,13 +317,16 @@ class OffsetConfig:
         Raises:
             ValueError: (:class:`ConfigurationError`) for an unknown argument,
                 an invalid value, or an unreadable ``.codecarbon.config``.
+            TypeError: with ``base``, an argument that is not a field.
         """
-        unknown = set(explicit) - {f.name for f in dataclasses.fields(cls)}
+        if base is not None:
+            return base.replace(**{k: v for k, v in explicit.items() if v is not None}) if explicit else base
+        unknown = set(explicit) - set(CONFIG_KEYS)
         if unknown:
             raise ConfigurationError(
                 f"unknown setting(s) {sorted(unknown)}; valid settings are {sorted(CONFIG_KEYS)}"
             )
-        origins: dict[str, str] = {}
+        origins = {} if origins is None else origins
         values: dict[str, Any] = {
             key: value
             for key, value in read_external_settings(origins=origins).items()
@@ -347,6 +346,12 @@ class OffsetConfig:
                 raise
             where = "; ".join(f"{key} is read from {origins[key]}" for key in named)
             raise ConfigurationError(f"{exc} ({where})") from None
+
+
+#: Keys read from environment variables / ``.codecarbon.config``, in the
+#: ``[codecarbon]`` section (environment variable: ``CODECARBON_`` + upper case): the fields of
+#: :class:`OffsetConfig`, in their order.
+CONFIG_KEYS: Final[tuple[str, ...]] = tuple(field.name for field in dataclasses.fields(OffsetConfig))
 
 
 def read_external_settings(

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from carbonoffset.core.client import OffsetClient, Receipt, capture_in_flight
 from carbonoffset.core.config import KEY_PREFIXES, OffsetConfig
 from carbonoffset.core.errors import OffsetServiceError
-from carbonoffset.core.ledger import DEFAULT_RESEND_GRACE_S, Ledger, OffsetRecord
+from carbonoffset.core.ledger import DEFAULT_RESEND_GRACE_S, OPEN_STATES, Ledger, OffsetRecord, OffsetState
 from carbonoffset.core.units import whole_lb_ceil, whole_lb_floor
 
 logger = logging.getLogger(__name__)
@@ -49,14 +49,15 @@ class OffsetOutcome:
     Attributes:
         offset_id: the ledger id (also sent as capture metadata).
         amount_lb: whole pounds bought or attempted.
-        state: ``confirmed`` | ``failed`` | ``unknown`` (still open).
+        state: :attr:`~OffsetState.CONFIRMED`, :attr:`~OffsetState.FAILED` or
+            :attr:`~OffsetState.UNKNOWN` (still open).
         receipt: the API's receipt when confirmed.
         error: the last error message (never contains the key).
     """
 
     offset_id: str
     amount_lb: int
-    state: str
+    state: OffsetState
     receipt: Receipt | None = None
     error: str | None = None
 
@@ -160,7 +161,7 @@ class Offsetter:
             One outcome per offset that could be claimed.
         """
         outcomes = []
-        for record in self.ledger.offsets(self.config.account, states=("intent", "unknown")):
+        for record in self.ledger.offsets(self.config.account, states=OPEN_STATES):
             if self.auth_failed:
                 break
             with _SETTLING_LOCK:
@@ -229,7 +230,7 @@ class Offsetter:
         with _SETTLING_LOCK:
             if record.offset_id in _SETTLING:
                 return OffsetOutcome(
-                    record.offset_id, record.amount_lb, "unknown", error="being settled by another session"
+                    record.offset_id, record.amount_lb, OffsetState.UNKNOWN, error="being settled by another session"
                 )
             _SETTLING.add(record.offset_id)
         stop = threading.Event()
@@ -259,7 +260,9 @@ class Offsetter:
         offset_id = record.offset_id
         # An intent found by reconcile may have been sent by a process that died
         # before writing the outcome: treat it exactly like ``unknown``.
-        state = {"ambiguous": record.state == "unknown" or (claimed and record.state == "intent")}
+        state = {
+            "ambiguous": record.state == OffsetState.UNKNOWN or (claimed and record.state == OffsetState.INTENT)
+        }
         # a week of margin: the look-up window must hold the capture even if this host's clock
         # is ahead of the service's
         since = dt.date.fromisoformat(record.created_utc[:10]) - dt.timedelta(days=7)
@@ -322,9 +325,9 @@ class Offsetter:
                 record.amount_lb,
                 self.max_attempts,
             )
-            return OffsetOutcome(offset_id, record.amount_lb, "unknown", error=error)
+            return OffsetOutcome(offset_id, record.amount_lb, OffsetState.UNKNOWN, error=error)
         except _Stop as exc:
-            return OffsetOutcome(offset_id, record.amount_lb, "unknown", error=str(exc))
+            return OffsetOutcome(offset_id, record.amount_lb, OffsetState.UNKNOWN, error=str(exc))
         except OffsetServiceError as exc:
             if exc.is_auth_error:
                 first = self._first_auth_failure()
@@ -332,10 +335,10 @@ class Offsetter:
                     # we cannot tell whether an earlier call went through: keep it open
                     self.ledger.mark_unknown(offset_id, error=str(exc))
                     self.ledger.release(offset_id)
-                    state_name = "unknown"
+                    state_name = OffsetState.UNKNOWN
                 else:
                     self.ledger.mark_failed(offset_id, error=str(exc))
-                    state_name = "failed"
+                    state_name = OffsetState.FAILED
                 logger.log(
                     logging.ERROR if first else logging.DEBUG,
                     "1ClickImpact refused the API key set in offset_api_key (value not shown): %s. "
@@ -353,7 +356,7 @@ class Offsetter:
                 record.amount_lb,
                 exc,
             )
-            return OffsetOutcome(offset_id, record.amount_lb, "failed", error=str(exc))
+            return OffsetOutcome(offset_id, record.amount_lb, OffsetState.FAILED, error=str(exc))
         self.ledger.mark_confirmed(
             offset_id,
             user_id=receipt.user_id,
@@ -363,7 +366,7 @@ class Offsetter:
         logger.info(
             "offset %s confirmed: %d lb captured at %s", offset_id, receipt.carbon_captured, receipt.time_utc
         )
-        return OffsetOutcome(offset_id, record.amount_lb, "confirmed", receipt=receipt)
+        return OffsetOutcome(offset_id, record.amount_lb, OffsetState.CONFIRMED, receipt=receipt)
 
 
 class _Stop(Exception):

@@ -34,10 +34,12 @@ BYTES_PER_GIB: Final[int] = 1024**3
 """Bytes in one gibibyte (IEC 80000-13, exact)."""
 
 MIN_OFFSET_LB: Final[int] = 1
-"""Smallest amount the API accepts for ``capture_carbon`` (whole pounds)."""
+"""Smallest amount the API accepts for ``capture_carbon`` (whole pounds). Source: the 1ClickImpact
+API reference, ``POST /v1/capture_carbon``: ``amount`` is an integer number of pounds, 1 to 10,000,000."""
 
 MAX_OFFSET_LB: Final[int] = 10_000_000
-"""Largest amount the API accepts for one ``capture_carbon`` call (whole pounds)."""
+"""Largest amount the API accepts for one ``capture_carbon`` call (whole pounds); same source as
+:data:`MIN_OFFSET_LB`. The SDK does not check it: :class:`~carbonoffset.core.client.OffsetClient` does."""
 
 MIN_THRESHOLD_KG: Final[float] = 0.5
 """Smallest allowed ``offset_threshold`` in kg: just above one pound (0.4536 kg),

@@ -326,3 +326,28 @@ def test_a_misspelt_offset_setting_is_warned_about(
     text = caplog.text
     assert "'offset_treshold'" in text and "'offset_enviroment'" in text
     assert "offset_threshold" in text  # the valid names are listed
+
+
+def test_resolve_over_ready_settings_applies_only_what_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``OffsetConfig.resolve(config, **settings)``: what every front end does with a ready config."""
+    base = OffsetConfig(offset_environment="sandbox", offset_threshold=2.0)
+    monkeypatch.setenv("CODECARBON_OFFSET_THRESHOLD", "3.0")  # not read over ready settings
+    assert OffsetConfig.resolve(base) is base
+    assert OffsetConfig.resolve(base, offset_threshold=None) == base  # None: not given
+    changed = OffsetConfig.resolve(base, offset_threshold=4.0, auto_offset="false")
+    assert (changed.offset_threshold, changed.auto_offset, changed.offset_environment) == (4.0, False, "sandbox")
+    with pytest.raises(ConfigurationError, match="offset_threshold must be at least"):
+        OffsetConfig.resolve(base, offset_threshold=0.1)  # validated again
+    assert OffsetConfig.resolve().offset_threshold == 3.0  # without one, the environment is read
+
+
+def test_resolve_says_where_each_setting_was_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    write_config(Path.cwd(), offset_environment="sandbox", project_name="not-ours")
+    monkeypatch.setenv("CODECARBON_OFFSET_THRESHOLD", "2.0")
+    origins: dict[str, str] = {}
+    config = OffsetConfig.resolve(offset_threshold=5.0, origins=origins)
+    assert config.offset_threshold == 5.0  # the argument wins, and the variable is still named
+    assert origins == {
+        "offset_environment": f"{Path.cwd() / '.codecarbon.config'}, section [codecarbon]",
+        "offset_threshold": "the environment variable CODECARBON_OFFSET_THRESHOLD",
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import sqlite3
@@ -17,7 +18,15 @@ import pytest
 from _backends import execute
 
 from carbonoffset.core.errors import LedgerError
-from carbonoffset.core.ledger import APPLICATION_ID, PID_NAMESPACE, SCHEMA_VERSION, Ledger, host_identity
+from carbonoffset.core.ledger import (
+    APPLICATION_ID,
+    OPEN_STATES,
+    PID_NAMESPACE,
+    SCHEMA_VERSION,
+    Ledger,
+    OffsetState,
+    host_identity,
+)
 from carbonoffset.core.units import KG_PER_LB, whole_lb_ceil, whole_lb_floor
 
 SANDBOX = "sandbox:aaaaaaaaaaaaaaaa"
@@ -191,6 +200,28 @@ def test_offset_states_move_the_balance(ledger: Ledger) -> None:
     assert balance.pending_kg == 0.0
     assert balance.credit_kg == pytest.approx(5 * KG_PER_LB - 2.0, abs=1e-12)
     assert intent(amount_lb_for=whole_lb_ceil, min_pending_kg=0.0) is None  # nothing pending: no purchase
+
+
+def test_offset_states_are_an_enum_stored_and_shown_as_their_text(ledger: Ledger, ledger_target: Path | str) -> None:
+    """An offset's state is an ``OffsetState`` whose text is what the database, JSON and messages hold."""
+    run = ledger.start_run(account=SANDBOX, environment="sandbox")
+    ledger.record(run, emissions_kg=1.0, energy_kwh=0.0)
+    record = ledger.create_intent(
+        account=SANDBOX, environment="sandbox", run_id=run, amount_lb_for=whole_lb_floor, min_pending_kg=0.5, lease_s=60
+    )
+    assert record is not None and record.state is OffsetState.INTENT
+    assert execute(ledger_target, "SELECT state FROM offsets") == [("intent",)]
+    ledger.mark_unknown(record.offset_id, error="timeout")
+    stored = execute(ledger_target, "SELECT state FROM offsets")
+    assert stored == [("unknown",)] and type(stored[0][0]) is str  # the column holds the plain text
+    read = ledger.offset(record.offset_id)
+    assert read is not None and read.state is OffsetState.UNKNOWN and read.state == "unknown"
+    assert json.dumps({"state": read.state}) == '{"state": "unknown"}'
+    assert f"{read.state}" == str(read.state) == "%s" % read.state == "unknown"  # noqa: UP031
+    assert ledger.offsets(SANDBOX, states=OPEN_STATES) == [read] == ledger.offsets(SANDBOX, states=("unknown",))
+    ledger.mark_confirmed(record.offset_id, user_id="U1", time_utc="2024-01-01T00:00:00.000Z", carbon_captured=2)
+    assert execute(ledger_target, "SELECT state FROM offsets") == [("confirmed",)]
+    assert [o.state for o in ledger.offsets()] == [OffsetState.CONFIRMED]
 
 
 def test_claim_respects_live_owners_and_takes_over_dead_ones(ledger: Ledger, ledger_target: Path | str) -> None:

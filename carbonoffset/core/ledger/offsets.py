@@ -60,7 +60,7 @@ class OffsetsMixin(RunsMixin):
         state, kg = offsets_t.c.state, offsets_t.c.amount_kg
         confirmed, in_flight = conn.execute(
             sa.select(
-                sa.func.coalesce(sa.func.sum(sa.case((state == "confirmed", kg))), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((state == OffsetState.CONFIRMED, kg))), 0),
                 sa.func.coalesce(sa.func.sum(sa.case((state.in_(OPEN_STATES), kg))), 0),
             ).where(offsets_t.c.account == account)
         ).one()
@@ -88,7 +88,7 @@ class OffsetsMixin(RunsMixin):
         return float(
             conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(offsets_t.c.amount_kg), 0)).where(
-                    offsets_t.c.run_id == run_id, offsets_t.c.state != "failed"
+                    offsets_t.c.run_id == run_id, offsets_t.c.state != OffsetState.FAILED
                 )
             ).scalar_one()
         )
@@ -149,7 +149,7 @@ class OffsetsMixin(RunsMixin):
                 run_id=run_id,
                 amount_lb=amount_lb,
                 amount_kg=amount_lb * KG_PER_LB,
-                state="intent",
+                state=OffsetState.INTENT,
                 created_utc=now,
                 updated_utc=now,
                 attempts=0,
@@ -238,11 +238,11 @@ class OffsetsMixin(RunsMixin):
 
     def mark_unknown(self, offset_id: str, *, error: str) -> None:
         """The outcome of the last call is unknown; the amount stays in flight."""
-        self._set_state(offset_id, "unknown", error=error)
+        self._set_state(offset_id, OffsetState.UNKNOWN, error=error)
 
     def mark_failed(self, offset_id: str, *, error: str) -> None:
         """The API definitely refused; the amount returns to pending."""
-        self._set_state(offset_id, "failed", error=error)
+        self._set_state(offset_id, OffsetState.FAILED, error=error)
 
     def mark_confirmed(self, offset_id: str, *, user_id: str, time_utc: str, carbon_captured: int) -> None:
         """The API captured the offset; store its receipt."""
@@ -251,7 +251,7 @@ class OffsetsMixin(RunsMixin):
                 offsets_t.update()
                 .where(offsets_t.c.offset_id == offset_id)
                 .values(
-                    state="confirmed",
+                    state=OffsetState.CONFIRMED,
                     user_id=user_id,
                     time_utc=time_utc,
                     carbon_captured=carbon_captured,
@@ -313,7 +313,7 @@ class OffsetsMixin(RunsMixin):
             self._lock_account(conn, from_account, environment)
             self._lock_account(conn, to_account, environment)
             busy = conn.execute(
-                sa.select(sa.func.count()).where(offsets_t.c.account == from_account, offsets_t.c.state != "failed")
+                sa.select(sa.func.count()).where(offsets_t.c.account == from_account, offsets_t.c.state != OffsetState.FAILED)
             ).scalar_one()
             if busy:
                 raise ValueError(

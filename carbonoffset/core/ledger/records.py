@@ -4,16 +4,45 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 import json
 from collections.abc import Iterable
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 DEFAULT_RESEND_GRACE_S: Final[float] = 300.0
 """Seconds after a capture was sent during which no other process may take the offset over and
 look it up: a request abandoned at its deadline may still be acted on by the server for a while,
 and a look-up cannot see a request the server has not processed yet."""
-OffsetState = Literal["intent", "unknown", "confirmed", "failed"]
-OPEN_STATES: Final[tuple[str, ...]] = ("intent", "unknown")
+
+
+class OffsetState(str, enum.Enum):
+    """The state of an offset in the ledger (see :mod:`carbonoffset.core.ledger`).
+
+    A ``str`` enum, like Python 3.11's ``enum.StrEnum`` (whose ``str()`` and ``format()`` it
+    keeps on 3.10 too): each member *is* its text, so it equals that text
+    (``OffsetState.CONFIRMED == "confirmed"``), prints as it, and the database column and every
+    JSON document hold the same text as before there was an enum.
+    """
+
+    INTENT = "intent"
+    """Written before the API call, with the amount decided; in flight."""
+    UNKNOWN = "unknown"
+    """The call's outcome is not known yet (timeout, connection error, 5xx); in flight, looked up
+    before any new capture."""
+    CONFIRMED = "confirmed"
+    """The API captured it; the receipt is stored."""
+    FAILED = "failed"
+    """Definitely refused (4xx); the amount returns to pending."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
+
+
+OPEN_STATES: Final[tuple[OffsetState, ...]] = (OffsetState.INTENT, OffsetState.UNKNOWN)
+"""The states of an offset still in flight (neither pending nor bought)."""
 
 
 def utc_now() -> str:
@@ -62,7 +91,8 @@ class Balance:
 
 @dataclasses.dataclass(frozen=True)
 class OffsetRecord:
-    """One row of the ``offsets`` table (states: see :mod:`carbonoffset.core.ledger`).
+    """One row of the ``offsets`` table; ``state`` is an :class:`OffsetState` (text read from the
+    database is turned into one).
 
     ``owner`` is ``"<host identity>:<PID namespace>:<PID>"`` of the process holding the lease;
     ``lease_until`` and ``last_sent`` are seconds since the epoch on the ledger's clock (the
@@ -75,7 +105,7 @@ class OffsetRecord:
     run_id: str | None
     amount_lb: int
     amount_kg: float
-    state: str
+    state: OffsetState
     created_utc: str
     updated_utc: str
     attempts: int
@@ -86,6 +116,10 @@ class OffsetRecord:
     carbon_captured: int | None
     last_error: str | None
     last_sent: float | None = None
+
+    def __post_init__(self) -> None:
+        # rows read from the database hold the state's text
+        object.__setattr__(self, "state", OffsetState(self.state))
 
 
 OFFSET_FIELDS: Final[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(OffsetRecord))

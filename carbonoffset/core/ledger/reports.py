@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Final
 
-from carbonoffset.core.ledger.records import OffsetRecord, RunRecord
+from carbonoffset.core.ledger.records import OPEN_STATES, OffsetRecord, OffsetState, RunRecord
 from carbonoffset.core.units import KG_PER_LB
 
 GROUPINGS: Final[tuple[str, ...]] = ("account", "project", "label", "host", "run")
@@ -36,7 +36,7 @@ def run_row(run: RunRecord, offsets: list[OffsetRecord]) -> dict[str, Any]:
     ``energy_kwh``, ``emissions_kg``, whole pounds bought (``offset_lb``) and in flight, and the
     receipts of its confirmed offsets (offset id, as sent to 1ClickImpact, and capture time)."""
     started, ended = _time(run.started_utc), _time(run.ended_utc)
-    confirmed = [o for o in offsets if o.state == "confirmed"]
+    confirmed = [o for o in offsets if o.state == OffsetState.CONFIRMED]
     return {
         "run_id": run.run_id,
         "account": run.account,
@@ -52,7 +52,7 @@ def run_row(run: RunRecord, offsets: list[OffsetRecord]) -> dict[str, Any]:
         "energy_kwh": run.energy_kwh,
         "emissions_kg": run.emissions_kg,
         "offset_lb": sum(o.amount_lb for o in confirmed),
-        "in_flight_lb": sum(o.amount_lb for o in offsets if o.state in ("intent", "unknown")),
+        "in_flight_lb": sum(o.amount_lb for o in offsets if o.state in OPEN_STATES),
         "receipts": [
             {"offset_id": o.offset_id, "amount_lb": o.amount_lb, "time_utc": o.time_utc} for o in confirmed
         ],
@@ -91,8 +91,8 @@ def breakdown(ledger: Any, by: str) -> list[dict[str, Any]]:
         row["emissions_kg"] += run.emissions_kg
         if by != "account":
             for offset in by_run.get(run.run_id, []):
-                row["offset_lb"] += offset.amount_lb if offset.state == "confirmed" else 0
-                row["in_flight_lb"] += offset.amount_lb if offset.state in ("intent", "unknown") else 0
+                row["offset_lb"] += offset.amount_lb if offset.state == OffsetState.CONFIRMED else 0
+                row["in_flight_lb"] += offset.amount_lb if offset.state in OPEN_STATES else 0
     if by == "account":
         for account in ledger.accounts():
             row = groups.setdefault(
@@ -101,8 +101,8 @@ def breakdown(ledger: Any, by: str) -> list[dict[str, Any]]:
                  "in_flight_lb": 0},
             )
             mine = [o for o in offsets if o.account == account]
-            row["offset_lb"] = sum(o.amount_lb for o in mine if o.state == "confirmed")
-            row["in_flight_lb"] = sum(o.amount_lb for o in mine if o.state in ("intent", "unknown"))
+            row["offset_lb"] = sum(o.amount_lb for o in mine if o.state == OffsetState.CONFIRMED)
+            row["in_flight_lb"] = sum(o.amount_lb for o in mine if o.state in OPEN_STATES)
             balance = ledger.balance(account)
             row["pending_kg"], row["credit_kg"] = balance.pending_kg, balance.credit_kg
     for row in groups.values():

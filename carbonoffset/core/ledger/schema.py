@@ -15,6 +15,8 @@ from typing import Final
 
 import sqlalchemy as sa
 
+from carbonoffset.core.ledger.records import OffsetState
+
 SCHEMA_VERSION: Final[int] = 3
 APPLICATION_ID: Final[int] = 0x434F4646  # "COFF", stored in the SQLite header
 APPLICATION_NAME: Final[str] = "carbonoffset"  # meta.application on database servers
@@ -75,7 +77,8 @@ offsets = sa.Table(
     sa.Column(
         "state",
         sa.Text,
-        sa.CheckConstraint("state IN ('intent', 'unknown', 'confirmed', 'failed')"),
+        # "state IN ('intent', 'unknown', 'confirmed', 'failed')": the same text as before the enum
+        sa.CheckConstraint(f"state IN ({', '.join(repr(state.value) for state in OffsetState)})"),
         nullable=False,
     ),
     sa.Column("created_utc", sa.Text, nullable=False),
