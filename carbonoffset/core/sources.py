@@ -344,7 +344,9 @@ class CodeCarbonSource:
             power_w = last.energy_kwh * J_PER_KWH / handler.duration_s
         energy_kwh = power_w * gap_s / J_PER_KWH
         intensity = last.emissions_kg / last.energy_kwh if last.energy_kwh > 0 else 0.0
-        return Measurement.estimate(energy_kwh * intensity, energy_kwh)
+        kg = energy_kwh * intensity
+        # what it was estimated from was measured on this hardware, here: the details stay with it
+        return Measurement(kg, energy_kwh, kg, energy_kwh, details=last.details)
 
     @property
     def start_finished(self) -> bool:
