@@ -54,7 +54,7 @@ def hooks_worker(epoch_s: float, build_s: float) -> dict[str, Any]:
         settings = settings_for(server, Path(tmp) / "ledger.sqlite3")
         Ledger(settings["offset_ledger"]).close()  # an existing ledger, as for every run but the first
         started = time.perf_counter()
-        from carbonoffset.integrations._base import CallbackCore
+        from carbonoffset.core.callback import CallbackCore
 
         import_s = time.perf_counter() - started
         started = time.perf_counter()

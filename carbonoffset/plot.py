@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from carbonoffset.core.ledger import Ledger, OffsetRecord, RunRecord
+from carbonoffset.core.ledger import OPEN_STATES, Ledger, OffsetRecord, OffsetState, RunRecord
 from carbonoffset.core.units import KG_PER_LB
 
 #: (emissions, offsets, shading) colours of each account's family, in the order of
@@ -80,10 +80,10 @@ def _offset_time(offset: OffsetRecord) -> dt.datetime:
 def _account_series(book: Ledger, account: str) -> _Series:
     emitted = [(_when(t), kg) for t, kg in book.history(account)]
     total, offsets = 0.0, []
-    for offset in sorted(book.offsets(account, states=("confirmed",)), key=_offset_time):
+    for offset in sorted(book.offsets(account, states=(OffsetState.CONFIRMED,)), key=_offset_time):
         total += offset.amount_kg
         offsets.append((_offset_time(offset), total))
-    in_flight = book.offsets(account, states=("intent", "unknown"))
+    in_flight = book.offsets(account, states=OPEN_STATES)
     starts = [_when(r.started_utc) for r in book.runs(account)]
     return _Series(emitted, offsets, in_flight, starts)
 
@@ -112,10 +112,10 @@ def _run_series(book: Ledger, run: RunRecord) -> tuple[_Series, bool]:
     else:
         emitted.append((end or start, run.emissions_kg))
     total, offsets = 0.0, []
-    for offset in sorted(book.offsets(run_id=run.run_id, states=("confirmed",)), key=_offset_time):
+    for offset in sorted(book.offsets(run_id=run.run_id, states=(OffsetState.CONFIRMED,)), key=_offset_time):
         total += offset.amount_kg
         offsets.append((_offset_time(offset), total))
-    in_flight = book.offsets(run_id=run.run_id, states=("intent", "unknown"))
+    in_flight = book.offsets(run_id=run.run_id, states=OPEN_STATES)
     return _Series(emitted, offsets, in_flight), exact
 
 
@@ -288,13 +288,13 @@ def _draw_panel(
 def _account_subtitle(book: Ledger, account: str) -> str:
     balance = book.balance(account)
     runs = book.runs(account)
-    bought_lb = sum(o.amount_lb for o in book.offsets(account, states=("confirmed",)))
+    bought_lb = sum(o.amount_lb for o in book.offsets(account, states=(OffsetState.CONFIRMED,)))
     parts = [
         f"{len(runs)} run{'' if len(runs) == 1 else 's'}",
         f"emitted {mass_label(balance.recorded_kg)}",
         f"offset {bought_lb} lb ({mass_label(bought_lb * KG_PER_LB)})",
     ]
-    in_flight_lb = sum(o.amount_lb for o in book.offsets(account, states=("intent", "unknown")))
+    in_flight_lb = sum(o.amount_lb for o in book.offsets(account, states=OPEN_STATES))
     if in_flight_lb:
         parts.append(f"{in_flight_lb} lb in flight")
     if balance.pending_kg > 0:
@@ -346,7 +346,7 @@ def plot_ledger(
         family = (
             FAMILIES[accounts.index(run.account) % len(FAMILIES)] if run.account in accounts else FAMILIES[0]
         )
-        bought_lb = sum(o.amount_lb for o in book.offsets(run_id=run.run_id, states=("confirmed",)))
+        bought_lb = sum(o.amount_lb for o in book.offsets(run_id=run.run_id, states=(OffsetState.CONFIRMED,)))
         subtitle = (
             f"{run.status} · {run.epochs} epoch{'' if run.epochs == 1 else 's'} · emitted "
             f"{mass_label(run.emissions_kg)} ({run.energy_kwh:.3g} kWh) · offset {bought_lb} lb"

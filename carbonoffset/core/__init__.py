@@ -1,10 +1,12 @@
-"""The framework-free core: settings, units, ledger, offset protocol and session."""
+"""The framework-free core: settings, units, ledger, offset protocol and the run object (:class:`OffsetSession`)."""
 
+from carbonoffset.core.callback import CallbackCore
 from carbonoffset.core.config import OffsetConfig, SecretKey, default_ledger_path
 from carbonoffset.core.errors import CarbonOffsetError, ConfigurationError, LedgerError, OffsetServiceError
 from carbonoffset.core.ledger import Balance, Ledger
 from carbonoffset.core.meter import MeterSource
 from carbonoffset.core.offsetter import OffsetOutcome, Offsetter
+from carbonoffset.core.ranks import Collective, Ranks
 from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
 from carbonoffset.core.sources import CodeCarbonSource, EmissionsSource, Measurement
 from carbonoffset.core.units import KG_PER_LB, kg_to_lb, lb_to_kg, whole_lb_ceil, whole_lb_floor
@@ -12,8 +14,10 @@ from carbonoffset.core.units import KG_PER_LB, kg_to_lb, lb_to_kg, whole_lb_ceil
 __all__ = [
     "KG_PER_LB",
     "Balance",
+    "CallbackCore",
     "CarbonOffsetError",
     "CodeCarbonSource",
+    "Collective",
     "ConfigurationError",
     "EmissionsSource",
     "EpochReport",
@@ -26,6 +30,7 @@ __all__ = [
     "OffsetServiceError",
     "OffsetSession",
     "Offsetter",
+    "Ranks",
     "RunReport",
     "SecretKey",
     "default_ledger_path",

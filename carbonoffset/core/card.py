@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from carbonoffset.core.ledger import Ledger, OffsetRecord, RunRecord
+from carbonoffset.core.ledger import Ledger, OffsetRecord, OffsetState, RunRecord
 from carbonoffset.core.units import kg_to_g
 
 #: Title of the markdown section, and the HTML comments around it (so a rerun replaces it).
@@ -64,7 +64,7 @@ class Receipt:
     """
 
     offset_id: str
-    state: str
+    state: OffsetState
     amount_lb: int
     amount_kg: float
     covered_kg: float
@@ -73,7 +73,7 @@ class Receipt:
 
     @property
     def confirmed(self) -> bool:
-        return self.state == "confirmed"
+        return self.state == OffsetState.CONFIRMED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +156,7 @@ def run_carbon(ledger: Ledger, run_id: str) -> RunCarbon:
     if run is None:
         raise KeyError(f"no run {run_id!r} in the ledger {ledger.location}")
     runs = ledger.runs(run.account)
-    offsets = [o for o in ledger.offsets(run.account) if o.state != "failed"]
+    offsets = [o for o in ledger.offsets(run.account) if o.state != OffsetState.FAILED]
     return _share_offsets(run, runs, offsets)
 
 
@@ -182,8 +182,8 @@ def _share_offsets(run: RunRecord, runs: Sequence[RunRecord], offsets: Sequence[
                     offset.amount_lb,
                     offset.amount_kg,
                     covered,
-                    offset.user_id if offset.state == "confirmed" else None,
-                    offset.time_utc if offset.state == "confirmed" else None,
+                    offset.user_id if offset.state == OffsetState.CONFIRMED else None,
+                    offset.time_utc if offset.state == OffsetState.CONFIRMED else None,
                 )
             )
         before = after

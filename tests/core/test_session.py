@@ -570,3 +570,50 @@ def test_a_run_unknown_to_this_ledger_resumes_with_the_checkpoint_figures(
         "finished",
     )
     assert run.energy_kwh > 2.0
+
+
+def test_the_run_object_front_door_budget_state_and_resume(
+    server: FakeOneClickImpact, settings: dict[str, Any], ledger_path: Path
+) -> None:
+    """begin/epoch_end/end/state_dict on OffsetSession itself: what every front end drives."""
+    first = new_session({**settings, "auto_offset": False}, ScriptedEmissions([0.2, 0.4]), max_emissions_kg=0.3)
+    assert first.epoch_end(0) is None and first.end() is None  # no run yet
+    run_id = first.begin()
+    reports = [first.epoch_end(0, max_epochs=5), first.epoch_end(1, max_epochs=5)]
+    assert [r.over_budget for r in reports if r is not None] == [False, True]
+    assert first.stop_requested and first.last_report is reports[1]
+    final = first.end()
+    assert final is not None and first.final_report is final and final.run_id == run_id
+    assert first.end() is final  # ended: the same report
+    state = first.state_dict()
+    assert (state["run_id"], state["emissions_kg"]) == (run_id, pytest.approx(0.4))
+    first.close()
+
+    second = new_session({**settings, "auto_offset": False}, ScriptedEmissions([0.1]))
+    second.load_state_dict(state)
+    assert second.begin() == run_id and not second.stop_requested
+    report = second.epoch_end(2)
+    assert report is not None and report.emissions_kg == pytest.approx(0.5)  # continues from 0.4 kg
+    aborted = second.abort("interrupted")
+    second.close()
+    assert aborted is not None and aborted.emissions_kg == pytest.approx(0.5)
+    with Ledger(ledger_path) as ledger:
+        (run,) = ledger.runs()
+    assert (run.run_id, run.status, run.emissions_kg) == (run_id, "interrupted", pytest.approx(0.5))
+
+
+def test_ranks_are_read_when_a_run_begins(
+    server: FakeOneClickImpact, settings: dict[str, Any], ledger_path: Path
+) -> None:
+    """A session built as global rank 1 opens no ledger; given rank 0 at begin, it records the run."""
+    session = new_session({**settings, "auto_offset": False}, ScriptedEmissions([0.2]), global_rank=1)
+    assert session.ledger is None and not ledger_path.exists()
+    run_id = session.begin(global_rank=0, local_rank=0)
+    assert run_id is not None and session.is_writer
+    session.epoch_end(0)
+    final = session.end()
+    session.close()
+    assert final is not None and final.pending_kg == pytest.approx(0.2)
+    with Ledger(ledger_path) as ledger:
+        (run,) = ledger.runs()
+    assert (run.run_id, run.emissions_kg) == (run_id, pytest.approx(0.2))

@@ -1,4 +1,5 @@
-"""The distributed policy of ``CallbackCore``, framework-free: two "ranks" as threads of this process.
+"""The distributed policy of the run object (``OffsetSession.begin``/``epoch_end``/``end``/``abort``,
+driven through ``CallbackCore`` as the callbacks do), framework-free: two "ranks" as threads of this process.
 
 The collective is an in-process stand-in for a framework's ``reduce(sum)`` and
 ``broadcast`` (a barrier between the two threads). Both ranks are local rank 0
@@ -15,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from carbonoffset.core import CallbackCore, Collective
 from carbonoffset.core.ledger import Ledger
 from carbonoffset.core.sources import Measurement
-from carbonoffset.integrations._base import CallbackCore, Collective
 from carbonoffset.testing import ScriptedEmissions
 
 
