@@ -87,7 +87,8 @@ class RunRecorder:
     #: The ledger thread writes a run's figures at most once in this many seconds, however short
     #: its epochs: the latest cumulative figures (a record holds every earlier one). The measuring
     #: process reads them once a second, so no measured figure waits for more than about one more
-    #: second; ending the run, :meth:`flush`, :meth:`wait` and :meth:`report` write at once.
+    #: second; figures whose pending emissions reach ``offset_threshold`` (an offset may start),
+    #: ending the run, :meth:`flush`, :meth:`wait` and :meth:`report` write at once.
     #: Measured in ``benchmarks/epoch_slope.py``: a ledger write and read per 50 ms epoch took the
     #: ledger thread ~6.5 ms of CPU each, competing with training for the GIL and the cores.
     RECORD_INTERVAL_S = 1.0

@@ -46,6 +46,7 @@ class Worker:
         self._idle = threading.Condition()
         self._outstanding = 0
         self._waiters = 0  # callers in wait(): a job's pause() ends at once for them
+        self._nudged = False  # nudge() was called: the next (or current) pause() ends at once
         self.done = 0  # jobs finished so far
         self._thread: threading.Thread | None = None
 
@@ -64,11 +65,20 @@ class Worker:
         someone calls :meth:`wait` (so a paused job never delays what comes after it)."""
         deadline = time.monotonic() + seconds
         with self._idle:
-            while self._outstanding <= 1 and not self._waiters:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                self._idle.wait(remaining)
+            try:
+                while self._outstanding <= 1 and not self._waiters and not self._nudged:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    self._idle.wait(remaining)
+            finally:
+                self._nudged = False
+
+    def nudge(self) -> None:
+        """End the current :meth:`pause` now (or the next one, if no job is paused)."""
+        with self._idle:
+            self._nudged = True
+            self._idle.notify_all()
 
     @property
     def busy(self) -> bool:
@@ -184,7 +194,7 @@ class LedgerQueue(Worker):
 
         self.submit(job)
 
-    def queue_record(self, op: dict[str, Any], *, final: bool = False) -> None:
+    def queue_record(self, op: dict[str, Any], *, final: bool = False, urgent: bool = False) -> None:
         """Hand the run's latest cumulative figures (a ``record`` op) to the ledger thread.
 
         While a record is queued and not yet taken by that thread, a newer one replaces it
@@ -192,14 +202,20 @@ class LedgerQueue(Worker):
         ``record_interval_s`` cost one ledger write (and one read of the figures) an interval,
         not one each. A ``final`` record tries the ledger even while it is being backed off from
         (like the end of a run), so that a final offset is decided on it when the ledger answers.
+        An ``urgent`` record (one that may start an offset: its pending emissions reach the
+        threshold) is written at once, without waiting for the interval.
         """
         with self._record_lock:
+            if urgent:
+                self._next_record_at = 0.0
             number = self._queued_record
             if number is not None and number in self._unwritten:
                 replaced = self._unwritten[number]
                 epochs = [e for e in (replaced.get("epoch"), op.get("epoch")) if e is not None]
                 self._unwritten[number] = {**op, "epoch": max(epochs) if epochs else None}
                 self._final_records[number] = final or self._final_records.get(number, False)
+                if urgent:
+                    self.nudge()
                 return
             number = next(self._numbers)
             self._unwritten[number] = op

@@ -172,7 +172,18 @@ class RunWriter:
         self, figures: Measurement, *, label: str | None, epoch: int | None, final: bool = False
     ) -> None:
         """Queue the run's cumulative ``figures`` (the ledger keeps the maximum; ``final``: the
-        run's last ones). See :meth:`~carbonoffset.core.workers.LedgerQueue.queue_record`."""
+        run's last ones). See :meth:`~carbonoffset.core.workers.LedgerQueue.queue_record`: figures
+        whose pending emissions reach ``offset_threshold`` are written at once, so an offset
+        starts within milliseconds of the epoch that crossed it, however short the epochs."""
+        pending_kg, _ = self.position.pending_and_credit(figures.emissions_kg)
+        # until the ledger shows the offset in flight (pending then drops below the threshold), or
+        # while the key is refused (no offset can start: no hurry)
+        urgent = (
+            pending_kg >= self.config.offset_threshold
+            and self.config.auto_offset
+            and self.config.can_offset
+            and not self._offsets.auth_failed
+        )
         self.queue.queue_record(
             {
                 "op": "record",
@@ -185,6 +196,7 @@ class RunWriter:
                 "epoch": epoch,
             },
             final=final,
+            urgent=urgent,
         )
 
     def end(self, *, details: dict[str, Any], status: str, answered: bool, deadline: float) -> Path | None:
