@@ -218,7 +218,7 @@ def _lightning(variant: str, epochs: int, settings: dict[str, Any], folder: Path
     from torch.utils.data import DataLoader, TensorDataset
 
     from carbonoffset.demo.data import load_digits_split
-    from carbonoffset.demo.lightning import _digits_module
+    from carbonoffset.demo.lightning import digits_module
 
     run = _Variant(variant, settings, folder, "lightning", "on_train_epoch_end")
     data = load_digits_split()
@@ -229,7 +229,7 @@ def _lightning(variant: str, epochs: int, settings: dict[str, Any], folder: Path
         shuffle=True,
         generator=torch.Generator().manual_seed(0),
     )
-    model = _digits_module(pl, torch)()
+    model = digits_module(pl, torch)()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,

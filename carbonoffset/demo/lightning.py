@@ -47,8 +47,9 @@ def _quiet() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def _digits_module(pl: Any, torch: Any) -> Any:
-    """The LightningModule class: 64 -> 64 (ReLU) -> 10, cross-entropy, Adam."""
+def digits_module(pl: Any, torch: Any) -> Any:
+    """The demo's LightningModule class (64 -> 64 (ReLU) -> 10, cross-entropy, Adam), also the
+    benchmarks' model. ``pl`` and ``torch`` are the imported ``lightning.pytorch`` and ``torch``."""
 
     class DigitsMLP(pl.LightningModule):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -124,7 +125,7 @@ def train(callback_settings: dict[str, Any], *, epochs: int, progress: Progress 
             shuffle=True,
             generator=torch.Generator().manual_seed(SEED),
         )
-        model = _digits_module(pl, torch)()
+        model = digits_module(pl, torch)()
         with tempfile.TemporaryDirectory(prefix="carbonoffset-demo-") as root:
             trainer = pl.Trainer(
                 accelerator="cpu",
