@@ -402,7 +402,9 @@ def plot_ledger(
         _draw_panel(ax, series, family, until=until, title=title, subtitle=subtitle, x=elapsed)
     bottom_ax = axes[-1, 0]
     if elapsed is None:
-        locator = mdates.AutoDateLocator(minticks=5, maxticks=9)  # type: ignore[no-untyped-call]
+        # minticks=3: with matplotlib's intervals, every span from seconds to decades then gets
+        # 3 to 9 ticks (with 5, a span of 3-5 h found no interval and warned)
+        locator = mdates.AutoDateLocator(minticks=3, maxticks=9)  # type: ignore[no-untyped-call]
         bottom_ax.xaxis.set_major_locator(locator)
         bottom_ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=dt.timezone.utc))  # type: ignore[no-untyped-call]
         bottom_ax.set_xlabel("time (UTC)")
