@@ -86,13 +86,14 @@ def local_rank_hint() -> int:
         return 0
 
 
-def sum_figures(collective: Collective, node: Measurement) -> Measurement:
+def sum_figures(collective: Collective, node: Measurement, *, unmeasured: bool = False) -> tuple[Measurement, int]:
     """The job's figures: ``node``'s summed over every process (collective; the estimated part
-    stays labelled). The run's details are this process's own."""
-    kg, kwh, estimated_kg, estimated_kwh = collective.sum(
-        [node.emissions_kg, node.energy_kwh, node.estimated_kg, node.estimated_kwh]
+    stays labelled), and how many processes said their node is ``unmeasured`` (its tracker did
+    not start: the job's figures leave that node out). The run's details are this process's own."""
+    kg, kwh, estimated_kg, estimated_kwh, missing = collective.sum(
+        [node.emissions_kg, node.energy_kwh, node.estimated_kg, node.estimated_kwh, 1.0 if unmeasured else 0.0]
     )
-    return Measurement(kg, kwh, estimated_kg, estimated_kwh)
+    return Measurement(kg, kwh, estimated_kg, estimated_kwh), round(missing)
 
 
 def count_nodes(collective: Collective, ranks: Ranks) -> int:

@@ -144,6 +144,8 @@ class RunRecorder:
         self._ended_status: str | None = None
         self._key_check: threading.Thread | None = None
         self._kept_path: Path | None = None  # where stop() kept the writes the ledger did not take
+        # other nodes of a distributed job whose tracker did not start (set by OffsetSession)
+        self._unmeasured_nodes = 0
 
     # ---------------------------------------------------------------- ranks
     @property
@@ -223,6 +225,12 @@ class RunRecorder:
         """This process writes the run to a ledger (global rank 0, now)."""
         return self.is_writer and self._run_writer.ledger is not None
 
+    @property
+    def _measured(self) -> bool:
+        """The run's figures are a measurement: this node's source started and, in a distributed
+        job, every other node's did too."""
+        return not (self._tracker.failed and self.is_tracking) and not self._unmeasured_nodes
+
     def _warn_once(self, cause: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
         if cause not in self._warned:
             self._warned.add(cause)
@@ -271,6 +279,7 @@ class RunRecorder:
             self._offsets.reset()
             self._ended_status = None
             self._kept_path = None
+            self._unmeasured_nodes = 0
             self._run_writer.run_id, self._run_writer.segment_id = run_id, None
             writes = self._writes
             if writes and run_id is None:
@@ -436,7 +445,7 @@ class RunRecorder:
             credit_kg,
             budget is not None and total.emissions_kg > budget,
             estimated_kg=total.estimated_kg,
-            measured=not (self._tracker.failed and self.is_tracking),
+            measured=self._measured,
         )
 
     def _refresh_quietly(self) -> None:
@@ -521,8 +530,8 @@ class RunRecorder:
                 self._exit_finalizer.cancel()
                 self._exit_finalizer = None
         self._record(total, epoch=None, max_epochs=None, whole=True)
-        if self._tracker.failed and self.is_tracking:
-            status = "unmeasured"  # never a measured zero
+        if not self._measured:
+            status = "unmeasured"  # never a measured zero (nor a part of the job's nodes as the whole)
         deadline = time.monotonic() + self.config.offset_timeout
         # a busy ledger is waited for up to offset_timeout, one that does not answer (no write made
         # for a ledger call's wait) no longer: what it has not taken is kept on local disk
@@ -593,7 +602,7 @@ class RunRecorder:
             offset_threshold=self.config.offset_threshold,
             not_bought=self._not_bought(bought, outage=outage),
             estimated_kg=total.estimated_kg,
-            measured=not (self._tracker.failed and self.is_tracking)
+            measured=self._measured
             and not (self._ended_status or "").startswith("unmeasured"),
             spool_path=(self._kept_path or self._writer.spool_path) if outage else None,
         )

@@ -102,6 +102,7 @@ class OffsetSession(RunRecorder):
     _collective: Collective | None = None
     _follower = False  # a distributed run's process other than global rank 0
     _node_last = Measurement()  # this node's figures at the last epoch_end (frozen: shared safely)
+    _job_last = Measurement()  # the job's summed figures at the last epoch_end
     _resume: dict[str, Any] | None = None
     #: :meth:`epoch_end` passed the budget (the same decision on every process of a job).
     stop_requested: bool = False
@@ -155,7 +156,7 @@ class OffsetSession(RunRecorder):
         self.stop_requested = False
         self.last_report = None
         self.final_report = None
-        self._node_last = Measurement()
+        self._node_last = self._job_last = Measurement()
         if global_rank is not None:
             self.global_rank = global_rank
         if local_rank is not None:
@@ -198,7 +199,8 @@ class OffsetSession(RunRecorder):
         else:
             node = self.measure()  # zeros where no tracker runs
             self._node_last = node
-            total = sum_figures(collective, node)
+            total = self._job_total(collective, node)
+            self._job_last = total
             # global rank 0 records, offsets, decides (and warns) for the job
             mine = self.record(total, epoch=epoch, max_epochs=max_epochs) if self.is_writer else None
             # global rank 0's figures (offset, pending, budget decision) on every process
@@ -220,9 +222,24 @@ class OffsetSession(RunRecorder):
         if collective is None:
             self.final_report = self.stop()
         else:
-            report = self.stop(total=sum_figures(collective, self.stop_tracking()))
+            report = self.stop(total=self._job_total(collective, self.stop_tracking()))
             self.final_report = collective.broadcast(report)
         return self.final_report
+
+    def _job_total(self, collective: Collective, node: Measurement) -> Measurement:
+        """The job's figures (collective); on global rank 0, notes and names (once) nodes that do
+        not measure, so that the run is not recorded as a measurement of the whole job."""
+        total, unmeasured = sum_figures(collective, node, unmeasured=self.is_tracking and self._tracker.failed)
+        if unmeasured and self.is_writer:
+            self._unmeasured_nodes = unmeasured
+            self._warn_once(
+                "unmeasured-nodes",
+                "the emissions tracker of %d node(s) of this job did not start (see that "
+                "node's log): the job's figures leave those nodes out, and the run is recorded as "
+                "'unmeasured' with what the other nodes measured",
+                unmeasured,
+            )
+        return total
 
     def abort(self, status: str = "failed") -> RunReport | None:
         """Training failed or was interrupted: stop the tracker, keep what was measured, no final offset.
@@ -242,12 +259,15 @@ class OffsetSession(RunRecorder):
             return self.final_report
         collective, self._collective = self._collective, None
         total: Measurement | None = None
-        last = self.last_report
-        if collective is not None and self.is_writer and last is not None:
-            node = self.stop_tracking()
+        if collective is not None and self.is_writer and self.last_report is not None:
+            # the job's last total with this node's part brought up to date: its exact final
+            # figures replace its figures (and estimate) of the last epoch
+            node, last, job = self.stop_tracking(), self._node_last, self._job_last
             total = Measurement(
-                last.emissions_kg + max(0.0, node.emissions_kg - self._node_last.emissions_kg),
-                last.energy_kwh + max(0.0, node.energy_kwh - self._node_last.energy_kwh),
+                job.emissions_kg + max(0.0, node.emissions_kg - last.emissions_kg),
+                job.energy_kwh + max(0.0, node.energy_kwh - last.energy_kwh),
+                max(0.0, job.estimated_kg - last.estimated_kg + node.estimated_kg),
+                max(0.0, job.estimated_kwh - last.estimated_kwh + node.estimated_kwh),
             )
         self.final_report = self.stop(final_offset=False, status=status, total=total)
         return self.final_report
