@@ -112,6 +112,21 @@ def test_a_default_session_measures_in_a_measuring_process_and_imports_no_codeca
     assert _gone(out["meter_pid"])  # it ended with the process that started it
 
 
+def test_the_measuring_process_imports_no_ledger_nor_offset_client() -> None:
+    """What ``python -m carbonoffset.core._meter`` imports before CodeCarbon: its start-up competes
+    with the training for the CPU, and the ledger (SQLAlchemy) and the offset client are not its work."""
+    import subprocess
+
+    code = (
+        "import sys, carbonoffset.core._meter, carbonoffset.core.codecarbon_startup; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'sqlalchemy', 'makeimpact', 'psycopg'} "
+        "or m.startswith(('carbonoffset.core.ledger', 'carbonoffset.core.offsetter', 'carbonoffset.core.session'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_consecutive_runs_reuse_one_warm_meter_and_start_from_zero() -> None:
     warm_up_meter()
     source = MeterSource("FRA", refresh_s=0.2)
