@@ -60,16 +60,39 @@ def main() -> None:
     # CPU seconds of carbonoffset's threads in the training process per fit (the ledger writer,
     # the offset worker, the measuring process's reader): free of the machine's noise
     threads: dict[str, list[tuple[int, float]]] = {v: [] for v in args.variants}
+    # every fit's own figures (late start, when each epoch ended...), in the order they ran
+    fits_run: list[dict[str, Any]] = []
     for round_index in range(args.rounds):
         for epochs in args.epochs:
             shift = (round_index + epochs) % len(args.variants)
             for variant in args.variants[shift:] + args.variants[:shift]:
                 result = run_child([worker, "--worker", "lightning", variant, str(epochs)], env=dict(env))
                 samples[variant].append((epochs, result["fit_s"]))
+                fits_run.append({"round": round_index, "variant": variant, "epochs": epochs, **result})
                 if result.get("threads_cpu_s") is not None:
                     threads[variant].append((epochs, result["threads_cpu_s"]))
                 print(f"round {round_index + 1} {variant:9s} {epochs:4d} epochs {result['fit_s']:.2f} s", flush=True)
     fits = {v: slope(points) for v, points in samples.items()}
+    # paired: the two variants of one (round, epochs) run back to back, so the machine's slow drifts
+    # cancel in their difference; the slope of the differences is the marginal cost per epoch, and
+    # the spread of the per-round slopes shows how far the noise carries it
+    paired: dict[str, dict[str, Any]] = {}
+    for variant in args.variants[1:]:
+        diffs = [(e, t - b) for (e, t), (_, b) in zip(samples[variant], samples["none"], strict=True)]
+        per_round = []
+        for round_index in range(args.rounds):
+            chunk = diffs[round_index * len(args.epochs):(round_index + 1) * len(args.epochs)]
+            if len({e for e, _ in chunk}) > 1:
+                per_round.append(slope(chunk)[1] * 1e3)
+        per_round.sort()
+        paired[variant] = {
+            "ms_per_epoch": slope(diffs)[1] * 1e3,
+            "per_round_median_ms": median(per_round),
+            "per_round_ms": per_round,
+        }
+        print(f"paired {variant}: {paired[variant]['ms_per_epoch']:+.2f} ms / epoch (least squares of the "
+              f"differences), per-round median {median(per_round):+.2f} ms, "
+              f"range {per_round[0]:+.2f} to {per_round[-1]:+.2f} ms", flush=True)
     base_fixed, base_slope = fits["none"]
     rows: list[list[Any]] = []
     for variant, (fixed, per_epoch) in fits.items():
@@ -97,6 +120,8 @@ def main() -> None:
         "samples": samples,
         "threads_cpu_s": threads,
         "fits": {v: {"fixed_s": f, "per_epoch_s": s} for v, (f, s) in fits.items()},
+        "paired": paired,
+        "runs": fits_run,
     })
 
 
