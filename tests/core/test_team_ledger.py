@@ -527,3 +527,42 @@ def test_a_spool_torn_by_a_crash_holds_up_no_other_spool(ledger_path: Path) -> N
     assert not any(p.exists() for p in paths)
     again = runner.invoke(app, ["ledger", "replay", "--ledger", str(ledger_path)])
     assert again.exit_code == 0 and "Nothing spooled" in again.stdout, again.output
+
+
+def test_figures_spooled_under_one_spelling_of_a_url_are_replayed_under_another(postgres_url: str) -> None:
+    """The spool of a server ledger is named by what the URL connects to, not by how it is spelled:
+    figures kept while the server was down are found by the next session however its URL is written."""
+    from carbonoffset.core.ledger.spool import LedgerWriter, replay_left_over
+
+    written_as = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    read_as = postgres_url.replace("postgresql://", "postgres://", 1)
+    closed = Ledger(written_as)
+    closed.close()  # every write now fails: they go to the spool
+    writer = LedgerWriter(closed)
+    start = {"op": "start_run", "run_id": "r1", "account": SANDBOX, "environment": "sandbox", "nodes": 1}
+    assert not writer.write(start)
+    assert not writer.write({**start, "op": "record", "emissions_kg": 0.4, "energy_kwh": 1.0, "epoch": 0})
+    writer.close()  # the process ends; its spool stays on disk
+    with Ledger(read_as) as ledger:
+        assert replay_left_over(ledger, read_as) == 2
+        run = ledger.run("r1")
+        assert run is not None and run.emissions_kg == pytest.approx(0.4)
+
+
+def test_a_spool_left_by_an_earlier_version_under_its_old_name_is_still_replayed(postgres_url: str) -> None:
+    import json as _json
+
+    from carbonoffset.core.ledger.spool import replay_left_over, spool_directory
+    from carbonoffset.core.ledger.urls import legacy_location_key
+
+    folder = spool_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    start = {"op": "start_run", "run_id": "old", "account": SANDBOX, "environment": "sandbox", "nodes": 1}
+    record = {**start, "op": "record", "emissions_kg": 0.25, "energy_kwh": 0.5, "epoch": 3}
+    left = folder / f"{legacy_location_key(postgres_url)}-host-1-abcdef12.jsonl"
+    left.write_text("".join(_json.dumps(op) + "\n" for op in (start, record)), encoding="utf-8")
+    with Ledger(postgres_url) as ledger:
+        assert replay_left_over(ledger, postgres_url) == 2
+        run = ledger.run("old")
+        assert run is not None and run.emissions_kg == pytest.approx(0.25)
+    assert not left.exists()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from carbonoffset.core.ledger.identity import host_identity
-from carbonoffset.core.ledger.urls import location_key
+from carbonoffset.core.ledger.urls import legacy_location_key, location_key
 
 logger = logging.getLogger("carbonoffset.core.ledger")
 
@@ -171,7 +171,9 @@ def replay_left_over(ledger: Any, location: Path | str, directory: Path | None =
     """
     folder = directory or spool_directory()
     made = 0
-    for path in sorted(folder.glob(f"{location_key(location)}-*.jsonl")) if folder.is_dir() else []:
+    keys = dict.fromkeys([location_key(location), legacy_location_key(location)])
+    found = sorted({p for key in keys for p in folder.glob(f"{key}-*.jsonl")}) if folder.is_dir() else []
+    for path in found:
         try:
             handle = open(path, "r+", encoding="utf-8")  # noqa: SIM115
         except OSError:

@@ -78,8 +78,38 @@ def normalize_location(value: str | os.PathLike[str]) -> Path | str:
 
 
 def location_key(location: Path | str) -> str:
-    """A short stable name for a ledger (16 hex digits), without its password (for spool files)."""
+    """A short stable name for a ledger (16 hex digits), without its password (for spool files).
+
+    A file is named by its resolved path. A database URL is named by what it connects to, however
+    it is spelled: the backend without its driver (``postgresql+psycopg://`` and ``postgres://``
+    are ``postgresql://``), the user, the host in lower case, the port (5432 when left out), the
+    database and the query options other than ``password``, sorted (parsed by SQLAlchemy's
+    :func:`~sqlalchemy.engine.make_url`). A URL it cannot parse is named by its text.
+    """
+    if isinstance(location, Path):
+        return _digest(str(location.resolve()))
+    try:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(location)
+    except Exception:  # noqa: BLE001 -- not a URL SQLAlchemy reads: its text (password masked)
+        return legacy_location_key(location)
+    backend = url.get_backend_name()
+    backend = "postgresql" if backend == "postgres" else backend
+    default_port = 5432 if backend == "postgresql" else None
+    query = sorted((k, str(v)) for k, v in url.query.items() if k.lower() != "password")
+    text = f"{backend}://{url.username or ''}@{(url.host or '').lower()}:{url.port or default_port or ''}"
+    return _digest(f"{text}/{url.database or ''}?{query}")
+
+
+def legacy_location_key(location: Path | str) -> str:
+    """The name spool files of a URL ledger had before :func:`location_key` read URLs (its
+    password-masked text): spools left by an earlier version are still found."""
     text = str(Path(location).resolve()) if isinstance(location, Path) else _PASSWORD.sub(
         lambda m: m.group("head"), location
     )
+    return _digest(text)
+
+
+def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
