@@ -322,11 +322,6 @@ def test_slow_server_acting_after_the_deadline_is_not_paid_twice(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the retry looks the capture up, then asks whether the first request is still in flight: "
-    "a capture answered in between is neither found nor in flight, and is sent again",
-)
 def test_a_late_capture_landing_while_the_retry_looks_it_up_is_not_paid_twice(
     server: FakeOneClickImpact, settings: dict[str, Any]
 ) -> None:
