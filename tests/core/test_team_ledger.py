@@ -199,11 +199,6 @@ def test_a_locked_sqlite_ledger_never_delays_training_and_loses_nothing(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="when Ledger.resume_run fails at a resumed fit's start the session has no segment id, so "
-    "nothing of the fit is written or kept on local disk (RunWriter.resume, RunRecorder._record)",
-)
 def test_a_fit_resumed_while_the_ledger_is_locked_keeps_what_it_measures(ledger_path: Path) -> None:
     """A fit resumed from a checkpoint while another connection holds the SQLite write lock for
     longer than the session's ledger timeout (5 s): like a new run's, its figures are kept on
@@ -231,8 +226,8 @@ def test_a_fit_resumed_while_the_ledger_is_locked_keeps_what_it_measures(ledger_
     with Ledger(ledger_path) as ledger:
         run = ledger.run(run_id)
         assert run is not None
-        # 0.3 kg before the checkpoint + 0.2 kg measured by the resumed fit
-        assert run.emissions_kg == pytest.approx(0.5)
+        # 0.3 kg before the checkpoint + 0.2 kg measured by the resumed fit, in a segment of the run
+        assert (run.emissions_kg, run.segments, run.status) == (pytest.approx(0.5), 2, "finished")
         assert ledger.balance(resumed.config.account).recorded_kg == pytest.approx(0.5)
 
 
@@ -675,6 +670,46 @@ def test_figures_spooled_by_an_ended_process_are_written_by_ledger_replay(ledger
         run = ledger.run("r1")
         assert run is not None and (run.status, run.emissions_kg) == ("finished", pytest.approx(0.3))
         assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.3)
+
+
+def test_a_resume_kept_on_local_disk_is_written_once_from_the_checkpoints_figures(
+    ledger_target: Path | str,
+) -> None:
+    """A fit resumed while the ledger did not answer recorded from its checkpoint's figures; its
+    segment and figures, replayed from the spool (once or again), add exactly what it measured:
+    for a run the ledger holds (whose crashed attempt got past the checkpoint) and for one it
+    does not know."""
+    from carbonoffset.core.ledger.spool import LedgerWriter, apply, replay_left_over
+
+    with Ledger(ledger_target) as ledger:
+        known = ledger.start_run(account=SANDBOX, environment="sandbox")
+        ledger.record(known, emissions_kg=0.4, energy_kwh=1.0)  # 0.1 kg beyond the checkpoint
+    closed = Ledger(ledger_target)
+    closed.close()  # every write now fails: they go to the spool
+    writer = LedgerWriter(closed)
+    common = {"account": SANDBOX, "environment": "sandbox", "nodes": 1, "checkpointed_by": None}
+    ops = []
+    for run_id, segment, checkpoint_kg in ((known, "s-known", 0.3), ("r-unknown", "s-unknown", 0.5)):
+        ops += [
+            {**common, "op": "resume_run", "run_id": run_id, "segment_id": segment,
+             "at_least_kg": checkpoint_kg, "at_least_kwh": 1.0},
+            {**common, "op": "record", "run_id": segment, "emissions_kg": checkpoint_kg + 0.2,
+             "energy_kwh": 2.0, "epoch": 3},  # 0.2 kg measured after the checkpoint
+            {"op": "end_run", "run_id": segment, "status": "finished"},
+        ]
+    for op in ops:
+        assert not writer.write(op)
+    writer.close()  # the process "ends": the spool stays on disk
+    with Ledger(ledger_target) as ledger:
+        assert replay_left_over(ledger, closed.path or closed.location) == len(ops)
+        for op in ops:  # written again (a crash mid-replay): nothing changes
+            apply(ledger, op, replay=True)
+        runs = {run.run_id: run for run in ledger.runs()}
+        recorded = ledger.balance(SANDBOX).recorded_kg
+    assert (runs[known].segments, runs[known].emissions_kg) == (2, pytest.approx(0.4 + 0.2))
+    assert (runs["r-unknown"].segments, runs["r-unknown"].emissions_kg) == (2, pytest.approx(0.5 + 0.2))
+    assert runs[known].status == runs["r-unknown"].status == "finished"
+    assert recorded == pytest.approx(0.6 + 0.7)
 
 
 def test_a_spool_torn_by_a_crash_holds_up_no_other_spool(ledger_path: Path) -> None:
