@@ -91,6 +91,7 @@ class RunWriter:
             warn=warn,
             write_delay_s=write_delay_s,
             record_interval_s=record_interval_s,
+            hang_s=timeout_s + 1.0,  # past one ledger call's own wait
         )
         self.position = Position()
         self._position_lock = threading.Lock()

@@ -453,12 +453,6 @@ _HANGS_MID_RUN = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="a ledger call on a connection whose server stopped answering has no deadline (no client-side "
-    "timeout in libpq, none around the ledger thread's write): the thread waits for ever and what is "
-    "queued behind it reaches the spool only at stop()",
-)
 def test_a_ledger_server_that_hangs_mid_run_gets_the_figures_kept_on_local_disk(postgres_url: str) -> None:
     """The team ledger's server stops answering on the connection the session already holds (a
     host that hangs, a network path that drops everything). "What the ledger does not take within

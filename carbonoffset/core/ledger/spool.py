@@ -231,6 +231,11 @@ class LedgerWriter:
         self.kept_paths: list[Path] = []
 
     @property
+    def replaying(self) -> bool:
+        """The spool is being written to the ledger now (or appended to)."""
+        return self._spool_lock.locked()
+
+    @property
     def outage(self) -> bool:
         """Writes are being kept in the spool (the ledger did not answer the last time)."""
         return self.spool.pending > 0
