@@ -271,6 +271,9 @@ class Offsetter:
         def attempt() -> Receipt:
             if not self.ledger.claim(offset_id, lease_s=self._lease_s, resend_grace_s=self.resend_grace_s):
                 raise _Stop("another process took this offset over")
+            # Asked before the look-up: a request answered while the look-up is on its way may have
+            # landed after the look-up was read, so "not found" proves nothing about it.
+            was_in_flight = capture_in_flight(offset_id)
             if state["ambiguous"]:
                 try:
                     found = self.client.find_capture(offset_id, since=since)
@@ -284,7 +287,7 @@ class Offsetter:
             metadata = {"source": "carbonoffset"}
             if record.run_id:
                 metadata["run_id"] = record.run_id
-            if capture_in_flight(offset_id):
+            if was_in_flight or capture_in_flight(offset_id):
                 state["ambiguous"] = True
                 raise _Ambiguous("an earlier capture request for this offset is still in flight")
             self.ledger.mark_sent(offset_id)

@@ -140,6 +140,10 @@ class LedgerQueue(Worker):
             so the rest of the training thread's hook runs without competing for the GIL.
         record_interval_s: ``record`` writes of a run (:meth:`queue_record`) are made at most
             once in this many seconds (> 0), the latest cumulative figures each time.
+        hang_s: a ledger call still running after this many seconds (a server that stopped
+            answering on an open connection: no driver deadline ends that call) has the writes
+            not yet made kept on local disk by a watchdog thread, as they would be after a
+            failed call; ``None``: no watchdog.
     """
 
     def __init__(
@@ -149,12 +153,17 @@ class LedgerQueue(Worker):
         warn: Warn,
         write_delay_s: float,
         record_interval_s: float,
+        hang_s: float | None = None,
     ) -> None:
         super().__init__("carbonoffset-ledger")
         self._on_written = on_written
         self._warn = warn
         self._write_delay_s = write_delay_s
         self._record_interval_s = record_interval_s
+        self._hang_s = hang_s
+        self._writing_since: float | None = None  # monotonic start of the ledger call in progress
+        self._kept: dict[int, dict[str, Any]] = {}  # unwritten ops the watchdog kept (as they were)
+        self._watchdog: threading.Thread | None = None  # runs while the ledger thread does
         self.writer: LedgerWriter | None = None
         self._unwritten: dict[int, dict[str, Any]] = {}  # queued, not yet made
         self._numbers = itertools.count()
@@ -167,6 +176,50 @@ class LedgerQueue(Worker):
         """Write to ``ledger`` from now on (once; a later call with another ledger is ignored)."""
         if self.writer is None:
             self.writer = LedgerWriter(ledger)
+
+    def _ensure_watchdog(self) -> None:
+        """Ledger thread, before a ledger call: make sure the watchdog runs (see ``hang_s``)."""
+        if self._hang_s is None:
+            return
+        with self._idle:
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch, args=(self._hang_s,), name="carbonoffset-ledger-watchdog", daemon=True
+                )
+                self._watchdog.start()
+
+    def _watch(self, hang_s: float) -> None:
+        """Watchdog thread: keep on local disk what waits behind a ledger call that hangs; ends
+        with the ledger thread (which ends once idle after a run)."""
+        while True:
+            time.sleep(min(0.5, hang_s / 4))
+            with self._idle:
+                if self._thread is None and self._writing_since is None:
+                    self._watchdog = None
+                    return
+            since, writer = self._writing_since, self.writer
+            if since is None or writer is None or time.monotonic() - since < hang_s:
+                continue
+            if writer.replaying:  # a long replay to a ledger that answers is no hang (and keep() waits for it)
+                continue
+            fresh = [(n, op) for n, op in list(self._unwritten.items()) if self._kept.get(n) is not op]
+            if not fresh:
+                continue
+            try:
+                path = writer.keep([op for _, op in fresh])
+            except Exception:  # noqa: BLE001 -- e.g. a full disk: tried again at the next wake-up
+                logger.debug("keeping the ledger's writes on local disk failed", exc_info=True)
+                continue
+            unwritten = self._unwritten
+            self._kept = {n: op for n, op in {**self._kept, **dict(fresh)}.items() if n in unwritten}
+            self._warn(
+                "ledger-hang",
+                "carbonoffset's ledger %s has not answered for %.0f s; the figures are kept on local disk "
+                "in %s and written to the ledger when it answers again; tracking continues",
+                writer.ledger.location,
+                time.monotonic() - since,
+                path,
+            )
 
     @property
     def outage(self) -> bool:
@@ -246,13 +299,19 @@ class LedgerQueue(Worker):
         delay = queued + self._write_delay_s - time.perf_counter()
         if delay > 0 and op["op"] == "record":
             time.sleep(delay)
+        self._ensure_watchdog()
+        self._writing_since = time.monotonic()  # the write and the reads after it are watched
         try:
             written = writer.write(op, force=force or op["op"] == "end_run")
         except Exception as exc:  # noqa: BLE001 -- a figure the ledger refuses
+            self._writing_since = None
             self._warn("ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc)
             return
-        if written:
-            self._on_written(op)
+        try:
+            if written:
+                self._on_written(op)
+        finally:
+            self._writing_since = None
 
     def flush_while_answering(self, deadline: float, ledger_timeout_s: float) -> bool:
         """Wait for the queued writes until ``deadline`` (monotonic) while the thread makes writes.

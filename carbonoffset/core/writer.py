@@ -91,6 +91,7 @@ class RunWriter:
             warn=warn,
             write_delay_s=write_delay_s,
             record_interval_s=record_interval_s,
+            hang_s=timeout_s + 1.0,  # past one ledger call's own wait
         )
         self.position = Position()
         self._position_lock = threading.Lock()
@@ -144,7 +145,8 @@ class RunWriter:
 
         Returns:
             The figures the segment starts from and the epochs already recorded; ``None`` when
-            the ledger could not be written (logged once).
+            the ledger could not be written (logged once): when it did not answer, the segment
+            (from ``base``) and the fit's figures are written by the ledger thread once it does.
         """
         resumed: tuple[Measurement, int] | None = None
         if self.ledger is not None:
@@ -162,6 +164,31 @@ class RunWriter:
                 resumed = Measurement(segment.base_emissions_kg, segment.base_energy_kwh), segment.epochs
                 self.run_id = segment.resumed_from or segment.run_id
                 self.segment_id = segment.run_id
+            except LedgerUnavailableError as exc:
+                # locked, down or unreachable: the segment is made by the ledger thread when the
+                # ledger answers (kept on local disk until then, like every write), and the fit
+                # records from the checkpoint's figures meanwhile
+                self.run_id, self.segment_id = run_id, uuid.uuid4().hex
+                self.queue.queue(
+                    {
+                        "op": "resume_run",
+                        "run_id": run_id,
+                        "segment_id": self.segment_id,
+                        "account": self.config.account,
+                        "environment": self.config.offset_environment,
+                        "label": label,
+                        "nodes": nodes,
+                        "at_least_kg": base.emissions_kg,
+                        "at_least_kwh": base.energy_kwh,
+                        "checkpointed_by": checkpointed_by,
+                    }
+                )
+                self._warn(
+                    "ledger",
+                    "carbonoffset could not write its ledger (%s) as the run resumed; its figures are written "
+                    "to the ledger when it answers (kept on local disk meanwhile); tracking continues",
+                    exc,
+                )
             except Exception as exc:  # noqa: BLE001
                 self._warn("ledger", "carbonoffset could not write its ledger (%s); tracking continues", exc)
         self.refresh_quietly()

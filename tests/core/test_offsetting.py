@@ -322,6 +322,28 @@ def test_slow_server_acting_after_the_deadline_is_not_paid_twice(
 
 
 @pytest.mark.slow
+def test_a_late_capture_landing_while_the_retry_looks_it_up_is_not_paid_twice(
+    server: FakeOneClickImpact, settings: dict[str, Any]
+) -> None:
+    """A slow service, slow on every endpoint: the capture that timed out is acted on while the
+    retry's look-up is on its way (the look-up was read before the capture landed, so it finds
+    nothing, and is answered after the capture's own answer came back). The retry must not take
+    "not found" plus "no request in flight any more" as leave to send a second capture."""
+    server.inject(Fault(stall_s=3.0))  # acts on the capture 3 s after receiving it, then answers
+    server.inject(Fault(endpoint="records", delay_s=1.5))  # reads the records at once, answers 1.5 s later
+    # t=0 capture sent; t=2 its deadline; t~2 the retry looks up (sees nothing yet); t=3 the capture
+    # lands and is answered; t~3.5 the look-up answers "not found"
+    run_once(settings, [0.7], offset_request_timeout=2.0)
+    wait_for(lambda: len(server.captures) >= 1, timeout=10)
+    time.sleep(0.2)  # the first capture's answer is back: nothing of it is in flight any more
+    assert len(server.captures) == 1, [c.metadata for c in server.captures]
+    run_once(settings, [0.0])  # the next run finds the late capture instead of buying again
+    assert len(server.captures) == 1
+    assert_server_matches_ledger(server, settings, 1)
+    assert_conserved(balance_of(settings), 0.7)
+
+
+@pytest.mark.slow
 def test_next_session_in_the_same_process_does_not_race_the_previous_worker(
     server: FakeOneClickImpact, settings: dict[str, Any]
 ) -> None:

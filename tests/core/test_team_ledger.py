@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from _scripts import subprocess_env
 from typer.testing import CliRunner
 
 from carbonoffset.cli import EXIT_LEDGER, app
@@ -191,6 +198,39 @@ def test_a_locked_sqlite_ledger_never_delays_training_and_loses_nothing(
     assert any("answers again" in m for m in messages), messages
 
 
+@pytest.mark.slow
+def test_a_fit_resumed_while_the_ledger_is_locked_keeps_what_it_measures(ledger_path: Path) -> None:
+    """A fit resumed from a checkpoint while another connection holds the SQLite write lock for
+    longer than the session's ledger timeout (5 s): like a new run's, its figures are kept on
+    local disk and are in the ledger once the lock is gone. None of them may be lost."""
+    first = OffsetSession(source=ScriptedEmissions([0.3]), offset_ledger=ledger_path, offset_environment="sandbox")
+    run_id = first.begin()
+    first.epoch_end(0)
+    first.abort("interrupted")
+    first.close()
+    checkpoint = first.state_dict()  # what the Lightning/HF/Keras callbacks save in checkpoints
+
+    locked = threading.Event()
+    holder = _hold_write_lock(ledger_path, 8.0, locked)
+    assert locked.wait(10)
+    resumed = OffsetSession(
+        source=ScriptedEmissions([0.1, 0.2]), offset_ledger=ledger_path, offset_environment="sandbox"
+    )
+    assert resumed.begin(resume_state=checkpoint) == run_id  # waits at most one ledger timeout
+    resumed.epoch_end(1)
+    resumed.epoch_end(2)
+    holder.join(20)  # the lock is gone before the run ends
+    report = resumed.end()
+    resumed.close()
+    assert report is not None and report.emissions_kg == pytest.approx(0.5)
+    with Ledger(ledger_path) as ledger:
+        run = ledger.run(run_id)
+        assert run is not None
+        # 0.3 kg before the checkpoint + 0.2 kg measured by the resumed fit, in a segment of the run
+        assert (run.emissions_kg, run.segments, run.status) == (pytest.approx(0.5), 2, "finished")
+        assert ledger.balance(resumed.config.account).recorded_kg == pytest.approx(0.5)
+
+
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresCluster]:
     """A cluster of this test's own, to stop and start."""
@@ -328,6 +368,131 @@ def test_a_ledger_server_that_never_answers_holds_the_runs_end_one_ledger_timeou
             assert run.details["cpu_model"] == "EPYC"
             assert ledger.balance(session.config.account).recorded_kg == pytest.approx(1.3)  # once
     assert server.total_lb() == 0
+
+
+class _FreezableProxy:
+    """A loopback TCP proxy to a database server that can be frozen: while frozen it forwards
+    nothing, and the connections stay open (new ones are accepted and left waiting). To its
+    clients the server then looks like a host that hangs, or a network path that silently drops
+    everything (a firewall or NAT that forgot the connection): no answer, no error."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self._upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="freezable-proxy", daemon=True).start()
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        self._sockets.append(client)
+        self._flowing.wait()
+        if self._closed:
+            client.close()
+            return
+        upstream = socket.create_connection(self._upstream)
+        self._sockets.append(upstream)
+        for source, target in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self._flowing.wait()
+                if self._closed:
+                    return
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        self._flowing.set()
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+_HANGS_MID_RUN = textwrap.dedent(
+    """
+    import sys, time
+    from carbonoffset.core.session import OffsetSession
+    from carbonoffset.testing import ScriptedEmissions
+    session = OffsetSession(
+        source=ScriptedEmissions([0.5, 1.0]), offset_ledger=sys.argv[1], offset_environment="sandbox",
+        auto_offset=False,
+    )
+    run_id = session.start()
+    session.record_epoch(0)
+    assert session.flush(30)
+    print(run_id, flush=True)
+    sys.stdin.readline()  # the ledger's server hangs now
+    session.record_epoch(1)
+    print("recorded", flush=True)
+    time.sleep(600)  # training goes on until it is killed
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_ledger_server_that_hangs_mid_run_gets_the_figures_kept_on_local_disk(postgres_url: str) -> None:
+    """The team ledger's server stops answering on the connection the session already holds (a
+    host that hangs, a network path that drops everything). "What the ledger does not take within
+    5 s ... is kept durably on local disk" (guarantees.md), so a training process killed with
+    kill -9 well after that has lost at most about 2 s of figures: the next replay writes them."""
+    from carbonoffset.core.ledger.spool import replay_left_over
+    from carbonoffset.core.ledger.urls import mask_password
+
+    server = urlsplit(postgres_url)
+    assert server.hostname is not None and server.port is not None
+    proxy = _FreezableProxy((server.hostname, server.port))
+    url = postgres_url.replace(f":{server.port}/", f":{proxy.port}/")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HANGS_MID_RUN, url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    try:
+        run_id = child.stdout.readline().strip()
+        assert run_id, child.stderr.read()
+        proxy.freeze()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "recorded", child.stderr.read()
+        # well past one ledger call's wait (5 s) plus the record interval (1 s)
+        time.sleep(OffsetSession.LEDGER_TIMEOUT_S + OffsetSession.RECORD_INTERVAL_S + 3.0)
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait(10)
+        proxy.close()
+    with Ledger(postgres_url) as ledger:
+        replay_left_over(ledger, mask_password(url))  # what the next run on this ledger does first
+        run = ledger.run(run_id)
+        assert run is not None
+        assert run.emissions_kg == pytest.approx(1.0), "epoch 1's figures were lost with the process"
 
 
 # ------------------------------------------------------------ reports, copies
@@ -499,6 +664,46 @@ def test_figures_spooled_by_an_ended_process_are_written_by_ledger_replay(ledger
         run = ledger.run("r1")
         assert run is not None and (run.status, run.emissions_kg) == ("finished", pytest.approx(0.3))
         assert ledger.balance(SANDBOX).recorded_kg == pytest.approx(0.3)
+
+
+def test_a_resume_kept_on_local_disk_is_written_once_from_the_checkpoints_figures(
+    ledger_target: Path | str,
+) -> None:
+    """A fit resumed while the ledger did not answer recorded from its checkpoint's figures; its
+    segment and figures, replayed from the spool (once or again), add exactly what it measured:
+    for a run the ledger holds (whose crashed attempt got past the checkpoint) and for one it
+    does not know."""
+    from carbonoffset.core.ledger.spool import LedgerWriter, apply, replay_left_over
+
+    with Ledger(ledger_target) as ledger:
+        known = ledger.start_run(account=SANDBOX, environment="sandbox")
+        ledger.record(known, emissions_kg=0.4, energy_kwh=1.0)  # 0.1 kg beyond the checkpoint
+    closed = Ledger(ledger_target)
+    closed.close()  # every write now fails: they go to the spool
+    writer = LedgerWriter(closed)
+    common = {"account": SANDBOX, "environment": "sandbox", "nodes": 1, "checkpointed_by": None}
+    ops = []
+    for run_id, segment, checkpoint_kg in ((known, "s-known", 0.3), ("r-unknown", "s-unknown", 0.5)):
+        ops += [
+            {**common, "op": "resume_run", "run_id": run_id, "segment_id": segment,
+             "at_least_kg": checkpoint_kg, "at_least_kwh": 1.0},
+            {**common, "op": "record", "run_id": segment, "emissions_kg": checkpoint_kg + 0.2,
+             "energy_kwh": 2.0, "epoch": 3},  # 0.2 kg measured after the checkpoint
+            {"op": "end_run", "run_id": segment, "status": "finished"},
+        ]
+    for op in ops:
+        assert not writer.write(op)
+    writer.close()  # the process "ends": the spool stays on disk
+    with Ledger(ledger_target) as ledger:
+        assert replay_left_over(ledger, closed.path or closed.location) == len(ops)
+        for op in ops:  # written again (a crash mid-replay): nothing changes
+            apply(ledger, op, replay=True)
+        runs = {run.run_id: run for run in ledger.runs()}
+        recorded = ledger.balance(SANDBOX).recorded_kg
+    assert (runs[known].segments, runs[known].emissions_kg) == (2, pytest.approx(0.4 + 0.2))
+    assert (runs["r-unknown"].segments, runs["r-unknown"].emissions_kg) == (2, pytest.approx(0.5 + 0.2))
+    assert runs[known].status == runs["r-unknown"].status == "finished"
+    assert recorded == pytest.approx(0.6 + 0.7)
 
 
 def test_a_spool_torn_by_a_crash_holds_up_no_other_spool(ledger_path: Path) -> None:

@@ -229,6 +229,7 @@ class RunsMixin(Store):
         at_least_kg: float = 0.0,
         at_least_kwh: float = 0.0,
         checkpointed_by: str | None = None,
+        segment_id: str | None = None,
     ) -> RunRecord:
         """Continue run ``run_id`` (e.g. from a checkpoint), in a new **segment** when it exists.
 
@@ -253,6 +254,11 @@ class RunsMixin(Store):
             at_least_kwh: the same for energy, kWh, >= 0.
             checkpointed_by: the row (run or segment id) whose process saved the checkpoint;
                 ``None`` means the run's own row.
+            segment_id: the id of the new segment, chosen by a session that could not reach the
+                ledger when the fit resumed and recorded from the checkpoint's figures meanwhile
+                (its writes kept on local disk): the segment is then always made, even for a run
+                the ledger does not know, with the checkpoint's figures as its base; when it
+                exists already (a replay), it is returned as it is.
 
         Returns:
             The row to record to: ``run_id`` (a new segment's id, or the run's when it was
@@ -266,6 +272,10 @@ class RunsMixin(Store):
         check_amounts(at_least_kg=at_least_kg, at_least_kwh=at_least_kwh)
         now = utc_now()
         with self._transaction(write=True) as conn:
+            if segment_id is not None:
+                made = conn.execute(sa.select(runs_t).where(runs_t.c.run_id == segment_id)).mappings().first()
+                if made is not None:
+                    return run_from_row(made)
             root = self._root_of(conn, run_id)
             if root is None:
                 conn.execute(
@@ -294,9 +304,11 @@ class RunsMixin(Store):
                         )
                     )
                 found = conn.execute(sa.select(runs_t).where(runs_t.c.run_id == run_id)).mappings().one()
-                return dataclasses.replace(
-                    run_from_row(found), base_emissions_kg=at_least_kg, base_energy_kwh=at_least_kwh
-                )
+                if segment_id is None:
+                    return dataclasses.replace(
+                        run_from_row(found), base_emissions_kg=at_least_kg, base_energy_kwh=at_least_kwh
+                    )
+                root = run_id
             # the run's row is the lock that keeps concurrent resumes of it apart
             conn.execute(sa.select(runs_t.c.run_id).where(runs_t.c.run_id == root).with_for_update())
             writer = checkpointed_by or root
@@ -306,7 +318,9 @@ class RunsMixin(Store):
                 self._raise_totals(conn, writer, at_least_kg, at_least_kwh, None)
             total_kg, total_kwh, epochs = self._run_totals(conn, root)
             base_kg, base_kwh = max(total_kg, at_least_kg), max(total_kwh, at_least_kwh)
-            segment = uuid.uuid4().hex
+            if segment_id is not None:  # the session's figures went on from the checkpoint's
+                base_kg, base_kwh = at_least_kg, at_least_kwh
+            segment = segment_id or uuid.uuid4().hex
             conn.execute(
                 runs_t.insert().values(
                     run_id=segment,

@@ -67,7 +67,7 @@ def _start(ledger: Any, op: dict[str, Any]) -> None:
 
 
 def apply(ledger: Any, op: dict[str, Any], *, replay: bool = False) -> None:
-    """Make one write (``start_run``, ``record``, ``end_run`` or ``details``) of a session.
+    """Make one write (``start_run``, ``resume_run``, ``record``, ``end_run`` or ``details``) of a session.
 
     A record of a run the ledger does not know yet (its start was spooled elsewhere, or lost)
     creates the run first. In a ``replay``, a start of a run the ledger has leaves it as it is
@@ -87,6 +87,18 @@ def apply(ledger: Any, op: dict[str, Any], *, replay: bool = False) -> None:
             ledger.record(
                 op["run_id"], emissions_kg=op["emissions_kg"], energy_kwh=op["energy_kwh"], epoch=op.get("epoch")
             )
+    elif kind == "resume_run":  # the segment of a fit resumed while the ledger did not answer
+        ledger.resume_run(
+            op["run_id"],
+            account=op["account"],
+            environment=op["environment"],
+            label=op.get("label"),
+            nodes=int(op.get("nodes", 1)),
+            at_least_kg=op["at_least_kg"],
+            at_least_kwh=op["at_least_kwh"],
+            checkpointed_by=op.get("checkpointed_by"),
+            segment_id=op["segment_id"],
+        )
     elif kind == "end_run":
         ledger.end_run(op["run_id"], status=op["status"])
     elif kind == "details":
@@ -219,6 +231,11 @@ class LedgerWriter:
         self._warned = False
         #: spool files :meth:`keep` wrote while the spool was being replayed
         self.kept_paths: list[Path] = []
+
+    @property
+    def replaying(self) -> bool:
+        """The spool is being written to the ledger now (or appended to)."""
+        return self._spool_lock.locked()
 
     @property
     def outage(self) -> bool:
