@@ -250,3 +250,43 @@ def test_a_signal_to_the_process_group_ends_the_fit_cleanly_with_its_measured_fi
     assert json.dumps(report)  # the CLI reads the run back
     (account,) = report["accounts"] if isinstance(report, dict) and "accounts" in report else report
     assert account["emissions_kg"] == pytest.approx(run.emissions_kg) and account["emissions_kg"] > 0
+
+
+_CTRL_C_AT_THE_END = """
+import json, os, signal, threading
+from carbonoffset.core.session import OffsetSession
+from carbonoffset.testing import FakeOneClickImpact, Fault, ScriptedEmissions
+
+server = FakeOneClickImpact().start()
+server.inject(Fault(delay_s=3.0))  # 1ClickImpact answers the final offset slowly
+session = OffsetSession(
+    offset_api_key="test_ctrl_c_at_the_end", offset_environment="sandbox", offset_api_url=server.url,
+    offset_ledger=LEDGER, offset_round_up=True, offset_timeout=20, offset_request_timeout=10,
+    source=ScriptedEmissions([0.1, 0.2]),
+)
+session.begin()
+for epoch in range(2):
+    session.epoch_end(epoch)
+# the fit is over; its end waits for the final offset and the user presses Ctrl-C
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    session.end()
+    raised = None
+except KeyboardInterrupt:
+    raised = "KeyboardInterrupt"
+session.abort("interrupted")  # what Lightning's on_exception and the callbacks' guard() do next
+print(json.dumps({"raised": raised, "account": session.config.account}))
+"""
+
+
+def test_ctrl_c_while_the_end_of_a_run_waits_for_its_offset_records_the_run_interrupted(
+    tmp_path: Path,
+) -> None:
+    """The end of a fit waits up to ``offset_timeout`` for the final offset; Ctrl-C there (the fit
+    looks done, the prompt does not come back) must still record the run's end, not leave it
+    ``running`` in the ledger for ever."""
+    (out,) = run_script(_script(_CTRL_C_AT_THE_END, tmp_path), env=_fresh_env(tmp_path))
+    assert out["raised"] == "KeyboardInterrupt"  # the user's Ctrl-C goes on as usual
+    (run,) = _runs(tmp_path)
+    assert run.status == "interrupted"
+    assert run.emissions_kg == pytest.approx(0.2)  # the run's final figures, recorded
