@@ -173,9 +173,13 @@ trainer.fit(Net(), loader)
 )
 
 
-def _interrupt_after_second_epoch(tmp_path: Path, signum: int) -> tuple[int, str, str]:
+def _interrupt_after_second_epoch(
+    tmp_path: Path, signum: int, *, every_process: bool = False
+) -> tuple[int, str, str]:
     """Run the Lightning fit in its own process group and send ``signum`` to the whole group (what
-    Ctrl-C in a terminal, a Jupyter interrupt or SLURM does) after its second epoch."""
+    Ctrl-C in a terminal or a Jupyter interrupt does) after its second epoch; with
+    ``every_process``, to each process of the job instead, whatever its session or group (what
+    SLURM's ``scancel`` and time limit, and systemd's stop, do: they signal a job's cgroup)."""
     process = subprocess.Popen(
         [sys.executable, "-c", _script(_INTERRUPTIBLE, tmp_path)],
         stdout=subprocess.PIPE,
@@ -191,7 +195,14 @@ def _interrupt_after_second_epoch(tmp_path: Path, signum: int) -> tuple[int, str
         for line in process.stdout:
             lines.append(line)
             if line.strip() == "EPOCH 1":
-                os.killpg(process.pid, signum)
+                if every_process:
+                    import psutil  # a CodeCarbon dependency
+
+                    job = psutil.Process(process.pid)
+                    for member in [job, *job.children(recursive=True)]:
+                        member.send_signal(signum)
+                else:
+                    os.killpg(process.pid, signum)
                 break
             assert time.monotonic() < deadline, "the fit never reached its second epoch"
         out, err = process.communicate(timeout=60)
@@ -228,11 +239,17 @@ def _runs(tmp_path: Path) -> list[Any]:
         return list(ledger.runs())
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("signame", "every_process"),
+    [("SIGINT", False), ("SIGTERM", False), ("SIGTERM", True)],
+    ids=["SIGINT", "SIGTERM", "SIGTERM-to-every-process"],
+)
 def test_a_signal_to_the_process_group_ends_the_fit_cleanly_with_its_measured_figures(
-    signame: str, tmp_path: Path
+    signame: str, every_process: bool, tmp_path: Path
 ) -> None:
-    returncode, out, err = _interrupt_after_second_epoch(tmp_path, getattr(signal, signame))
+    returncode, out, err = _interrupt_after_second_epoch(
+        tmp_path, getattr(signal, signame), every_process=every_process
+    )
     if signame == "SIGINT":
         # Lightning turns the KeyboardInterrupt into a graceful shutdown and exit status 1
         assert "Detected KeyboardInterrupt" in out + err
