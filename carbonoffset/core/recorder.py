@@ -578,6 +578,15 @@ class RunRecorder:
             self._offsets.offset(self.run_id, round_up=round_up, respect_threshold=not round_up)
         if self._key_check is not None:  # a short run still hears about a refused key
             self._key_check.join(max(0.0, deadline - time.monotonic()))
+        if self.is_writer and not final_offset and self._offsets.busy:
+            # e.g. after Ctrl-C (Lightning ignores SIGINT from then on): say why nothing happens
+            logger.warning(
+                "the run ended (%s); waiting up to %g s (offset_timeout) for the offset in flight to be "
+                "confirmed. Stopping the process now is safe: the offset stays in the ledger, is settled "
+                "by the next run or `carbonoffset reconcile`, and is never bought twice",
+                status,
+                self.config.offset_timeout,
+            )
         if self.is_writer and not self._offsets.wait(max(0.0, deadline - time.monotonic())):
             logger.warning(
                 "offsets still in flight after offset_timeout=%gs; they stay in the ledger and the next "
