@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from carbonoffset.core.config import OffsetConfig
-from carbonoffset.core.errors import ConfigurationError, LedgerError
+from carbonoffset.core.errors import ConfigurationError, LedgerError, LedgerUnavailableError
 from carbonoffset.core.ledger import OPEN_STATES, Ledger, OffsetState
 from carbonoffset.core.units import KG_PER_LB
 
@@ -134,6 +134,18 @@ def _mention_other_accounts(*, book_path: Path | str, config: OffsetConfig) -> N
 def _open_ledger(path: Path | str) -> Ledger:
     try:
         return Ledger(path)
+    except LedgerUnavailableError as exc:  # a server down, unreachable, or a file locked past the wait
+        what = (
+            "another process holds the file locked: try again"
+            if isinstance(path, Path)
+            else "check that the database server is running and reachable from here (host, port, database "
+            "and user in the URL)"
+        )
+        raise _fail(
+            EXIT_LEDGER,
+            f"{exc}. Nothing was changed; {what}, or point --ledger / offset_ledger (CODECARBON_OFFSET_LEDGER) "
+            "at another ledger",
+        ) from None
     except LedgerError as exc:
         raise _fail(EXIT_LEDGER, str(exc)) from None
 

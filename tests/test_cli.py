@@ -143,6 +143,24 @@ def test_bad_ledger_exits_3_and_is_left_untouched(
         assert not (tmp_path / "typo.sqlite3").exists()
 
 
+def test_an_unreachable_database_ledger_exits_3_naming_the_setting_and_the_fix(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A team ledger whose server is down (or a mistyped host or port): the error says which
+    setting points there and what to do, not only the driver's "connection refused"."""
+    pytest.importorskip("psycopg")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    monkeypatch.setenv("CODECARBON_OFFSET_LEDGER", f"postgresql://team:pw_SECRET_77@127.0.0.1:{port}/ledger")
+    for command in (["report"], ["report", "--by", "host"], ["ledger", "replay"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == EXIT_LEDGER, (command, result.output)
+        text = " ".join(result.output.split())
+        assert "pw_SECRET_77" not in text
+        assert "offset_ledger" in text and "database server" in text, (command, text)
+
+
 def test_adopt_moves_runs_recorded_without_a_key(
     runner: CliRunner, env: dict[str, str], ledger_path: Path, server: FakeOneClickImpact
 ) -> None:

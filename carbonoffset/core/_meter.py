@@ -114,7 +114,12 @@ def main(argv: list[str]) -> int:
     # terminal, or a Jupyter kernel shutting down, sends SIGINT to the whole process group: ignore it
     # here (the parent handles it: stopping the run sends the final figures), so no KeyboardInterrupt
     # traceback is printed (the meter has its own session on POSIX; this covers the rest).
+    # SIGTERM too: SLURM (scancel, the time limit) and systemd signal every process of a job's
+    # cgroup, whatever its session; the training process ends the run (the final figures) and this
+    # process then sees the end of its input, as after a kill -9 of the training process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     protocol: IO[str] = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
     try:
         os.dup2(2, 1)  # anything CodeCarbon prints goes to stderr, never into the protocol

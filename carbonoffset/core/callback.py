@@ -161,6 +161,14 @@ class CallbackCore:
             resume_state=resume,
         )
 
+    def stand_down(self) -> None:
+        """Take no part in the current fit (another callback measures it): the session of an earlier
+        fit is closed (if built here) and dropped, so the hooks do nothing and :attr:`final_report`
+        is ``None`` until the next :meth:`begin`."""
+        if self.session is not None and self._given_session is None:
+            self.session.close()
+        self.session = None
+
     def epoch_end(self, epoch: int, *, max_epochs: int | None = None) -> EpochReport | None:
         """See :meth:`OffsetSession.epoch_end` (``None`` before the first fit)."""
         return self.session.epoch_end(epoch, max_epochs=max_epochs) if self.session is not None else None

@@ -67,6 +67,13 @@ class SecretKey:
                 "offset_api_key contains spaces, line breaks or non-ASCII characters; a 1ClickImpact "
                 "key is one token such as test_... or live_...: copy it again"
             )
+        if '"' in value or "'" in value:
+            # e.g. `export CODECARBON_OFFSET_API_KEY="test_..."` copied into .codecarbon.config, where
+            # configparser keeps the quotes: the service would refuse the key, and it is never shown
+            raise ConfigurationError(
+                "offset_api_key contains quotes; .codecarbon.config and CODECARBON_* values are taken as "
+                "written and a 1ClickImpact key is one token such as test_... or live_...: remove the quotes"
+            )
         self._value = value
 
     def reveal(self) -> str:

@@ -520,6 +520,44 @@ class RunRecorder:
             if not self.running:
                 return self.report()
             self.running = False
+        try:
+            return self._end_run(final_offset=final_offset, status=status, total=total)
+        except BaseException as exc:
+            # cut short, e.g. Ctrl-C while the end waits for the tracker's final figures, the ledger
+            # or an offset in flight: the run's end is still written (never left 'running')
+            self._record_cut_short_end(exc)
+            raise
+
+    def _record_cut_short_end(self, exc: BaseException) -> None:
+        """Write the end of a run whose :meth:`stop` ``exc`` cut short: its last figures and the
+        status ``interrupted`` (``KeyboardInterrupt``) or ``failed``, waiting only while the ledger
+        answers; what it does not take is kept on local disk. Never raises an ``Exception``."""
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        if self._tracker.failed and self.is_tracking:
+            status = "unmeasured"
+        self._ended_status = status
+        atexit.unregister(self._stop_at_exit)
+        if self._exit_finalizer is not None:
+            self._exit_finalizer.cancel()
+            self._exit_finalizer = None
+        if not (self._writes and self.segment_id is not None):
+            return
+        final = self._tracker.final if self.is_tracking else None
+        figures = final if final is not None and final.emissions_kg > self._last.emissions_kg else self._last
+        try:
+            self._record(figures, epoch=None, max_epochs=None, whole=True)  # the ledger keeps the larger
+            kept = self._run_writer.end(
+                details=self._tracker.details(), status=status, answered=True, deadline=time.monotonic()
+            )
+        except Exception:  # noqa: BLE001 -- the caller's exception goes on
+            logger.debug("writing the end of an interrupted run failed", exc_info=True)
+            return
+        if kept is not None:
+            self._kept_path = kept
+
+    def _end_run(self, *, final_offset: bool, status: str, total: Measurement | None) -> RunReport:
+        """:meth:`stop` once the run is marked stopped (arguments: as there)."""
+        with self._lock:
             given, total = total, self._last
             if self.is_tracking and self.source is not None:
                 total = self.stop_tracking()
@@ -549,6 +587,15 @@ class RunRecorder:
             self._offsets.offset(self.run_id, round_up=round_up, respect_threshold=not round_up)
         if self._key_check is not None:  # a short run still hears about a refused key
             self._key_check.join(max(0.0, deadline - time.monotonic()))
+        if self.is_writer and not final_offset and self._offsets.busy:
+            # e.g. after Ctrl-C (Lightning ignores SIGINT from then on): say why nothing happens
+            logger.warning(
+                "the run ended (%s); waiting up to %g s (offset_timeout) for the offset in flight to be "
+                "confirmed. Stopping the process now is safe: the offset stays in the ledger, is settled "
+                "by the next run or `carbonoffset reconcile`, and is never bought twice",
+                status,
+                self.config.offset_timeout,
+            )
         if self.is_writer and not self._offsets.wait(max(0.0, deadline - time.monotonic())):
             logger.warning(
                 "offsets still in flight after offset_timeout=%gs; they stay in the ledger and the next "

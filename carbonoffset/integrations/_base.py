@@ -30,6 +30,7 @@ __all__ = [
     "Collective",
     "GuardedFit",
     "move_first",
+    "running_twin",
     "short_mass",
 ]
 
@@ -58,23 +59,61 @@ def move_first(callback: Any, *, warning: str, log: logging.Logger) -> bool:
         ``True`` when ``callback`` is now first; ``False`` when no dispatching list holding it was
         found (a framework change: ``warning`` is logged, and the integration tests fail).
     """
-    frame: types.FrameType | None = sys._getframe(1)
+    callbacks = _dispatching_list(callback, sys._getframe(1))
+    if callbacks is not None:
+        index = next(i for i, cb in enumerate(callbacks) if cb is callback)
+        if index:
+            callbacks.insert(0, callbacks.pop(index))
+        return True
+    if warning not in _warned_order:
+        _warned_order.add(warning)
+        log.warning(warning)
+    return False
+
+
+def _dispatching_list(callback: Any, frame: types.FrameType | None) -> list[Any] | None:
+    """The framework's callback list holding ``callback``: the ``callbacks`` of the ``self`` of a
+    dispatching method at most 8 frames up from ``frame`` (see :func:`move_first`), or ``None``."""
     for _ in range(8):
         if frame is None:
             break
         owner = frame.f_locals.get("self")
         callbacks = getattr(owner, "callbacks", None) if owner is not callback else None
-        if isinstance(callbacks, list):
-            index = next((i for i, cb in enumerate(callbacks) if cb is callback), None)
-            if index is not None:
-                if index:
-                    callbacks.insert(0, callbacks.pop(index))
-                return True
+        if isinstance(callbacks, list) and any(cb is callback for cb in callbacks):
+            return callbacks
         frame = frame.f_back
-    if warning not in _warned_order:
-        _warned_order.add(warning)
-        log.warning(warning)
-    return False
+    return None
+
+
+def running_twin(callback: Any) -> Any | None:
+    """From inside ``callback``'s train-begin hook: another carbonoffset callback of the same
+    training call (the framework's callback list) whose run is already going on, or ``None``.
+
+    Two of them in one Trainer (``report_to=["carbonoffset"]`` adds one, ``callbacks=[...]``
+    another) or one fit would each measure the machine, record a run and offset it: the energy
+    counted, and bought, twice.
+    """
+    callbacks = _dispatching_list(callback, sys._getframe(1)) or []
+    mine = getattr(callback, "_core", None)
+    for other in callbacks:
+        core = getattr(other, "_core", None)
+        if (
+            other is not callback
+            and isinstance(core, CallbackCore)
+            and core is not mine  # (a Trainer's rebuilt instance shares the original's core)
+            and core.session is not None
+            and core.session.running
+        ):
+            return other
+    return None
+
+
+_TWIN = (
+    "two carbonoffset callbacks are in the callbacks of this %s (report_to=[\"carbonoffset\"] adds one "
+    "to a Trainer, callbacks=[...] another): the first one measures, records and offsets it, this one "
+    "records nothing, so the energy is not counted and bought twice. Give it one CarbonOffsetCallback"
+)
+_warned_twin: set[str] = set()
 
 
 _MASS_PREFIXES = ((1e6, "t"), (1e3, "kg"), (1.0, "g"), (1e-3, "mg"), (1e-6, "µg"), (1e-9, "ng"))
@@ -129,6 +168,17 @@ class GuardedFit:
         """
         with self._core.guarded(what=self._fit_name):
             yield self
+
+    def _stand_down_if_twinned(self, twin: Any) -> bool:
+        """``twin`` (see :func:`running_twin`) measures this training call: record nothing in it
+        (warned once per process). Returns whether this callback stands down."""
+        if twin is None:
+            return False
+        self._core.stand_down()
+        if self._fit_name not in _warned_twin:
+            _warned_twin.add(self._fit_name)
+            logging.getLogger("carbonoffset").warning(_TWIN, self._fit_name.removeprefix("a "))
+        return True
 
     def _close_unfinished(self) -> None:
         """Close, as ``interrupted``, a run that its training call left open (it raised outside ``guard``)."""

@@ -33,7 +33,14 @@ from typing import Any
 from carbonoffset.core.config import OffsetConfig, SecretKey
 from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, CallbackViews, Collective, GuardedFit, move_first
+from carbonoffset.integrations._base import (
+    CallbackCore,
+    CallbackViews,
+    Collective,
+    GuardedFit,
+    move_first,
+    running_twin,
+)
 from carbonoffset.integrations._imports import OptionalImport
 
 logger = logging.getLogger(__name__)
@@ -260,6 +267,8 @@ if _TRANSFORMERS.available:
             move_first(self, warning=_NOT_FIRST, log=logger)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self._stand_down_if_twinned(running_twin(self)):
+                return  # another CarbonOffsetCallback of this Trainer measures this training
             # again, for an instance the Trainer rebuilt from a checkpoint (appended last)
             move_first(self, warning=_NOT_FIRST, log=logger)
             if self._restored is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import EmissionsSource
-from carbonoffset.integrations._base import CallbackCore, CallbackViews, GuardedFit, move_first
+from carbonoffset.integrations._base import CallbackCore, CallbackViews, GuardedFit, move_first, running_twin
 from carbonoffset.integrations._imports import OptionalImport
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ class CarbonOffsetCallback(CallbackViews, GuardedFit, _CallbackBase):  # type: i
         # Keras calls callbacks in list order with one shared logs dict: run first, so that callbacks
         # placed before this one in callbacks=[...] (EarlyStopping(monitor="carbon/emissions_kg"),
         # ModelCheckpoint, CSVLogger, TensorBoard) see the carbon/* metrics too.
+        if self._stand_down_if_twinned(running_twin(self)):
+            return  # another CarbonOffsetCallback of this fit measures it
         move_first(self, warning=_NOT_FIRST, log=logger)
         self._close_unfinished()
         self._core.begin()

@@ -293,6 +293,25 @@ def test_a_key_that_cannot_be_a_header_is_refused_without_showing_it(key: str) -
     assert "abc" not in str(caught.value)
 
 
+@pytest.mark.parametrize("quoted", [f'"{KEY}"', f"'{KEY}'"])
+def test_a_key_in_quotes_is_refused_naming_the_fix(quoted: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``export CODECARBON_OFFSET_API_KEY="test_..."`` (docs/codecarbon.md) copied into
+    ``.codecarbon.config`` keeps its quotes: configparser takes values as written. The key then
+    matches no environment's prefix, 1ClickImpact refuses it at the run's start, its emissions go to
+    the account of the quoted key, and since the key is never shown nothing tells the user why."""
+    path = write_config(Path.cwd(), offset_api_key=quoted, offset_environment="sandbox")
+    with pytest.raises(ValueError, match="offset_api_key contains quotes") as info:
+        OffsetConfig.resolve()
+    message = str(info.value)
+    assert "remove the quotes" in message and f"{path}, section [codecarbon]" in message
+    assert "SECRET" not in message
+    path.unlink()
+    monkeypatch.setenv("CODECARBON_OFFSET_API_KEY", quoted)  # e.g. quotes in a CI secret or a .env file
+    with pytest.raises(ValueError, match="offset_api_key contains quotes") as info:
+        OffsetConfig.resolve(offset_environment="sandbox")
+    assert "CODECARBON_OFFSET_API_KEY" in str(info.value) and "SECRET" not in str(info.value)
+
+
 @pytest.mark.parametrize("name", ["offset_timeout", "offset_request_timeout"])
 @pytest.mark.parametrize("value", [1e12, 86_401.0])
 def test_huge_timeouts_are_refused(name: str, value: float) -> None:

@@ -173,9 +173,13 @@ trainer.fit(Net(), loader)
 )
 
 
-def _interrupt_after_second_epoch(tmp_path: Path, signum: int) -> tuple[int, str, str]:
+def _interrupt_after_second_epoch(
+    tmp_path: Path, signum: int, *, every_process: bool = False
+) -> tuple[int, str, str]:
     """Run the Lightning fit in its own process group and send ``signum`` to the whole group (what
-    Ctrl-C in a terminal, a Jupyter interrupt or SLURM does) after its second epoch."""
+    Ctrl-C in a terminal or a Jupyter interrupt does) after its second epoch; with
+    ``every_process``, to each process of the job instead, whatever its session or group (what
+    SLURM's ``scancel`` and time limit, and systemd's stop, do: they signal a job's cgroup)."""
     process = subprocess.Popen(
         [sys.executable, "-c", _script(_INTERRUPTIBLE, tmp_path)],
         stdout=subprocess.PIPE,
@@ -191,7 +195,14 @@ def _interrupt_after_second_epoch(tmp_path: Path, signum: int) -> tuple[int, str
         for line in process.stdout:
             lines.append(line)
             if line.strip() == "EPOCH 1":
-                os.killpg(process.pid, signum)
+                if every_process:
+                    import psutil  # a CodeCarbon dependency
+
+                    job = psutil.Process(process.pid)
+                    for member in [job, *job.children(recursive=True)]:
+                        member.send_signal(signum)
+                else:
+                    os.killpg(process.pid, signum)
                 break
             assert time.monotonic() < deadline, "the fit never reached its second epoch"
         out, err = process.communicate(timeout=60)
@@ -228,11 +239,17 @@ def _runs(tmp_path: Path) -> list[Any]:
         return list(ledger.runs())
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("signame", "every_process"),
+    [("SIGINT", False), ("SIGTERM", False), ("SIGTERM", True)],
+    ids=["SIGINT", "SIGTERM", "SIGTERM-to-every-process"],
+)
 def test_a_signal_to_the_process_group_ends_the_fit_cleanly_with_its_measured_figures(
-    signame: str, tmp_path: Path
+    signame: str, every_process: bool, tmp_path: Path
 ) -> None:
-    returncode, out, err = _interrupt_after_second_epoch(tmp_path, getattr(signal, signame))
+    returncode, out, err = _interrupt_after_second_epoch(
+        tmp_path, getattr(signal, signame), every_process=every_process
+    )
     if signame == "SIGINT":
         # Lightning turns the KeyboardInterrupt into a graceful shutdown and exit status 1
         assert "Detected KeyboardInterrupt" in out + err
@@ -250,3 +267,43 @@ def test_a_signal_to_the_process_group_ends_the_fit_cleanly_with_its_measured_fi
     assert json.dumps(report)  # the CLI reads the run back
     (account,) = report["accounts"] if isinstance(report, dict) and "accounts" in report else report
     assert account["emissions_kg"] == pytest.approx(run.emissions_kg) and account["emissions_kg"] > 0
+
+
+_CTRL_C_AT_THE_END = """
+import json, os, signal, threading
+from carbonoffset.core.session import OffsetSession
+from carbonoffset.testing import FakeOneClickImpact, Fault, ScriptedEmissions
+
+server = FakeOneClickImpact().start()
+server.inject(Fault(delay_s=3.0))  # 1ClickImpact answers the final offset slowly
+session = OffsetSession(
+    offset_api_key="test_ctrl_c_at_the_end", offset_environment="sandbox", offset_api_url=server.url,
+    offset_ledger=LEDGER, offset_round_up=True, offset_timeout=20, offset_request_timeout=10,
+    source=ScriptedEmissions([0.1, 0.2]),
+)
+session.begin()
+for epoch in range(2):
+    session.epoch_end(epoch)
+# the fit is over; its end waits for the final offset and the user presses Ctrl-C
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    session.end()
+    raised = None
+except KeyboardInterrupt:
+    raised = "KeyboardInterrupt"
+session.abort("interrupted")  # what Lightning's on_exception and the callbacks' guard() do next
+print(json.dumps({"raised": raised, "account": session.config.account}))
+"""
+
+
+def test_ctrl_c_while_the_end_of_a_run_waits_for_its_offset_records_the_run_interrupted(
+    tmp_path: Path,
+) -> None:
+    """The end of a fit waits up to ``offset_timeout`` for the final offset; Ctrl-C there (the fit
+    looks done, the prompt does not come back) must still record the run's end, not leave it
+    ``running`` in the ledger for ever."""
+    (out,) = run_script(_script(_CTRL_C_AT_THE_END, tmp_path), env=_fresh_env(tmp_path))
+    assert out["raised"] == "KeyboardInterrupt"  # the user's Ctrl-C goes on as usual
+    (run,) = _runs(tmp_path)
+    assert run.status == "interrupted"
+    assert run.emissions_kg == pytest.approx(0.2)  # the run's final figures, recorded

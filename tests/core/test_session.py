@@ -617,3 +617,29 @@ def test_ranks_are_read_when_a_run_begins(
     with Ledger(ledger_path) as ledger:
         (run,) = ledger.runs()
     assert (run.run_id, run.emissions_kg) == (run_id, pytest.approx(0.2))
+
+
+def test_a_failed_run_with_an_offset_in_flight_says_why_it_waits_before_waiting(
+    server: FakeOneClickImpact, settings: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C in a Lightning fit while an offset is in flight: Lightning ignores SIGINT from then on and
+    the end of the run waits up to offset_timeout (30 s by default) for the offset. The terminal
+    showed nothing during that wait, and a second Ctrl-C did nothing: say so before waiting."""
+    server.inject(Fault(delay_s=3.0, times=5))  # captured at once, answered after 3 s
+    session = new_session(settings, ScriptedEmissions([0.6, 0.7]), offset_timeout=1.0)
+    session.begin()
+    session.epoch_end(0)  # 0.6 kg: 1 lb bought in the background
+    deadline = time.monotonic() + 5
+    while not server.captures and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.captures and session.offsets_busy
+    with caplog.at_level(logging.INFO, logger="carbonoffset"):
+        session.abort("interrupted")
+    messages = [r.getMessage() for r in caplog.records]
+    waiting = [i for i, m in enumerate(messages) if "waiting up to 1 s" in m]
+    assert len(waiting) == 1, messages
+    assert "offset_timeout" in messages[waiting[0]] and "never bought twice" in messages[waiting[0]]
+    still = [i for i, m in enumerate(messages) if "still in flight after offset_timeout" in m]
+    assert still and waiting[0] < still[0]
+    session.wait(10)
+    session.close()

@@ -512,6 +512,28 @@ def test_report_to_builds_the_callback_from_configuration(
     assert server.total_lb() == 1  # micrograms, rounded up to one pound at the end
 
 
+def test_report_to_and_a_given_callback_together_measure_and_buy_once(
+    datasets: Any, server: Any, ledger_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README shows ``callbacks=[CarbonOffsetCallback()]`` "or" ``report_to=["carbonoffset"]``; a
+    user who does both has two callbacks of the class in one Trainer (transformers only logs that it
+    "already has one"). One ``train()`` is one run: measured once, its final pound bought once."""
+    monkeypatch.setenv("CODECARBON_OFFSET_API_KEY", SECRET_KEY)
+    monkeypatch.setenv("CODECARBON_OFFSET_ENVIRONMENT", "sandbox")
+    monkeypatch.setenv("CODECARBON_OFFSET_API_URL", server.url)
+    monkeypatch.setenv("CODECARBON_OFFSET_LEDGER", str(ledger_path))
+    Path(".codecarbon.config").write_text("[codecarbon]\ncountry_iso_code = FRA\noffset_round_up = true\n")
+
+    callback = CarbonOffsetCallback()
+    trainer = make_trainer(datasets, tmp_path / "out", [callback], epochs=2, report_to=[REPORT_TO_NAME])
+    trainer.train()
+
+    run = only_run(ledger_path)  # not one run per callback, each counting the machine's energy
+    assert server.total_lb() == 1  # not one rounded-up pound per callback
+    assert callback.final_report is not None and callback.final_report.run_id == run.run_id
+    assert len(carbon_entries(trainer)) == 2
+
+
 def test_demo_trains_and_reports(settings: dict[str, Any], server: Any) -> None:
     result = demo.train({**settings, "offset_round_up": True}, epochs=2)
     assert result.epochs == 2

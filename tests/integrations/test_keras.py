@@ -222,6 +222,21 @@ def test_two_consecutive_fits_are_both_tracked(
     assert _tracker_threads_alive() == []
 
 
+def test_two_callbacks_in_one_fit_measure_and_buy_once(
+    kx: types.SimpleNamespace, settings: dict[str, Any], ledger_path: Path, server: FakeOneClickImpact
+) -> None:
+    """A notebook cell doing ``callbacks.append(CarbonOffsetCallback(...))``, run twice, gives one fit
+    two callbacks. One fit is one run: measured once, its final pound bought once."""
+    callbacks = [kx.Callback(**settings, offset_round_up=True) for _ in range(2)]
+    history = _fit(kx, _model(kx), callbacks, epochs=2)
+
+    (run,) = _runs(ledger_path)  # not one run per callback, each counting the machine's energy
+    assert server.total_lb() == 1  # not one rounded-up pound per callback
+    reports = [cb.final_report for cb in callbacks if cb.final_report is not None]
+    assert [r.run_id for r in reports] == [run.run_id]
+    assert len(history.history["carbon/emissions_kg"]) == 2
+
+
 @pytest.mark.parametrize(
     ("where", "exc_type", "status", "epochs"),
     [
