@@ -349,6 +349,15 @@ class LedgerQueue(Worker):
             self.writer.close()
 
 
+# The ledger stopped answering while an offset was decided, sent or confirmed: whether a capture
+# went out is not known here, so the line says what is known (and true either way).
+_LEDGER_GONE_MID_OFFSET = (
+    "carbonoffset's ledger did not answer while an offset was being decided or settled (%s); an offset "
+    "already sent stays open in the ledger and the next run (or `carbonoffset reconcile`) confirms it "
+    "by looking it up, never by buying again; emissions not offset stay pending"
+)
+
+
 class OffsetWorker(Worker):
     """The offset worker: builds the session's :class:`Offsetter` when first needed and runs its
     offsets and reconciliations in order, off the training thread.
@@ -444,10 +453,7 @@ class OffsetWorker(Worker):
                 run_id=run_id, round_up=round_up, respect_threshold=respect_threshold
             )
         except LedgerUnavailableError as exc:  # offsets are decided only against the ledger itself
-            self._warn(
-                "offset", "carbonoffset could not decide an offset (%s); nothing was bought, the emissions "
-                "stay pending", exc
-            )
+            self._warn("offset", _LEDGER_GONE_MID_OFFSET, exc)
             return
         if outcome is not None:
             with self._outcomes_lock:
@@ -461,7 +467,11 @@ class OffsetWorker(Worker):
     def _reconcile_job(self) -> None:
         offsetter = self.offsetter()
         if offsetter is not None:
-            outcomes = offsetter.reconcile()
+            try:
+                outcomes = offsetter.reconcile()
+            except LedgerUnavailableError as exc:
+                self._warn("offset", _LEDGER_GONE_MID_OFFSET, exc)
+                return
             with self._outcomes_lock:
                 self._outcomes.extend(outcomes)
             self._on_settled()
