@@ -241,6 +241,7 @@ class OneClickImpactOutput(BaseOutput):
         self._run_ref: str | None = None
         self._finished: set[str] = set()
         self._warned: set[str] = set()
+        self._failed_as: str | None = None  # the measured code raised: the run's end status (see failed())
 
     def __repr__(self) -> str:
         c = self.config
@@ -301,6 +302,7 @@ class OneClickImpactOutput(BaseOutput):
                         return
                     self._finished.add(self._run_ref or "")  # session.start() finishes it first
                 self._run_ref = ref
+                self._failed_as = None
                 self._session.start()
         except Exception:  # noqa: BLE001 -- never raise into CodeCarbon or the user's training
             self._warn_once(
@@ -315,7 +317,18 @@ class OneClickImpactOutput(BaseOutput):
         Returns:
             The run's :class:`~carbonoffset.core.session.RunReport`, or ``None`` if it could not be read.
         """
+        if self._failed_as is not None:
+            return self._end(final_offset=False, status=self._failed_as)
         return self._end(final_offset=True, status="finished")
+
+    def failed(self, status: str = "failed") -> None:
+        """The code the tracker measures raised: its run's end (:meth:`finish`, at CodeCarbon's
+        ``stop()``, with CodeCarbon's final figures) is stored as ``status`` (``failed``, or
+        ``interrupted`` for Ctrl-C) without a final offset, as the framework callbacks end a failed
+        fit: what it measured stays pending for the next run. Called by the trackers'
+        ``with`` block and :func:`track_emissions`. Never raises."""
+        with self._lock:
+            self._failed_as = status
 
     def abort(self, status: str = "failed") -> RunReport | None:
         """End the run without a final offset (what it measured stays pending), stored as ``status``.
@@ -585,6 +598,17 @@ class _OffsetMixin:
             self.offset_handler.finish()  # a no-op when CodeCarbon already called exit()
         return emissions_kg
 
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        # a block that raised is a failed (or, for Ctrl-C, interrupted) run, as a failed fit is
+        if exc_type is not None and self.offset_handler is not None:
+            self.offset_handler.failed(_failure_status(exc_type))
+        super().__exit__(exc_type, exc, tb)  # type: ignore[misc]
+
+
+def _failure_status(exc_type: type[BaseException]) -> str:
+    """The ledger status of a run whose measured code raised ``exc_type``."""
+    return "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+
 
 def _wrap(text: str) -> str:
     return textwrap.fill(text, width=80, initial_indent=" " * 8, subsequent_indent=" " * 12)
@@ -745,7 +769,10 @@ def track_emissions(fn: Callable[..., Any] | None = None, *args: Any, **kwargs: 
     same timing of errors; the offset settings are added as keyword-only
     arguments. Each call of the decorated function builds a new tracker,
     starts it, runs the function and stops the tracker in ``finally`` (final
-    offset, bounded by ``offset_timeout``); the return value is unchanged.
+    offset, bounded by ``offset_timeout``); the return value is unchanged. A
+    call that raises is recorded as ``failed`` (``interrupted`` for Ctrl-C)
+    with CodeCarbon's final figures and no final offset (see
+    :meth:`OneClickImpactOutput.failed`), as is a tracker's ``with`` block.
 
     Tracker: :class:`OfflineEmissionsTracker` when ``offline=True``, else the
     online :class:`EmissionsTracker` (as in CodeCarbon, a ``country_iso_code``
@@ -796,6 +823,10 @@ def track_emissions(fn: Callable[..., Any] | None = None, *args: Any, **kwargs: 
             tracker.start()
             try:
                 return func(*call_args, **call_kwargs)
+            except BaseException as exc:
+                if tracker.offset_handler is not None:  # recorded as failed, as a failed fit is
+                    tracker.offset_handler.failed(_failure_status(type(exc)))
+                raise
             finally:
                 tracker.stop()
                 if tracker.offset_handler is not None:

@@ -481,7 +481,9 @@ def test_track_emissions_bare_form_new_tracker_per_call(
     with Ledger(ledger_path) as ledger:
         runs = ledger.runs()
     assert len(runs) == 3  # one tracker (one ledger run) per call
-    assert all(run.status == "finished" and run.label == "codecarbon:codecarbon" for run in runs)  # stopped
+    assert all(run.label == "codecarbon:codecarbon" for run in runs)  # stopped
+    # the call that raised is a failed run, as a failed fit is; its emissions are recorded, pending
+    assert sorted(run.status for run in runs) == ["failed", "finished", "finished"]
     _, rows = read_csv(Path("emissions.csv"))
     assert len(rows) == 3 and {row["country_iso_code"] for row in rows} == {"FRA"}  # offline tracker
 
@@ -614,3 +616,28 @@ def test_the_drop_in_stores_what_codecarbon_measured_on_and_where(settings: dict
         assert run.details.get("cpu_model") == data.cpu_model
         carbon = card.run_carbon(ledger, run.run_id)
     assert f"CodeCarbon {data.codecarbon_version}" in card.statement(carbon)
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError, "failed"), (KeyboardInterrupt, "interrupted")])
+def test_a_with_block_that_raises_is_a_failed_run_kept_pending_not_offset(
+    settings: dict[str, Any], server: FakeOneClickImpact, ledger_path: Path, error: type[BaseException], status: str
+) -> None:
+    """As a failed fit: CodeCarbon's final figures recorded, the status says what happened, no final
+    offset (with offset_round_up a finished run would buy its 1 lb now; these stay pending for the next
+    run); the error reaches the caller unchanged."""
+    with pytest.raises(error, match="training stopped"), OfflineEmissionsTracker(
+        log_level="error", output_methods=[], offset_round_up=True, **settings
+    ) as tracker:
+        time.sleep(0.05)
+        raise error("training stopped")
+    assert tracker.offset_handler is not None
+    with Ledger(ledger_path) as ledger:
+        (run,) = ledger.runs()
+        balance = ledger.balance(ledger.accounts()[0])
+    assert run.status == status and run.emissions_kg > 0  # measured, none lost
+    assert not server.captures  # no final offset for a run that failed
+    assert balance.pending_kg == pytest.approx(run.emissions_kg)
+
+    with OfflineEmissionsTracker(log_level="error", output_methods=[], offset_round_up=True, **settings):
+        time.sleep(0.05)  # the same block, ending normally: finished, and its final offset is bought
+    assert len(server.captures) == 1
