@@ -131,7 +131,13 @@ def _mention_other_accounts(*, book_path: Path | str, config: OffsetConfig) -> N
             )
 
 
-def _open_ledger(path: Path | str) -> Ledger:
+def _open_ledger(path: Path | str, *, must_exist: bool = False) -> Ledger:
+    if must_exist and isinstance(path, Path) and not path.exists():  # a typo must not create a ledger
+        raise _fail(
+            EXIT_LEDGER,
+            f"no ledger at {path}; nothing was changed. Pass the ledger your trainings use with --ledger, or "
+            "set offset_ledger (CODECARBON_OFFSET_LEDGER)",
+        )
     try:
         return Ledger(path)
     except LedgerUnavailableError as exc:  # a server down, unreachable, or a file locked past the wait
@@ -411,7 +417,7 @@ def offset(
             EXIT_CONFIG,
             "offset_api_key is not set: set CODECARBON_OFFSET_API_KEY or offset_api_key in .codecarbon.config",
         )
-    with _open_ledger(config.ledger_path) as book:
+    with _open_ledger(config.ledger_path, must_exist=True) as book:
         offsetter = Offsetter(config, book)
         settled = offsetter.reconcile()
         for earlier in settled:
@@ -501,7 +507,7 @@ def reconcile(
     config = _config(offset_ledger=ledger, offset_environment=environment)
     if not config.can_offset:
         raise _fail(EXIT_CONFIG, "offset_api_key is not set: set CODECARBON_OFFSET_API_KEY to reconcile")
-    with _open_ledger(config.ledger_path) as book:
+    with _open_ledger(config.ledger_path, must_exist=True) as book:
         outcomes = Offsetter(config, book).reconcile()
         still_open = book.offsets(config.account, states=OPEN_STATES)
     if not outcomes and not still_open:
@@ -529,7 +535,7 @@ def adopt(
     config = _config(offset_ledger=ledger, offset_environment=environment)
     if not config.can_offset:
         raise _fail(EXIT_CONFIG, "offset_api_key is not set: set CODECARBON_OFFSET_API_KEY to adopt runs")
-    with _open_ledger(config.ledger_path) as book:
+    with _open_ledger(config.ledger_path, must_exist=True) as book:
         if account not in book.accounts():
             raise _fail(
                 EXIT_CONFIG, f"no account {account!r} in {config.ledger_display}; see `carbonoffset report`"

@@ -143,6 +143,16 @@ def test_bad_ledger_exits_3_and_is_left_untouched(
         assert not (tmp_path / "typo.sqlite3").exists()
 
 
+def test_offset_reconcile_and_adopt_on_a_mistyped_ledger_path_create_nothing(
+    runner: CliRunner, env: dict[str, str], tmp_path: Path
+) -> None:
+    typo = tmp_path / "typo.sqlite3"
+    for command in (["offset"], ["reconcile"], ["adopt", "sandbox:no-key"]):
+        result = runner.invoke(app, [*command, "--ledger", str(typo)])
+        assert result.exit_code == EXIT_LEDGER and "no ledger at" in result.output, (command, result.output)
+        assert "--ledger" in result.output and not typo.exists(), command
+
+
 def test_an_unreachable_database_ledger_exits_3_naming_the_setting_and_the_fix(
     runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
