@@ -283,8 +283,10 @@ class LedgerQueue(Worker):
                     self._queued_record = None  # from now on a new record queues a new write
                 latest = self._unwritten[number]
                 forced = self._final_records.pop(number, False)
-            try:
+                # (under the lock: an urgent record queued from now on resets it, and is not made to
+                # wait an interval by this write setting it afterwards)
                 self._next_record_at = time.perf_counter() + self._record_interval_s
+            try:
                 self._write(latest, queued, force=forced)
             finally:
                 self._unwritten.pop(number, None)
