@@ -56,20 +56,13 @@ def worker(mode: str, epochs: int, window_s: float, skip_s: float) -> dict[str, 
     import lightning.pytorch as pl
     import torch
     from _common import fake_server, settings_for
-    from torch.utils.data import DataLoader, TensorDataset
 
     from carbonoffset.demo.data import load_digits_split
-    from carbonoffset.demo.lightning import digits_module
+    from carbonoffset.demo.lightning import digits_loader, digits_module
     from carbonoffset.integrations.lightning import CarbonOffsetCallback
 
     data = load_digits_split()
-    torch.manual_seed(0)
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)),
-        batch_size=64,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(0),
-    )
+    loader = digits_loader(torch, data)
     model = digits_module(pl, torch)()
     ends: list[float] = []
     on = [True]

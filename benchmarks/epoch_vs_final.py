@@ -50,9 +50,9 @@ def worker(seconds: int, ledger: str) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.ERROR)
     import lightning.pytorch as pl
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
 
     from carbonoffset.demo.data import load_digits_split
+    from carbonoffset.demo.lightning import digits_loader
     from carbonoffset.integrations.lightning import CarbonOffsetCallback
 
     reports: list[Any] = []
@@ -81,12 +81,7 @@ def worker(seconds: int, ledger: str) -> dict[str, Any]:
         offset_ledger=ledger, country_iso_code="FRA", offset_environment="sandbox", auto_offset=False
     )
     data = load_digits_split()
-    torch.manual_seed(0)
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)),
-        batch_size=64,
-        shuffle=True,
-    )
+    loader = digits_loader(torch, data)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,

@@ -233,20 +233,13 @@ def _EpochClock(pl: Any) -> Any:  # noqa: N802 -- builds a class on the framewor
 def _lightning(variant: str, epochs: int, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
 
     from carbonoffset.demo.data import load_digits_split
-    from carbonoffset.demo.lightning import digits_module
+    from carbonoffset.demo.lightning import digits_loader, digits_module
 
     run = _Variant(variant, settings, folder, "lightning", "on_train_epoch_end")
     data = load_digits_split()
-    torch.manual_seed(0)
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)),
-        batch_size=64,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(0),
-    )
+    loader = digits_loader(torch, data)
     model = digits_module(pl, torch)()
     clock = _EpochClock(pl)
     trainer = pl.Trainer(

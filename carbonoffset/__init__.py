@@ -7,8 +7,9 @@ CodeCarbon drop-in classes (``EmissionsTracker``, ``OfflineEmissionsTracker``,
 ``track_emissions``) in :mod:`carbonoffset.codecarbon`.
 """
 
-import importlib as _importlib
 import typing as _typing
+
+from carbonoffset._lazy import lazy_attributes as _lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -69,14 +70,4 @@ if _typing.TYPE_CHECKING:
     from carbonoffset.core.units import KG_PER_LB
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'carbonoffset' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_attributes(__name__, _LAZY, __all__)

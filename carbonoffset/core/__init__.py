@@ -5,8 +5,9 @@ imports :mod:`carbonoffset.core._meter`, which needs CodeCarbon and no ledger) d
 ledger, SQLAlchemy or the offset client with it.
 """
 
-import importlib as _importlib
 import typing as _typing
+
+from carbonoffset._lazy import lazy_attributes as _lazy_attributes
 
 _LAZY = {
     "CallbackCore": "carbonoffset.core.callback",
@@ -84,14 +85,4 @@ if _typing.TYPE_CHECKING:
     from carbonoffset.core.units import KG_PER_LB, kg_to_lb, lb_to_kg, whole_lb_ceil, whole_lb_floor
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'carbonoffset.core' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_attributes(__name__, _LAZY, __all__)

@@ -47,6 +47,21 @@ def _quiet() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def digits_loader(torch: Any, data: Any) -> Any:
+    """The demo's training batches: ``data`` (a :func:`~carbonoffset.demo.data.load_digits_split`)
+    as a shuffled ``DataLoader`` of :data:`BATCH_SIZE` rows, seeded with :data:`SEED` (torch's global
+    seed too), also the benchmarks'. ``torch`` is the imported ``torch``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(SEED)
+    return DataLoader(
+        TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)),
+        batch_size=BATCH_SIZE,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(SEED),
+    )
+
+
 def digits_module(pl: Any, torch: Any) -> Any:
     """The demo's LightningModule class (64 -> 64 (ReLU) -> 10, cross-entropy, Adam), also the
     benchmarks' model. ``pl`` and ``torch`` are the imported ``lightning.pytorch`` and ``torch``."""
@@ -116,15 +131,8 @@ def train(callback_settings: dict[str, Any], *, epochs: int, progress: Progress 
     with _quiet():
         import lightning.pytorch as pl
         import torch
-        from torch.utils.data import DataLoader, TensorDataset
 
-        torch.manual_seed(SEED)
-        loader = DataLoader(
-            TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)),
-            batch_size=BATCH_SIZE,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(SEED),
-        )
+        loader = digits_loader(torch, data)
         model = digits_module(pl, torch)()
         with tempfile.TemporaryDirectory(prefix="carbonoffset-demo-") as root:
             trainer = pl.Trainer(

@@ -1,6 +1,6 @@
-"""Test doubles users can use too: a loopback 1ClickImpact server and a scripted emissions source."""
+"""Test doubles users can use too: a loopback 1ClickImpact server, a scripted and a broken emissions source."""
 
-from carbonoffset.testing.emissions import ScriptedEmissions
+from carbonoffset.testing.emissions import BrokenEmissions, ScriptedEmissions
 from carbonoffset.testing.server import CaptureRecord, FakeOneClickImpact, Fault
 
-__all__ = ["CaptureRecord", "FakeOneClickImpact", "Fault", "ScriptedEmissions"]
+__all__ = ["BrokenEmissions", "CaptureRecord", "FakeOneClickImpact", "Fault", "ScriptedEmissions"]

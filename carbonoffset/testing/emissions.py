@@ -80,3 +80,29 @@ class ScriptedEmissions:
         with self._lock:
             self.running = False
             return self._next() if self._advance_on_stop else self._last
+
+
+class BrokenEmissions:
+    """An emissions source that cannot measure at all (a broken custom source, no sensor):
+    :meth:`start`, :meth:`read` and :meth:`stop` each raise ``error_type(message)``.
+
+    What a run does with it: training goes on, one warning names the cause, and the run is recorded
+    as ``unmeasured``, never as a measured zero (see :class:`~carbonoffset.core.session.OffsetSession`).
+
+    Args:
+        error_type: the exception class raised (default :class:`RuntimeError`).
+        message: its message.
+    """
+
+    def __init__(self, error_type: type[Exception] = RuntimeError, message: str = "no sensor") -> None:
+        self.error_type = error_type
+        self.message = message
+
+    def start(self) -> None:
+        raise self.error_type(self.message)
+
+    def read(self) -> Measurement:
+        raise self.error_type(self.message)
+
+    def stop(self) -> Measurement:
+        raise self.error_type(self.message)

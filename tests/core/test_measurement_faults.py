@@ -20,10 +20,10 @@ import pytest
 from _scripts import run_script, subprocess_env
 
 from carbonoffset.core.ledger import Ledger
-from carbonoffset.core.measurement import Measurement
 from carbonoffset.core.meter import MeterSource
 from carbonoffset.core.session import OffsetSession
 from carbonoffset.core.sources import CodeCarbonSource
+from carbonoffset.testing import BrokenEmissions
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="signals are POSIX")
 
@@ -87,23 +87,10 @@ def test_figures_stay_live_and_marked_estimated_while_the_meter_gives_no_reading
     assert source.stop().energy_kwh > 0
 
 
-class _DeadSource:
-    """A source that cannot measure at all (a broken custom source)."""
-
-    def start(self) -> None:
-        raise RuntimeError("sensor unplugged")
-
-    def read(self) -> Measurement:
-        raise RuntimeError("sensor unplugged")
-
-    def stop(self) -> Measurement:
-        raise RuntimeError("sensor unplugged")
-
-
 def test_a_dead_source_warns_once_and_its_run_is_recorded_unmeasured(
     ledger_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    session = OffsetSession(source=_DeadSource(), offset_ledger=ledger_path, auto_offset=False)
+    session = OffsetSession(source=BrokenEmissions(RuntimeError, "sensor unplugged"), offset_ledger=ledger_path, auto_offset=False)
     with caplog.at_level(logging.WARNING, logger="carbonoffset"):
         session.start()
         for epoch in range(3):
@@ -124,7 +111,7 @@ def test_an_unmeasured_run_is_never_stated_as_a_measured_zero(
     source failed to start say it was not measured; none of them claims 0 kg or 0 g."""
     from carbonoffset.core import card
 
-    session = OffsetSession(source=_DeadSource(), offset_ledger=ledger_path, auto_offset=False)
+    session = OffsetSession(source=BrokenEmissions(RuntimeError, "sensor unplugged"), offset_ledger=ledger_path, auto_offset=False)
     with caplog.at_level(logging.INFO, logger="carbonoffset"):
         session.start()
         for epoch in range(3):

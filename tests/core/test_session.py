@@ -15,7 +15,7 @@ from carbonoffset.core.ledger import Ledger
 from carbonoffset.core.session import EpochReport, OffsetSession, RunReport
 from carbonoffset.core.sources import CodeCarbonSource, Measurement, warm_up_codecarbon
 from carbonoffset.core.units import KG_PER_LB
-from carbonoffset.testing import FakeOneClickImpact, Fault, ScriptedEmissions
+from carbonoffset.testing import BrokenEmissions, FakeOneClickImpact, Fault, ScriptedEmissions
 
 FAST = {"wait_initial_s": 0.01, "wait_max_s": 0.05}
 
@@ -315,21 +315,10 @@ def test_missing_key_warns_once_and_still_records(
         assert ledger.offsets() == []
 
 
-class _BrokenSource:
-    def start(self) -> None:
-        raise OSError("no sensors here")
-
-    def read(self) -> Measurement:
-        raise OSError("no sensors here")
-
-    def stop(self) -> Measurement:
-        raise OSError("no sensors here")
-
-
 def test_a_failing_source_never_raises_into_training(
     server: FakeOneClickImpact, settings: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    session = new_session(settings, _BrokenSource())
+    session = new_session(settings, BrokenEmissions(OSError, "no sensors here"))
     with caplog.at_level(logging.WARNING, logger="carbonoffset"):
         session.start()
         reports = [session.record_epoch(epoch) for epoch in range(3)]

@@ -19,7 +19,7 @@ import pytest
 from carbonoffset.core import CallbackCore, Collective
 from carbonoffset.core.ledger import Ledger
 from carbonoffset.core.sources import Measurement
-from carbonoffset.testing import ScriptedEmissions
+from carbonoffset.testing import BrokenEmissions, ScriptedEmissions
 
 
 class ThreadCollective:
@@ -72,6 +72,22 @@ def _on_ranks(*jobs: Callable[[], Any]) -> list[Any]:
     if errors:
         raise errors[0]
     return results
+
+
+def _one_epoch_on_two_nodes(cores: Sequence[CallbackCore], *, end: bool) -> list[tuple[Any, Any]]:
+    """``cores[r]`` as global rank ``r``, local rank 0 of its own node: begin, one epoch, then
+    :meth:`end` when ``end``; per rank ``(epoch report, final report or None)``."""
+    collective = ThreadCollective(2)
+
+    def rank(r: int) -> Callable[[], Any]:
+        def job() -> Any:
+            core = cores[r]
+            core.begin(global_rank=r, local_rank=0, nodes=1, world_size=2, collective=collective.for_rank(r))
+            return core.epoch_end(0), core.end() if end else None
+
+        return job
+
+    return _on_ranks(rank(0), rank(1))
 
 
 def _settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -213,18 +229,8 @@ def test_the_final_report_of_a_two_node_run_keeps_the_estimated_part(
     settings: dict[str, Any], ledger_path: Path
 ) -> None:
     """Both nodes' late-start estimates are labelled in the job's final figures, as in its epochs."""
-    collective = ThreadCollective(2)
     cores = [CallbackCore(source=_LateStarted(kg), **_settings(settings)) for kg in (0.4, 0.6)]
-
-    def rank(r: int) -> Callable[[], Any]:
-        def job() -> Any:
-            core = cores[r]
-            core.begin(global_rank=r, local_rank=0, nodes=1, world_size=2, collective=collective.for_rank(r))
-            return core.epoch_end(0), core.end()
-
-        return job
-
-    (epoch0, final0), (_, final1) = _on_ranks(rank(0), rank(1))
+    (epoch0, final0), (_, final1) = _one_epoch_on_two_nodes(cores, end=True)
     assert epoch0.estimated_kg == pytest.approx(0.2)
     assert final0 == final1 and final0.emissions_kg == pytest.approx(1.0)
     assert final0.estimated_kg == pytest.approx(0.2)  # 0.1 kg estimated on each node
@@ -232,18 +238,8 @@ def test_the_final_report_of_a_two_node_run_keeps_the_estimated_part(
 
 def test_an_aborted_two_node_run_keeps_the_estimated_part(settings: dict[str, Any], ledger_path: Path) -> None:
     """Ctrl-C after an epoch: the job total global rank 0 records keeps both nodes' estimates labelled."""
-    collective = ThreadCollective(2)
     cores = [CallbackCore(source=_LateStarted(kg), **_settings(settings)) for kg in (0.4, 0.6)]
-
-    def rank(r: int) -> Callable[[], Any]:
-        def job() -> Any:
-            core = cores[r]
-            core.begin(global_rank=r, local_rank=0, nodes=1, world_size=2, collective=collective.for_rank(r))
-            return core.epoch_end(0)
-
-        return job
-
-    _on_ranks(rank(0), rank(1))
+    _one_epoch_on_two_nodes(cores, end=False)
     final = cores[0].abort("interrupted")
     cores[1].abort("interrupted")
     assert final is not None and final.emissions_kg == pytest.approx(1.0)
@@ -251,37 +247,14 @@ def test_an_aborted_two_node_run_keeps_the_estimated_part(settings: dict[str, An
     assert final.measured
 
 
-class _NeverStarts:
-    """A source whose tracker cannot start (as CodeCarbon refusing its lock file)."""
-
-    def start(self) -> None:
-        raise RuntimeError("tracker refused to start")
-
-    def read(self) -> Measurement:
-        raise RuntimeError("not started")
-
-    def stop(self) -> Measurement:
-        raise RuntimeError("not started")
-
-
 def test_a_node_whose_tracker_did_not_start_makes_the_job_unmeasured_on_every_rank(
     settings: dict[str, Any], ledger_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Global rank 0 measured, the other node did not: the job's figures are not recorded as the whole job's."""
     caplog.set_level(logging.WARNING, logger="carbonoffset")
-    collective = ThreadCollective(2)
-    sources: list[Any] = [ScriptedEmissions([0.1, 0.2]), _NeverStarts()]
+    sources: list[Any] = [ScriptedEmissions([0.1, 0.2]), BrokenEmissions(RuntimeError, "tracker refused to start")]
     cores = [CallbackCore(source=source, **_settings(settings)) for source in sources]
-
-    def rank(r: int) -> Callable[[], Any]:
-        def job() -> Any:
-            core = cores[r]
-            core.begin(global_rank=r, local_rank=0, nodes=1, world_size=2, collective=collective.for_rank(r))
-            return core.epoch_end(0), core.end()
-
-        return job
-
-    (epoch0, final0), (epoch1, final1) = _on_ranks(rank(0), rank(1))
+    (epoch0, final0), (epoch1, final1) = _one_epoch_on_two_nodes(cores, end=True)
     assert epoch0 == epoch1 and not epoch0.measured
     assert "carbon/emissions_kg" not in epoch0.metrics()  # unknown for the job, not rank 0's part as the whole
     assert final0 == final1 and final0 is not None and not final0.measured
