@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 
 import pytest
 import requests
@@ -267,3 +268,17 @@ def test_stop_refuses_connections_and_url_needs_a_running_server() -> None:
         client.who_am_i()
     with pytest.raises(RuntimeError, match="not running"):
         _ = fake.url
+
+
+def test_stop_ends_serving_at_once_and_leaves_only_the_real_requests() -> None:
+    """stop() wakes the serving loop itself (it polls once a second): it returns well before a
+    poll would, records no request of its own, and the port is closed afterwards."""
+    server = FakeOneClickImpact().start()
+    sdk(server).capture_carbon(amount=1)
+    url = server.url
+    started = time.perf_counter()
+    server.stop()
+    assert time.perf_counter() - started < 0.5
+    assert server.requests == [("POST", "/v1/capture_carbon", 200)]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/v1/records", timeout=2)
