@@ -143,8 +143,9 @@ class FakeOneClickImpact:
         if server is not None:
             stopping = threading.Thread(target=server.shutdown, name="fake-1clickimpact-stop", daemon=True)
             stopping.start()
+            address = (str(self._host), int(server.server_address[1]))
             while stopping.is_alive():  # a connection wakes the serving loop, which then sees the request
-                with contextlib.suppress(OSError), socket.create_connection(server.server_address[:2], timeout=1):
+                with contextlib.suppress(OSError), socket.create_connection(address, timeout=1):
                     pass
                 stopping.join(0.05)
             server.server_close()

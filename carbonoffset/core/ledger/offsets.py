@@ -38,6 +38,17 @@ from carbonoffset.core.units import KG_PER_LB
 
 offsets_t, runs_t, accounts_t = schema.offsets, schema.runs, schema.accounts
 
+# The reads after each record write (see ``runs.py``), built once with bound parameters.
+_ACCOUNT: sa.BindParameter[str] = sa.bindparam("account")
+_RECORDED = sa.select(sa.func.coalesce(sa.func.sum(runs_t.c.emissions_kg), 0)).where(runs_t.c.account == _ACCOUNT)
+_OFFSET_KG = sa.select(
+    sa.func.coalesce(sa.func.sum(sa.case((offsets_t.c.state == OffsetState.CONFIRMED, offsets_t.c.amount_kg))), 0),
+    sa.func.coalesce(sa.func.sum(sa.case((offsets_t.c.state.in_(OPEN_STATES), offsets_t.c.amount_kg))), 0),
+).where(offsets_t.c.account == _ACCOUNT)
+_RUN_OFFSET_KG = sa.select(sa.func.coalesce(sa.func.sum(offsets_t.c.amount_kg), 0)).where(
+    offsets_t.c.run_id == sa.bindparam("run_id"), offsets_t.c.state != OffsetState.FAILED
+)
+
 
 def _offset(row: sa.Row[tuple[object, ...]] | None) -> OffsetRecord | None:
     return OffsetRecord(**dict(row._mapping)) if row is not None else None
@@ -54,16 +65,8 @@ class OffsetsMixin(RunsMixin):
 
     @staticmethod
     def _balance(conn: sa.Connection, account: str) -> Balance:
-        recorded = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(runs_t.c.emissions_kg), 0)).where(runs_t.c.account == account)
-        ).scalar_one()
-        state, kg = offsets_t.c.state, offsets_t.c.amount_kg
-        confirmed, in_flight = conn.execute(
-            sa.select(
-                sa.func.coalesce(sa.func.sum(sa.case((state == OffsetState.CONFIRMED, kg))), 0),
-                sa.func.coalesce(sa.func.sum(sa.case((state.in_(OPEN_STATES), kg))), 0),
-            ).where(offsets_t.c.account == account)
-        ).one()
+        recorded = conn.execute(_RECORDED, {"account": account}).scalar_one()
+        confirmed, in_flight = conn.execute(_OFFSET_KG, {"account": account}).one()
         return Balance(account, float(recorded), float(confirmed), float(in_flight))
 
     def accounts(self) -> list[str]:
@@ -85,13 +88,7 @@ class OffsetsMixin(RunsMixin):
 
     @staticmethod
     def _run_offset_kg(conn: sa.Connection, run_id: str) -> float:
-        return float(
-            conn.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(offsets_t.c.amount_kg), 0)).where(
-                    offsets_t.c.run_id == run_id, offsets_t.c.state != OffsetState.FAILED
-                )
-            ).scalar_one()
-        )
+        return float(conn.execute(_RUN_OFFSET_KG, {"run_id": run_id}).scalar_one())
 
     def run_offset_kg(self, run_id: str) -> float:
         """kg of offsets (confirmed or in flight) triggered by ``run_id``."""
