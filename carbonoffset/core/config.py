@@ -397,7 +397,7 @@ def read_external_settings(
                 if origins is not None:
                     origins[key] = f"{path}, section [codecarbon]"
     _warn_unknown_offset_keys(
-        (name[len("CODECARBON_") :].lower() for name in environ if name.startswith("CODECARBON_OFFSET_")),
+        (name[len("CODECARBON_") :].lower() for name in environ if name.startswith("CODECARBON_")),
         where="the environment (CODECARBON_*)",
     )
     for key in CONFIG_KEYS:
@@ -448,14 +448,21 @@ def read_codecarbon_section(path: Path) -> dict[str, str]:
 
 
 def _warn_unknown_offset_keys(keys: Any, *, where: str) -> None:
-    """Warn about ``offset_*`` keys carbonoffset does not know (likely typos such as ``offset_treshold``)."""
+    """Warn about keys that look like carbonoffset's but are not (likely typos such as
+    ``offset_treshold`` or ``auto_ofset``): a key with ``offset`` in it, or one close to a setting's
+    name (:func:`difflib.get_close_matches`, ratio >= 0.8; CodeCarbon's own keys are far from them)."""
+    import difflib
     import logging
 
     for key in keys:
-        if key.startswith("offset_") and key not in CONFIG_KEYS:
+        if key in CONFIG_KEYS:
+            continue
+        close = difflib.get_close_matches(key, CONFIG_KEYS, n=1, cutoff=0.8)
+        if "offset" in key or close:
             logging.getLogger(__name__).warning(
-                "unknown setting %r in %s is ignored; carbonoffset's settings are %s",
+                "unknown setting %r in %s is ignored%s; carbonoffset's settings are %s",
                 key,
                 where,
+                f" (did you mean {close[0]!r}?)" if close else "",
                 ", ".join(CONFIG_KEYS),
             )

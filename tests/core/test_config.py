@@ -347,6 +347,23 @@ def test_a_misspelt_offset_setting_is_warned_about(
     assert "offset_threshold" in text  # the valid names are listed
 
 
+def test_a_misspelt_auto_offset_is_warned_about_and_codecarbons_own_keys_are_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "work" / ".codecarbon.config").write_text(
+        "[codecarbon]\nauto_ofset = false\nmeasure_power_secs = 5\nlog_level = error\nallow_multiple_runs = true\n"
+    )
+    monkeypatch.setenv("CODECARBON_AUTOOFFSET", "false")
+    with caplog.at_level("WARNING", logger="carbonoffset"):
+        config = OffsetConfig.resolve()
+    assert config.auto_offset is True  # the misspelt key changed nothing
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned
+    assert all("did you mean 'auto_offset'?" in m for m in warned)
+    assert "'auto_ofset'" in warned[0] and "'autooffset'" in warned[1]
+    assert not any(k in " ".join(warned) for k in ("measure_power_secs", "log_level", "allow_multiple_runs"))
+
+
 def test_resolve_over_ready_settings_applies_only_what_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
     """``OffsetConfig.resolve(config, **settings)``: what every front end does with a ready config."""
     base = OffsetConfig(offset_environment="sandbox", offset_threshold=2.0)
