@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from carbonoffset.core.config import OffsetConfig, SecretKey, default_ledger_path
+from carbonoffset.core.config import CONFIG_KEYS, OffsetConfig, SecretKey, default_ledger_path
 from carbonoffset.core.errors import ConfigurationError
 
 KEY = "test_cfg_SECRET_b7e21a"
@@ -362,6 +362,35 @@ def test_a_misspelt_auto_offset_is_warned_about_and_codecarbons_own_keys_are_not
     assert all("did you mean 'auto_offset'?" in m for m in warned)
     assert "'auto_ofset'" in warned[0] and "'autooffset'" in warned[1]
     assert not any(k in " ".join(warned) for k in ("measure_power_secs", "log_level", "allow_multiple_runs"))
+
+
+def test_none_of_codecarbons_own_settings_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every setting the installed CodeCarbon's trackers take (their constructors' parameters, which
+    CodeCarbon also reads from ``.codecarbon.config`` and ``CODECARBON_*``), in the file and in the
+    environment: no warning. ``country_2letter_iso_code`` (OfflineEmissionsTracker) is within the
+    0.8 ratio of ``country_iso_code``."""
+    import inspect
+
+    import codecarbon
+
+    names = sorted(
+        {
+            name
+            for cls in (codecarbon.EmissionsTracker, codecarbon.OfflineEmissionsTracker)
+            for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        }
+        - set(CONFIG_KEYS)  # country_iso_code is both CodeCarbon's and ours
+    )
+    assert "country_2letter_iso_code" in names and "measure_power_secs" in names
+    write_config(tmp_path / "work", **{name: "1" for name in names})
+    for name in names:
+        monkeypatch.setenv(f"CODECARBON_{name.upper()}", "1")
+    with caplog.at_level("WARNING", logger="carbonoffset"):
+        OffsetConfig.resolve()
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 def test_resolve_over_ready_settings_applies_only_what_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
