@@ -447,6 +447,24 @@ def read_codecarbon_section(path: Path) -> dict[str, str]:
     return values
 
 
+#: CodeCarbon's own settings (its trackers' constructor arguments, codecarbon 3.3.2, and the keys
+#: ``codecarbon config`` writes): never warned about, even where one is close to a name of ours
+#: (``country_2letter_iso_code`` is at ratio 0.8 from ``country_iso_code``).
+_CODECARBON_KEYS: Final[frozenset[str]] = frozenset(
+    {
+        "allow_multiple_runs", "api_call_interval", "api_endpoint", "api_key", "cloud_provider",
+        "cloud_region", "co2_signal_api_token", "country_2letter_iso_code", "electricitymaps_api_token",
+        "emissions_endpoint", "experiment_id", "experiment_name", "force_carbon_intensity_g_co2e_kwh",
+        "force_cpu_power", "force_mode_cpu_load", "force_ram_power", "gpu_ids", "log_level",
+        "logger_preamble", "logging_logger", "measure_power_secs", "metadata", "on_csv_write",
+        "organization_id", "output_dir", "output_file", "output_handlers", "output_methods",
+        "project_id", "project_name", "prometheus_url", "pue", "rapl_include_dram", "rapl_prefer_psys",
+        "region", "save_to_api", "save_to_file", "save_to_logfire", "save_to_logger",
+        "save_to_prometheus", "tracking_mode", "wue",
+    }
+)
+
+
 def _warn_unknown_offset_keys(keys: Any, *, where: str) -> None:
     """Warn about keys that look like carbonoffset's but are not (likely typos such as
     ``offset_treshold`` or ``auto_ofset``): a key with ``offset`` in it, or one close to a setting's
@@ -455,7 +473,7 @@ def _warn_unknown_offset_keys(keys: Any, *, where: str) -> None:
     import logging
 
     for key in keys:
-        if key in CONFIG_KEYS:
+        if key in CONFIG_KEYS or key in _CODECARBON_KEYS:
             continue
         close = difflib.get_close_matches(key, CONFIG_KEYS, n=1, cutoff=0.8)
         if "offset" in key or close:
