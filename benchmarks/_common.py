@@ -40,6 +40,8 @@ def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     info: dict[str, Any] = {
         "nproc": os.cpu_count(),
+        # the fits' thread count: torch uses every core unless OMP_NUM_THREADS says otherwise
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }

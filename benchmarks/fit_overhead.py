@@ -45,6 +45,11 @@ Usage (full, about 20-30 s per fit on 2 cores; ~1 h in all)::
 
     python benchmarks/fit_overhead.py --json results/fit_overhead.json
 
+With the training on one thread and a core free (the fits inherit the environment; the JSON
+records ``omp_num_threads``)::
+
+    OMP_NUM_THREADS=1 python benchmarks/fit_overhead.py --frameworks lightning --json results/fit_overhead_1thread.json
+
 Quick check (a few seconds per fit)::
 
     python benchmarks/fit_overhead.py --quick --json results/fit_overhead_quick.json
