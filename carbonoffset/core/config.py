@@ -468,7 +468,8 @@ _CODECARBON_KEYS: Final[frozenset[str]] = frozenset(
 def _warn_unknown_offset_keys(keys: Any, *, where: str) -> None:
     """Warn about keys that look like carbonoffset's but are not (likely typos such as
     ``offset_treshold`` or ``auto_ofset``): a key with ``offset`` in it, or one close to a setting's
-    name (:func:`difflib.get_close_matches`, ratio >= 0.8; CodeCarbon's own keys are far from them)."""
+    name (:func:`difflib.get_close_matches`, ratio >= 0.8). CodeCarbon's own settings
+    (``_CODECARBON_KEYS``) are never warned about."""
     import difflib
     import logging
 

@@ -138,7 +138,8 @@ class FakeOneClickImpact:
         return self
 
     def stop(self) -> None:
-        """Stop serving (requests being delayed are abandoned)."""
+        """Stop accepting connections. Requests already being answered (delayed ones too) still
+        finish, on their own threads."""
         server, self._server = self._server, None
         if server is not None:
             stopping = threading.Thread(target=server.shutdown, name="fake-1clickimpact-stop", daemon=True)
